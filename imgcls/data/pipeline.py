@@ -1,0 +1,155 @@
+"""Train and eval tf.data pipelines: per-process parts, exact resume, exact padded eval.
+
+Records are read with images still encoded and decoded by the pp string's `decode` op.
+
+Train order: each process reads its own part (tfds.even_splits) of N examples. Epoch e
+cuts the part, in file order, into windows of W = min(shuffle_buffer, N) records and
+permutes each window with a stateless seed from (seed, process, e, window), which also
+draws one seed per position for the random pp ops. Epochs follow one another without a
+gap; batches may straddle them. So batch k is a pure function of (seed, k, process), and
+starting at step s costs reading at most one epoch of raw records: no decoding and no
+iterator state to checkpoint. W >= N gives a full permutation of the part every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from imgcls.data import preprocess
+from imgcls.data.sources import DataError, num_examples
+
+Batch = dict[str, np.ndarray]
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  return index, count
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise DataError(f'Global batch size {global_batch_size} must be a positive multiple of the '
+                    f'process count {process_count}: change the batch size.')
+  return global_batch_size // process_count
+
+
+def _key(*data: int | tf.Tensor) -> tf.Tensor:
+  """A stateless seed (int64 [2]) folded from integers."""
+  key = tf.constant([0, 0], tf.int64)
+  for d in data:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
+  return key
+
+
+def _read(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
+  """The split's records in file order, images still encoded."""
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+              if isinstance(f, tfds.features.Image)}
+  return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False,
+                            read_config=tfds.ReadConfig(try_autocache=False))
+
+
+def _public(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  return {k: v for k, v in features.items() if not k.startswith('_')}
+
+
+def _checked(ds: tf.data.Dataset, pp: str) -> tf.data.Dataset:
+  """Fails fast if the pp string left encoded images; makes the order deterministic."""
+  encoded = [k for k, spec in ds.element_spec.items() if spec.dtype == tf.string]
+  if encoded:
+    raise DataError(f'pp {pp!r} leaves encoded bytes in {encoded}: start it with '
+                    "'decode' (or drop the key with keep(...)).")
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
+                   global_batch_size: int, seed: int, start_step: int = 0,
+                   shuffle_buffer: int = 50_000, cache: bool = True, prefetch: int = 2,
+                   process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[Batch]:
+  """Infinite stream of this process's share of each global batch, from batch start_step on."""
+  index, count = _process(process_index, process_count)
+  batch = _local_batch(global_batch_size, count)
+  pp_fn = preprocess.get_pp_fn(pp)
+  part = tfds.even_splits(split, count)[index]
+  n = num_examples(builder, part)
+  if n == 0:
+    raise DataError(f'Split {split!r} has no examples for process {index} of {count}.')
+  window = max(1, min(shuffle_buffer, n))
+  first_epoch, offset = divmod(start_step * batch, n)
+  first_window, skip = divmod(offset, window)
+  raw = _read(builder, part)
+  if cache:  # Filled here in one pass, so no iterator ever leaves it half-written.
+    raw = raw.cache()
+    raw.reduce(np.int64(0), lambda c, _: c + 1)
+
+  def shuffle_window(epoch, w, records):
+    """Window w of the epoch, permuted, with one seed per position for the random pp ops."""
+    size = tf.shape(records[next(iter(records))])[0]
+    perm = tf.random.experimental.stateless_shuffle(tf.range(size), _key(seed, index, 0, epoch, w))
+    rngs = tf.random.stateless_uniform([size, 2], _key(seed, index, 1, epoch, w), minval=None,
+                                       maxval=None, dtype=tf.int64)
+    start = tf.where((epoch == first_epoch) & (w == first_window), skip, 0)
+    out = {k: tf.gather(v, perm[start:]) for k, v in records.items()}
+    out[preprocess.RNG_KEY] = rngs[start:]
+    return out
+
+  def one_epoch(epoch):
+    to_skip = tf.where(epoch == first_epoch, tf.constant(first_window, tf.int64), 0)
+    windows = raw.batch(window).enumerate().skip(to_skip)
+    return windows.map(lambda w, r: shuffle_window(epoch, w, r)).unbatch()
+
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(one_epoch)
+  ds = _checked(ds.map(lambda f: _public(pp_fn(f)), num_parallel_calls=tf.data.AUTOTUNE), pp)
+  return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+
+
+class EvalData:
+  """A split for evaluation, re-iterable: each pass yields every example once, padded."""
+
+  def __init__(self, ds: tf.data.Dataset, num_examples: int, num_batches: int):
+    self._ds = ds
+    self.num_examples = num_examples  # In the split, over all processes.
+    self.num_batches = num_batches  # Per pass; the same on every process.
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self._ds.as_numpy_iterator()
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
+def eval_data(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
+              global_batch_size: int, process_index: int | None = None,
+              process_count: int | None = None) -> EvalData:
+  """This process's part of `split`, batched, with mask 1 for examples, 0 for padding."""
+  index, count = _process(process_index, process_count)
+  batch = _local_batch(global_batch_size, count)
+  pp_fn = preprocess.get_pp_fn(pp)
+  total = num_examples(builder, split)
+  if total == 0:
+    raise DataError(f'Eval split {split!r} of {builder.name} is empty: pick another split.')
+  parts = tfds.even_splits(split, count)
+  sizes = [num_examples(builder, p) for p in parts]
+  num_batches = math.ceil(max(sizes) / batch)
+
+  def example(i, features):
+    features = dict(features, **{preprocess.RNG_KEY: _key(i)})
+    return dict(_public(pp_fn(features)), mask=tf.constant(1.0))
+
+  ds = _read(builder, parts[index]).enumerate(sum(sizes[:index]))  # Index in the split.
+  ds = _checked(ds.map(example, num_parallel_calls=tf.data.AUTOTUNE), pp)
+  # Padding: zeros (mask too) shaped like a real example, so shapes need not be static.
+  pad = _read(builder, split).take(1).enumerate().map(example)
+  pad = pad.map(lambda f: tf.nest.map_structure(tf.zeros_like, f)).cache()
+  ds = ds.concatenate(pad.repeat(num_batches * batch - sizes[index]))
+  return EvalData(ds.batch(batch).prefetch(2), total, num_batches)

@@ -1,0 +1,152 @@
+"""Finding TFDS builders: fail-fast checks, network probe, auto-preparation."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import socket
+import threading
+import urllib.parse
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+# TFDS serves prepared datasets and mirrors of many downloads from here.
+TFDS_HOST = 'storage.googleapis.com'
+
+
+class DataError(ValueError):
+  """A user-facing data problem; the message names the problem and the fix."""
+
+
+def network_available(hosts: tuple[str, ...] = (TFDS_HOST,), timeout: float = 3.0) -> bool:
+  """True if any host accepts a TCP connection on port 443 within `timeout` seconds in all."""
+  ok = threading.Event()
+
+  def probe(host: str) -> None:
+    try:
+      with socket.create_connection((host, 443), timeout=timeout):
+        ok.set()
+    except OSError:
+      pass
+
+  threads = [threading.Thread(target=probe, args=(h,), daemon=True) for h in hosts]
+  for t in threads:
+    t.start()
+  # Daemon threads: a slow DNS lookup can neither block us past `timeout` nor block exit.
+  ok.wait(timeout)
+  return ok.is_set()
+
+
+def download_hosts(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+  """TFDS's host plus the hosts of the builder's registered download URLs."""
+  hosts = [TFDS_HOST]
+  for url in (type(builder).url_infos or {}):
+    host = urllib.parse.urlparse(url).hostname
+    if host and host not in hosts:
+      hosts.append(host)
+  return tuple(hosts)
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+  """`data_dir`, or TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  return str(data_dir) if data_dir else tfds.core.constants.get_default_data_dir()
+
+
+def base_name(name: str) -> str:
+  """'fashion_mnist:3.0.1' or 'foo/config' -> 'fashion_mnist' / 'foo'."""
+  return name.split('/')[0].split(':')[0].strip()
+
+
+def _prepared_names(data_dir: str) -> list[str]:
+  path = epath.Path(data_dir)
+  try:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != 'downloads')
+  except OSError:  # Missing or unreadable data_dir.
+    return []
+
+
+def _unknown(name: str, data_dir: str) -> DataError:
+  known = set(tfds.list_builders(with_community_datasets=False)) | set(_prepared_names(data_dir))
+  close = difflib.get_close_matches(base_name(name), sorted(known), n=5, cutoff=0.6)
+  hint = f' Did you mean: {", ".join(close)}?' if close else ''
+  return DataError(
+      f'Unknown dataset {name!r}: not registered in TFDS and not prepared in {data_dir}.{hint}'
+      ' List TFDS datasets with `python -c "import tensorflow_datasets as tfds;'
+      ' print(tfds.list_builders())"` (or see https://www.tensorflow.org/datasets/catalog),'
+      ' or check data_dir.')
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  # tfds.builder also finds datasets that are prepared in data_dir but have no code
+  # (e.g. made by store_as_tfds_dataset): it falls back to builder_from_files.
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise _unknown(name, data_dir) from None
+  except (ValueError, TypeError) as e:  # Malformed name, bad config or version.
+    raise DataError(f'Cannot build dataset {name!r} from data_dir {data_dir}: {e}') from e
+
+
+def _not_prepared(builder: tfds.core.DatasetBuilder, name: str, data_dir: str,
+                  why: str) -> DataError:
+  manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+  manual_hint = f'\nTFDS manual-download instructions:\n{manual.strip()}' if manual else ''
+  return DataError(
+      f'Dataset {name!r} is not prepared: expected it in {builder.data_dir} ({why}). Fix: run'
+      f' `imgcls prepare {name} --data_dir={data_dir}` where the network is available (then copy'
+      f' {data_dir}/{base_name(name)} here), or put the source files in a folder and run'
+      f' `imgcls prepare {name} --data_dir={data_dir} --manual_dir=FOLDER`.{manual_hint}')
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: str,
+             manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Prepares an unprepared dataset, or raises DataError at once if it cannot."""
+  if base_name(name) == 'fashion_mnist':
+    from imgcls.data import fashion_mnist  # pylint: disable=import-outside-toplevel
+    fashion_mnist.prepare(data_dir, manual_dir=manual_dir)
+  else:
+    # Without network TFDS would retry its downloads for minutes: check first.
+    online = network_available(download_hosts(builder))
+    if not online and not manual_dir:
+      raise _not_prepared(builder, name, data_dir, 'and there is no network to download it')
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=online)
+    builder.download_and_prepare(download_config=config)
+  return _builder(name, data_dir)
+
+
+def get_builder(name: str, data_dir: str | None = None, *,
+                prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """A prepared TFDS builder for `name`; prepares it if allowed and possible, else DataError."""
+  data_dir = default_data_dir(data_dir)
+  builder = _builder(name, data_dir)
+  if builder.is_prepared():
+    return builder
+  if not prepare:
+    raise _not_prepared(builder, name, data_dir, 'prepare=False')
+  log.warning('%s is not prepared in %s: preparing it now.', name, data_dir)
+  return _prepare(builder, name, data_dir)
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
+  """Prepares `name` in data_dir (fashion_mnist offline; others by TFDS with manual_dir).
+
+  Returns the prepared dataset's folder.
+  """
+  data_dir = default_data_dir(data_dir)
+  builder = _builder(name, data_dir)
+  if not builder.is_prepared():
+    builder = _prepare(builder, name, data_dir, manual_dir)
+  return str(builder.data_dir)
+
+
+def num_examples(builder: tfds.core.DatasetBuilder, split) -> int:
+  """Number of examples in `split` (a name, a slice like 'train[:90%]', or a tfds sub-split)."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError, TypeError, AssertionError) as e:
+    raise DataError(
+        f'Bad split {split!r} for dataset {builder.name}: {e}. Available splits:'
+        f' {sorted(builder.info.splits)}; slices look like "train[:90%]" or "test[10:]".') from e
