@@ -1,0 +1,184 @@
+"""The experiment schema: every knob a config may turn, its default, and validation.
+
+Config files start from `defaults()` and change fields; `validate()` rejects any key
+that is not in the schema (a typo must not become a silent default), any value of the
+wrong type, and values that cannot work. It runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key and the fix."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field of an experiment with its documented default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data: any TFDS dataset by name; pp strings are chains of registered ops
+  # (see `imgcls.data.list_ops()`).
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'fashion_mnist'
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+  c.dataset.num_classes = 10
+  c.dataset.shuffle_buffer = 50_000
+  c.dataset.cache = True  # cache encoded records in memory (small datasets)
+  c.dataset.prepare = True  # prepare/download the dataset when it is missing
+  c.pp_train = 'decode|value_range(-1, 1)|onehot(10)'
+  c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
+
+  # Model: `name` from the registry (`imgcls.models.list_models()`), the other keys
+  # are that model's constructor arguments. num_classes comes from dataset.num_classes.
+  c.model = ml_collections.ConfigDict({'name': 'resnet18'})
+
+  # Optimisation (built in imgcls/optim.py).
+  c.batch_size = 128  # global, over all devices of all processes
+  c.eval_batch_size = 500
+  c.num_epochs = 10.0  # or set total_steps > 0, which wins
+  c.total_steps = 0
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'  # sgd | adamw
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.lr = ml_collections.ConfigDict()
+  c.lr.base = 0.1
+  c.lr.schedule = 'warmup_cosine'  # warmup_cosine | warmup_linear | constant
+  c.lr.warmup_steps = 500
+  c.lr.end_factor = 0.0
+  c.weight_decay = 5e-4
+  c.weight_decay_mask = 'no_bias_norm'  # no_bias_norm | all
+  c.grad_clip_norm = 0.0  # 0 disables global-norm clipping
+  c.label_smoothing = 0.0
+
+  # Loop and outputs.
+  c.log_every_steps = 100
+  c.eval_every_steps = 0  # 0: once per epoch
+  c.checkpoint_every_steps = 0  # 0: at every eval
+  c.async_checkpoints = True
+  return c
+
+
+_MODEL_META_KEYS = {'name'}
+
+
+def _suggest(key: str, options) -> str:
+  close = difflib.get_close_matches(key, list(options), n=1)
+  return f" Did you mean '{close[0]}'?" if close else ''
+
+
+def _check_tree(cfg, ref, prefix: str, errors: list[str]) -> None:
+  for key in cfg.keys():
+    path = f'{prefix}{key}'
+    if key not in ref:
+      errors.append(f"unknown key '{path}'.{_suggest(key, ref.keys())}")
+      continue
+    value, expected = cfg[key], ref[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        errors.append(f"'{path}' must be a group of settings, got {value!r}.")
+      elif path != 'model':
+        _check_tree(value, expected, path + '.', errors)
+      continue
+    want = ref.get_type(key) if hasattr(ref, 'get_type') else type(expected)
+    if value is None or expected is None:
+      continue
+    ok = isinstance(value, want) or (want is float and isinstance(value, int))
+    if isinstance(value, bool) and want is not bool:
+      ok = False
+    if not ok:
+      errors.append(
+          f"'{path}' must be {want.__name__}, got {type(value).__name__} {value!r}.")
+
+
+def _get(cfg, dotted: str):
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def _check_values(cfg, errors: list[str]) -> None:
+  from imgcls import models  # pylint: disable=g-import-not-at-top
+  from imgcls.data import preprocess  # pylint: disable=g-import-not-at-top
+
+  positive = ['batch_size', 'eval_batch_size', 'log_every_steps', 'dataset.num_classes']
+  for key in positive:
+    if _get(cfg, key) <= 0:
+      errors.append(f"'{key}' must be positive, got {_get(cfg, key)}.")
+  if cfg.total_steps <= 0 and cfg.num_epochs <= 0:
+    errors.append("set 'num_epochs' or 'total_steps' to a positive number.")
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'total_steps', 'lr.warmup_steps'):
+    if _get(cfg, key) < 0:
+      errors.append(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
+  if cfg.optimizer.name not in ('sgd', 'adamw'):
+    errors.append(f"optimizer.name must be 'sgd' or 'adamw', got {cfg.optimizer.name!r}.")
+  if cfg.lr.schedule not in ('warmup_cosine', 'warmup_linear', 'constant'):
+    errors.append(
+        f"lr.schedule must be warmup_cosine, warmup_linear or constant, got {cfg.lr.schedule!r}.")
+  if cfg.weight_decay_mask not in ('no_bias_norm', 'all'):
+    errors.append(f"weight_decay_mask must be 'no_bias_norm' or 'all', got {cfg.weight_decay_mask!r}.")
+  if not 0.0 <= cfg.label_smoothing < 1.0:
+    errors.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}.")
+
+  name = cfg.model.get('name')
+  if name not in models.list_models():
+    errors.append(
+        f"unknown model.name {name!r}.{_suggest(str(name), models.list_models())}"
+        f" Known models: {', '.join(models.list_models())}.")
+  else:
+    allowed = models.model_kwargs(name) - {'num_classes'}
+    for key in cfg.model.keys():
+      if key not in allowed | _MODEL_META_KEYS:
+        errors.append(
+            f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
+            f" Valid keys: {', '.join(sorted(allowed))}.")
+  for key in ('pp_train', 'pp_eval'):
+    try:
+      preprocess.get_pp_fn(cfg[key])
+    except ValueError as e:
+      errors.append(f"'{key}': {e}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError listing every problem; returns the config unchanged."""
+  errors: list[str] = []
+  _check_tree(cfg, defaults(), '', errors)
+  if not errors:
+    _check_values(cfg, errors)
+  if errors:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors) +
+                      '\nFix the config file or the --config.KEY=VALUE override.')
+  return cfg
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config argument 'key=value,key2=value2' (big_vision style).
+
+  Keys must be among `defaults`; values take the type of the default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ConfigError(f'bad config argument {item!r}: expected KEY=VALUE with KEY one of '
+                        f'{", ".join(defaults)}.{_suggest(key, defaults)}')
+    kind = type(defaults[key])
+    try:
+      if kind is bool:
+        out[key] = {'true': True, 'false': False, '1': True, '0': False}[value.lower()]
+      else:
+        out[key] = kind(value)
+    except (ValueError, KeyError) as e:
+      raise ConfigError(f'config argument {key}={value!r} must be {kind.__name__}.') from e
+  return out

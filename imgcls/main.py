@@ -1,0 +1,87 @@
+"""The `imgcls` command: train (default), eval and prepare. Flags only; work is elsewhere.
+
+  imgcls train   --config=configs/default.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+  imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test]
+  imgcls prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, e.g. configs/default.py or configs/f.py:arg.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics '
+                               '(local or gs://). Rerunning on it resumes.')
+_STEP = flags.DEFINE_string('step', 'best', 'eval: checkpoint to score: best, latest or a step.')
+_SPLIT = flags.DEFINE_string('split', None, 'eval: split to score (default: the config\'s).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS\'s own).')
+_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'prepare: folder holding the '
+                                  'dataset\'s downloaded files.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port '
+                                   'of process 0 (jax.distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
+
+COMMANDS = ('train', 'eval', 'prepare')
+
+
+def _fail(message: str) -> None:
+  print(f'imgcls: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _require(flag, name: str, command: str) -> str:
+  if not flag.value:
+    _fail(f'`imgcls {command}` needs --{name}.')
+  return flag.value
+
+
+def main(argv: list[str]) -> None:
+  command, *rest = argv[1:] or ['train']
+  if command not in COMMANDS:
+    _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)}.')
+
+  # Imported here so `imgcls --help` and bad flags answer at once.
+  from imgcls import checkpoints, config as config_lib, data, parallel, train  # pylint: disable=g-import-not-at-top
+  user_errors = (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError)
+  try:
+    if command == 'prepare':
+      if len(rest) != 1:
+        _fail('usage: imgcls prepare DATASET_NAME [--data_dir=DIR] [--manual_dir=DIR]')
+      path = data.prepare(rest[0], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
+      print(f'{rest[0]} is prepared in {path}')
+      return
+    if rest:
+      _fail(f'unexpected arguments {rest}.')
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
+    workdir = _require(_WORKDIR, 'workdir', command)
+    if command == 'eval':
+      result = train.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value, _DATA_DIR.value)
+      print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                     for k, v in result.items()))
+      return
+    config = _CONFIG.value
+    if config is None:
+      _fail('`imgcls train` needs --config, e.g. --config=configs/default.py')
+    if _DATA_DIR.value:
+      with config.unlocked():
+        config.dataset.data_dir = _DATA_DIR.value
+    train.train_and_evaluate(config, workdir)
+  except user_errors as e:
+    logging.error('%s', e)
+    _fail(str(e))
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

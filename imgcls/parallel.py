@@ -1,0 +1,91 @@
+"""Data parallelism: one mesh axis over every device of every process.
+
+Steps are written per device, pmap-style, with collectives over the named axis
+`AXIS`, and mapped with `jax.shard_map` (JAX's successor to `jax.pmap`, which has
+itself been built on shard_map since JAX 0.8). Several hosts join through
+`jax.distributed`, JAX's own multi-process runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from absl import logging
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from imgcls.config import ConfigError
+
+AXIS = 'batch'
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins the multi-process runtime when asked to (or auto-detects on TPU/SLURM).
+
+  With no arguments it calls `jax.distributed.initialize()` only where JAX can
+  find the cluster by itself; a single process on one machine needs nothing.
+  """
+  if coordinator_address or num_processes:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _in_cluster():
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def _in_cluster() -> bool:
+  import os  # pylint: disable=g-import-not-at-top
+  return any(k in os.environ for k in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
+                                       'JAX_COORDINATOR_ADDRESS'))
+
+
+def make_mesh(devices: list[Any] | None = None) -> Mesh:
+  """A one-axis mesh over all devices (of all processes) or the ones given."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'batch_size') -> int:
+  """Returns the per-device batch; a clear error when the batch does not divide."""
+  n = mesh.size
+  if global_batch_size % n or global_batch_size < n:
+    lower = max(n, global_batch_size // n * n)
+    raise ConfigError(
+        f'{what}={global_batch_size} does not divide evenly over the {n} devices '
+        f'({jax.process_count()} process(es)). Use a multiple of {n}, e.g. '
+        f'--config.{what}={lower} or {lower + n}.')
+  return global_batch_size // n
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def shard_batch(host_batch: Any, mesh: Mesh) -> Any:
+  """This process's part of a global batch (numpy) -> global jax.Arrays split on AXIS."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      host_batch)
+
+
+def data_parallel(fn: Callable[..., Any], mesh: Mesh, *, in_specs: Any,
+                  out_specs: Any, donate_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
+  """jit(shard_map(fn)): `fn` sees one device's shard and may use collectives on AXIS."""
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
+                 donate_argnums=donate_argnums)
+
+
+def to_host(tree: Any) -> Any:
+  """Fully replicated global arrays -> numpy (works across processes)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

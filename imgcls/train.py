@@ -1,0 +1,210 @@
+"""train_and_evaluate(config, workdir): the whole training run, top to bottom.
+
+Sections: config, mesh, input, model and optimizer, steps, checkpoint, loop. All
+checks that can fail on bad input run before anything is written to the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any
+
+from absl import logging
+from clu import parameter_overview, periodic_actions
+import jax
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from imgcls import checkpoints, config as config_lib, data, evaluate, models, optim
+from imgcls import parallel, step as step_lib, writers
+
+
+def build_model(config: ml_collections.ConfigDict, **overrides: Any):
+  """The model the config names, with num_classes from the dataset."""
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  kwargs.update(overrides)
+  return models.get_model(config.model.name, num_classes=config.dataset.num_classes,
+                          **kwargs)
+
+
+def make_eval_fn(model, mesh):
+  return parallel.data_parallel(
+      functools.partial(step_lib.eval_step, model=model, axis_name=parallel.AXIS),
+      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P())
+
+
+def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh):
+  """The initial train state, created replicated over the mesh."""
+  create = functools.partial(step_lib.create_train_state, model, tx,
+                             input_shape=tuple(image_shape))
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(
+      jax.random.PRNGKey(seed))
+
+
+def label_names(builder) -> list[str] | None:
+  feature = builder.info.features.get('label') if hasattr(builder.info.features, 'get') else None
+  return list(getattr(feature, 'names', []) or []) or None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; resumes from WORKDIR's latest checkpoint."""
+  # ----------------------------------------------------------------- config
+  config_lib.validate(config)
+  cfg = config.to_dict()
+
+  # ------------------------------------------------------------------- mesh
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh, 'batch_size')
+  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  logging.info('mesh: %d devices over %d process(es), axis %r', mesh.size,
+               jax.process_count(), parallel.AXIS)
+  checkpoints.check_compatible(workdir, cfg)
+
+  # ------------------------------------------------------------------ input
+  ds = config.dataset
+  builder = data.get_builder(ds.name, ds.data_dir, prepare=ds.prepare)
+  n_train = data.num_examples(builder, ds.train_split)
+  steps_per_epoch = max(1, n_train // config.batch_size)
+  total_steps = config.total_steps or int(round(config.num_epochs * steps_per_epoch))
+  eval_every = config.eval_every_steps or steps_per_epoch
+  eval_ds = data.eval_data(builder, split=ds.eval_split, pp=config.pp_eval,
+                           global_batch_size=config.eval_batch_size)
+  image_shape = next(iter(eval_ds))['image'].shape[1:]
+  logging.info('data: %s %s (%d examples, %d steps/epoch), eval %s (%d examples), '
+               'image %s; %d steps in all', ds.name, ds.train_split, n_train,
+               steps_per_epoch, ds.eval_split, eval_ds.num_examples, image_shape,
+               total_steps)
+
+  # ---------------------------------------------------- model and optimizer
+  model = build_model(config)
+  tx, schedule = optim.make_optimizer(config, total_steps)
+  state = init_state(model, tx, config.seed, image_shape, mesh)
+  parameter_overview.log_parameter_overview(state.params)
+
+  # ------------------------------------------------------------------ steps
+  train_fn = parallel.data_parallel(
+      functools.partial(step_lib.train_step, model=model, tx=tx,
+                        label_smoothing=config.label_smoothing, axis_name=parallel.AXIS),
+      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
+  eval_fn = make_eval_fn(model, mesh)
+
+  # ------------------------------------------------------------- checkpoint
+  ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints)
+  if jax.process_index() == 0:
+    (checkpoints.absolute(workdir) / 'config.json').write_text(json.dumps(cfg, indent=2))
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, state)
+    logging.info('resumed from the checkpoint at step %d', start)
+  meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': label_names(builder)}
+  writer, jsonl = writers.create(workdir)
+  if jsonl is not None:
+    jsonl.truncate_after(start)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flat(cfg).items() if v is not None})
+
+  # ------------------------------------------------------------------- loop
+  train_iter = data.train_iterator(
+      builder, split=ds.train_split, pp=config.pp_train,
+      global_batch_size=config.batch_size, seed=config.seed, start_step=start,
+      shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_secs=30)
+  pending: list[dict[str, Any]] = []
+  last_eval: dict[str, float] | None = None
+  t0, steps_timed = time.perf_counter(), 0
+  for step in range(start, total_steps):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, m = train_fn(state, parallel.shard_batch(next(train_iter), mesh))
+    pending.append(m)
+    steps_timed += 1
+    done = step + 1
+    progress(done)
+
+    if done % config.log_every_steps == 0 or done == total_steps:
+      summary = _train_summary(pending, done)
+      dt = time.perf_counter() - t0
+      rate = steps_timed / dt if dt > 0 else float('nan')
+      summary.update(learning_rate=float(schedule(done - 1)), steps_per_sec=rate,
+                     eta_min=(total_steps - done) / rate / 60 if rate else float('nan'))
+      writer.write_scalars(done, summary)
+      pending = []
+
+    if done % eval_every == 0 or done == total_steps:
+      last_eval = evaluate.evaluate(eval_fn, state, eval_ds, mesh)
+      writer.write_scalars(done, {f'eval_{k}': v for k, v in last_eval.items()})
+      ckpt.save(done, state, meta, metrics=last_eval)
+      t0, steps_timed = time.perf_counter(), 0
+    elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+      ckpt.save(done, state, meta)
+    if ckpt.manager.reached_preemption(done):
+      ckpt.save(done, state, meta)
+      ckpt.close()
+      logging.warning('preempted: saved step %d; rerun the same command to resume.', done)
+      return {}
+
+  if last_eval is None:  # the run had already finished: score it again
+    last_eval = evaluate.evaluate(eval_fn, state, eval_ds, mesh)
+  writer.flush()
+  ckpt.close()
+  logging.info('final eval on %s at step %d: %s', ds.eval_split, total_steps, last_eval)
+  if jax.process_index() == 0:
+    print(f'Final {ds.name} {ds.eval_split} top-1: {last_eval["top1"]:.4f} '
+          f'(top-5 {last_eval["top5"]:.4f}, loss {last_eval["loss"]:.4f}, '
+          f'{last_eval["examples"]} examples) at step {total_steps}', flush=True)
+  return last_eval
+
+
+def _train_summary(pending: list[dict[str, Any]], step: int) -> dict[str, float]:
+  """Averages the metrics of the steps since the last log; fails on NaN/inf."""
+  host = [parallel.to_host(m) for m in pending]
+  if not all(bool(m['finite']) for m in host):
+    raise FloatingPointError(
+        f'the loss or gradient became NaN/inf before step {step}. Lower lr.base, raise '
+        'lr.warmup_steps or set grad_clip_norm; rerunning resumes from the last good '
+        'checkpoint.')
+  total = evaluate.TrainMetrics.from_step(host[0])
+  for m in host[1:]:
+    total = total.merge(evaluate.TrainMetrics.from_step(m))
+  out = {f'train_{k}': float(v) for k, v in total.compute().items()}
+  out['train_grad_norm'] = float(np.mean([m['grad_norm'] for m in host]))
+  return out
+
+
+def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = None,
+                        data_dir: str | None = None) -> dict[str, Any]:
+  """Scores a saved checkpoint ('best', 'latest' or a step) on a split; writes JSON."""
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  step = ckpt.resolve(which)
+  config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
+  ds = config.dataset
+  split = split or ds.eval_split
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  builder = data.get_builder(ds.name, data_dir or ds.data_dir, prepare=ds.prepare)
+  eval_ds = data.eval_data(builder, split=split, pp=config.pp_eval,
+                           global_batch_size=config.eval_batch_size)
+  image_shape = next(iter(eval_ds))['image'].shape[1:]
+  model = build_model(config)
+  tx, _ = optim.make_optimizer(config, max(1, config.total_steps or 1))
+  state = ckpt.restore(step, init_state(model, tx, config.seed, image_shape, mesh))
+  result = evaluate.evaluate(make_eval_fn(model, mesh), state, eval_ds, mesh)
+  result.update(step=step, split=split, dataset=ds.name)
+  if jax.process_index() == 0:
+    out = checkpoints.absolute(workdir) / f'eval_{split}_step{step}.json'
+    out.write_text(json.dumps(result, indent=2))
+    result['written_to'] = str(out)
+  ckpt.close()
+  return result

@@ -1,0 +1,57 @@
+"""Eight simulated CPU devices for every test (must be set before JAX starts)."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
+
+tf.config.set_visible_devices([], 'GPU')  # tf.data only; keep TF off accelerators
+
+import pytest  # noqa: E402
+
+from imgcls import config as config_lib, data  # noqa: E402
+
+NUM_TEST = 37  # not divisible by the eval batch: the last batch is padded and masked
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('data')
+  data.make_synthetic_dataset(str(d), num_train=160, num_test=NUM_TEST, image_size=16,
+                              channels=1, num_classes=4)
+  return str(d)
+
+
+def _tiny_config(data_dir, **overrides):
+  """A config that trains a tiny ResNet on the synthetic dataset in seconds."""
+  c = config_lib.defaults()
+  c.dataset.name = 'synthetic_shapes'
+  c.dataset.data_dir = data_dir
+  c.dataset.num_classes = 4
+  c.dataset.shuffle_buffer = 1000
+  c.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(4)'
+  c.pp_eval = 'decode|value_range(-1, 1)|onehot(4)'
+  c.model.name = 'resnet10'
+  c.model.width = 8
+  c.model.stem = 'small'
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.total_steps = 12
+  c.eval_every_steps = 6
+  c.log_every_steps = 3
+  c.lr.base = 0.05
+  c.lr.warmup_steps = 2
+  c.async_checkpoints = False
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+
+
+@pytest.fixture
+def tiny_config():
+  return _tiny_config

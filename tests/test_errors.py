@@ -1,0 +1,81 @@
+"""Bad input: one clear message, a non-zero exit, and the workdir left as it was."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imgcls import checkpoints, config as config_lib, data, train
+
+
+def _listing(path):
+  return sorted(os.listdir(path)) if os.path.exists(path) else None
+
+
+def _fails(config, workdir, error, match):
+  before = _listing(workdir)
+  with pytest.raises(error, match=match):
+    train.train_and_evaluate(config, workdir)
+  assert _listing(workdir) == before
+
+
+def test_misspelled_key_in_config_file(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir)
+  c.optimiser = {'name': 'sgd'}
+  _fails(c, str(tmp_path / 'w'), config_lib.ConfigError, "unknown key 'optimiser'.*optimizer")
+
+
+def test_wrong_type_and_bad_value(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir)
+  c.lr.schedule = 'cosine_typo'
+  _fails(c, str(tmp_path / 'w'), config_lib.ConfigError, 'lr.schedule must be')
+
+
+def test_unknown_model_and_model_argument(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir)
+  c.model.name = 'resnet19'
+  _fails(c, str(tmp_path / 'w'), config_lib.ConfigError, "unknown model.name 'resnet19'")
+  c = tiny_config(data_dir)
+  c.model.widht = 4
+  _fails(c, str(tmp_path / 'w'), config_lib.ConfigError, "model.widht.*width")
+
+
+def test_unknown_dataset(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir)
+  c.dataset.name = 'fashon_mnist'
+  _fails(c, str(tmp_path / 'w'), data.DataError, 'fashion_mnist')
+
+
+def test_unprepared_dataset_without_download_fails_fast(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir)
+  c.dataset.name = 'mnist'
+  c.dataset.data_dir = str(tmp_path / 'empty')
+  c.dataset.prepare = False
+  _fails(c, str(tmp_path / 'w'), data.DataError, 'not prepared')
+
+
+def test_batch_not_dividing_over_devices(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir)
+  c.batch_size = 20
+  _fails(c, str(tmp_path / 'w'), config_lib.ConfigError, 'batch_size=20 does not divide')
+
+
+def test_workdir_of_another_model(data_dir, tiny_config, tmp_path):
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(tiny_config(data_dir, total_steps=2, eval_every_steps=2), workdir)
+  c = tiny_config(data_dir, total_steps=2, eval_every_steps=2)
+  c.model.width = 16
+  _fails(c, workdir, checkpoints.CheckpointError, 'holds checkpoints of model')
+
+
+def test_cli_reports_bad_override_and_exits_nonzero(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / 'w'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'imgcls.main', 'train', f'--config={root}/configs/default.py',
+       f'--workdir={workdir}', '--config.optimizer.nme=adamw'],
+      capture_output=True, text=True, timeout=300, cwd=root)
+  assert proc.returncode != 0
+  assert 'nme' in proc.stderr
+  assert not workdir.exists()

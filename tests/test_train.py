@@ -1,0 +1,82 @@
+"""End to end: train over 8 simulated devices, checkpoint, crash, resume, evaluate."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from imgcls import checkpoints, data, train, writers
+
+from conftest import NUM_TEST
+
+
+class Crash(RuntimeError):
+  pass
+
+
+def _crash_after(monkeypatch, n_batches):
+  real = data.train_iterator
+
+  def iterator(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == n_batches:
+        raise Crash('simulated kill')
+      yield batch
+  monkeypatch.setattr(data, 'train_iterator', iterator)
+
+
+def test_train_checkpoint_crash_resume_and_eval(data_dir, tiny_config, tmp_path, monkeypatch):
+  assert jax.device_count() == 8
+  ref_dir, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
+
+  reference = train.train_and_evaluate(tiny_config(data_dir), ref_dir)
+  assert reference['examples'] == NUM_TEST  # every eval example scored exactly once
+
+  with monkeypatch.context() as m:
+    _crash_after(m, 8)  # dies at step 9, after the checkpoint of step 6
+    with pytest.raises(Crash):
+      train.train_and_evaluate(tiny_config(data_dir), run_dir)
+  assert checkpoints.Checkpointer(run_dir).latest_step() == 6
+
+  resumed = train.train_and_evaluate(tiny_config(data_dir), run_dir)
+  # Batches are a pure function of (seed, step), so the resumed run is the same run.
+  for key in ('loss', 'top1', 'top5'):
+    np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-5, atol=1e-6)
+  assert resumed['examples'] == NUM_TEST
+
+  records = writers.read_metrics(run_dir)
+  steps = [r['step'] for r in records if 'train_loss' in r]
+  assert steps == [3, 6, 9, 12]  # nothing logged twice across the crash
+  evals = [r for r in records if 'eval_top1' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert all(r['eval_examples'] == NUM_TEST for r in evals)
+  train_rec = [r for r in records if 'train_loss' in r][-1]
+  for key in ('learning_rate', 'steps_per_sec', 'eta_min', 'train_top1'):
+    assert key in train_rec
+
+  ckpt = checkpoints.Checkpointer(run_dir, read_only=True)
+  assert ckpt.latest_step() == 12
+  assert ckpt.best_step() in ckpt.all_steps()
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert saved['model'] == {'name': 'resnet10', 'width': 8, 'stem': 'small'}
+
+  # A rerun of a finished run does not train again and reports the same result.
+  again = train.train_and_evaluate(tiny_config(data_dir), run_dir)
+  np.testing.assert_allclose(again['top1'], resumed['top1'])
+
+  scored = train.evaluate_checkpoint(run_dir, 'latest')
+  assert scored['examples'] == NUM_TEST and scored['step'] == 12
+  np.testing.assert_allclose(scored['top1'], resumed['top1'], atol=1e-6)
+  assert (tmp_path / 'run' / 'eval_test_step12.json').exists()
+
+
+def test_training_learns(data_dir, tiny_config, tmp_path):
+  config = tiny_config(data_dir, total_steps=60, eval_every_steps=60, log_every_steps=20)
+  config.lr.base = 0.1
+  result = train.train_and_evaluate(config, str(tmp_path / 'learn'))
+  train_top1 = [r['train_top1'] for r in writers.read_metrics(str(tmp_path / 'learn'))
+                if 'train_top1' in r]
+  # Chance is 0.25; seen here: train top-1 0.43 -> 0.65 -> 0.88, eval 0.59.
+  assert train_top1[-1] > 0.7 and train_top1[-1] > train_top1[0]
+  assert result['top1'] > 0.45
