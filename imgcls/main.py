@@ -78,9 +78,23 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with config override errors (a typo'd key, a bad type) made readable."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).replace('\\n', '\n').strip("'\"")
+    # A failing get_config() arrives with its traceback; its last line is the message.
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    message = lines[-1] if 'Traceback' in text else ' '.join(lines)
+    _fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls --helpshort`; config '
+          'keys are listed in imgcls/config.py.')
+    raise  # unreachable: _fail exits
+
+
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

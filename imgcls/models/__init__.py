@@ -1,0 +1,70 @@
+"""Model registry: configs name a model and set its constructor arguments."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+from imgcls.models import resnet
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_NOT_CONFIGURABLE = frozenset({'parent', 'name'})
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+  """Decorator registering a module class (or a functools.partial of one) under `name`."""
+
+  def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if name in _REGISTRY:
+      raise ValueError(f'Model {name!r} is already registered.')
+    _REGISTRY[name] = factory
+    return factory
+
+  return wrap
+
+
+def list_models() -> list[str]:
+  """Registered model names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, _REGISTRY, n=3)
+    hint = f' Did you mean {", ".join(close)}?' if close else ''
+    raise ValueError(f'Unknown model {name!r}.{hint} Known models: {", ".join(list_models())}.')
+  return _REGISTRY[name]
+
+
+def model_kwargs(name: str) -> set[str]:
+  """Constructor arguments a config may set for `name` (those a partial fixes are excluded)."""
+  factory = _factory(name)
+  fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()
+  params = inspect.signature(factory).parameters.values()
+  return {p.name for p in params
+          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+          and p.name not in fixed | _NOT_CONFIGURABLE}
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+  """Builds the registered model `name`; unknown names or arguments raise ValueError."""
+  valid = model_kwargs(name)
+  for key in kwargs:
+    if key not in valid:
+      raise ValueError(f'Model {name!r} has no argument {key!r}; valid: {", ".join(sorted(valid))}.')
+  return _factory(name)(**kwargs)
+
+
+register('resnet18')(resnet.ResNet18)
+register('resnet34')(resnet.ResNet34)
+register('resnet50')(resnet.ResNet50)
+register('resnet101')(resnet.ResNet101)
+register('resnet152')(resnet.ResNet152)
+# One BasicBlock per stage (timm's resnet10t depth): tiny runs, tests, quick ablations.
+register('resnet10')(functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 1),
+                                       block=resnet.BasicBlock))

@@ -1,0 +1,146 @@
+"""Tests for the model registry and ResNet (narrow widths and small inputs keep them fast)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from imgcls import models
+from imgcls.models import resnet
+
+
+def _shapes(model, x_shape, **kw):
+  """Variables and outputs by abstract evaluation: shapes and counts without running anything."""
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, **kw), variables, x)
+  return variables, out
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('name,feat', [('resnet18', 64), ('resnet34', 64), ('resnet50', 256),
+                                       ('resnet101', 256), ('resnet152', 256)])
+def test_output_and_feature_shapes(name, feat):
+  model = models.get_model(name, num_classes=10, width=8, bn_axis_name=None)
+  _, (logits, features) = _shapes(model, (2, 32, 32, 3), return_features=True)
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  assert features.shape == (2, feat)
+
+
+@pytest.mark.parametrize('name,count', [('resnet18', 11_689_512), ('resnet50', 25_557_032)])
+def test_param_count_matches_torchvision(name, count):
+  variables, _ = _shapes(models.get_model(name), (1, 224, 224, 3))
+  assert _count(variables['params']) == count
+
+
+def test_torchvision_like_names():
+  variables, _ = _shapes(models.get_model('resnet50', width=8), (1, 64, 64, 3))
+  params = variables['params']
+  assert {'conv_init', 'bn_init', 'head', 'stage4_block3'} <= set(params)
+  assert set(params['stage2_block1']) == {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3',
+                                          'proj_conv', 'proj_bn'}
+  assert params['stage2_block1']['conv2']['kernel'].shape == (3, 3, 16, 16)  # stride on the 3x3
+  assert 'proj_conv' not in params['stage2_block2']
+
+
+def test_forward_runs_and_zero_init_residual():
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  for zero_init in (True, False):
+    model = models.get_model('resnet18', num_classes=10, width=8, bn_axis_name=None,
+                             zero_init_residual=zero_init)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    last, first = (variables['params']['stage3_block2'][k]['scale'] for k in ('bn2', 'bn1'))
+    assert np.all(last == (0 if zero_init else 1)) and np.all(first == 1)
+  logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x)
+  assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
+  assert set(updates) == {'batch_stats'}
+  assert not np.allclose(updates['batch_stats']['bn_init']['var'], 1.0)
+
+
+def test_conv_init_is_kaiming_fan_out():
+  model = models.get_model('resnet18', width=64, bn_axis_name=None)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+      jnp.zeros((1, 32, 32, 3)))
+  kernel = variables['params']['stage4_block2']['conv1']['kernel']  # 3x3, 512 -> 512
+  np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (9 * 512)), rtol=0.02)
+
+
+@pytest.mark.parametrize('size,kernel,strides', [(2, 3, 1), (4, 3, 2), (1, 3, 1), (3, 1, 2),
+                                                 (8, 3, 1), (9, 7, 2)])
+def test_conv_matches_flax_conv_on_both_paths(size, kernel, strides):
+  # Outputs <= 2x2 take the im2col path, larger ones lax.conv; both must equal nn.Conv.
+  x = jax.random.normal(jax.random.key(0), (3, size, size, 5))
+  conv = resnet.Conv(4, (kernel, kernel), (strides, strides))
+  variables = conv.init(jax.random.key(1), x)
+  ref = nn.Conv(4, (kernel, kernel), strides, padding=[(kernel // 2, kernel // 2)] * 2,
+                use_bias=False)
+  np.testing.assert_allclose(conv.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+
+
+@pytest.mark.parametrize('stem,size,stage1', [('small', 28, 28), ('small_s2', 28, 14),
+                                                ('imagenet', 32, 8)])
+def test_stem_resolution(stem, size, stage1):
+  model = models.get_model('resnet18', num_classes=10, width=8, stem=stem, bn_axis_name=None)
+  x = jnp.zeros((2, size, size, 1))
+  variables = model.init(jax.random.key(0), x, train=False)
+  logits, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  assert logits.shape == (2, 10)
+  assert state['intermediates']['stage1_block1']['__call__'][0].shape == (2, stage1, stage1, 8)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = models.get_model('resnet18', num_classes=10, width=8, dtype=jnp.bfloat16)
+  variables, logits = _shapes(model, (2, 32, 32, 3))
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert logits.dtype == jnp.float32
+
+
+def test_batchnorm_over_mesh_matches_single_device():
+  n = jax.device_count()
+  x = jax.random.normal(jax.random.key(2), (4 * n, 16, 16, 3)) * 3.0 + 1.0
+  x = x * jnp.arange(1, 4 * n + 1).reshape(-1, 1, 1, 1) / n  # shards differ in their statistics
+  kw = dict(num_classes=5, width=8, stem='small')
+  model = models.get_model('resnet18', **kw)
+  variables = model.init(jax.random.key(0), x[:1], train=False)  # outside any mesh
+  single = models.get_model('resnet18', bn_axis_name=None, **kw)
+  want_logits, want = single.apply(variables, x, train=True, mutable=['batch_stats'])
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('batch',))
+  step = jax.shard_map(
+      lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
+      mesh=mesh, in_specs=(P(), P('batch')), out_specs=(P('batch'), P()))
+  logits, got = jax.jit(step)(variables, x)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+  # The statistics did move (the comparison is not trivially between initial values).
+  assert not np.allclose(got['batch_stats']['bn_init']['mean'], 0.0)
+
+
+def test_registry_lists_and_builds():
+  names = models.list_models()
+  assert names == sorted(names)
+  assert {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'} <= set(names)
+  kwargs = models.model_kwargs('resnet50')
+  assert {'num_classes', 'width', 'stem', 'dtype', 'bn_momentum', 'bn_epsilon', 'bn_axis_name',
+          'zero_init_residual'} == kwargs
+  model = models.get_model('resnet34', num_classes=3)
+  assert isinstance(model, nn.Module) and model.num_classes == 3
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match=r"'resnet5'.*Did you mean .*resnet50.*Known models: .*resnet152"):
+    models.get_model('resnet5')
+  with pytest.raises(ValueError, match=r"'widht'.*valid: .*width"):
+    models.get_model('resnet18', widht=32)
+  with pytest.raises(ValueError, match='stage_sizes'):
+    models.get_model('resnet18', stage_sizes=(1, 1, 1, 1))
+  with pytest.raises(ValueError, match='already registered'):
+    models.register('resnet18')(models.resnet.ResNet18)
+  with pytest.raises(ValueError, match='stem'):
+    _shapes(models.get_model('resnet18', stem='cifar'), (1, 32, 32, 3))

@@ -1,0 +1,132 @@
+"""Tests for the optimizer and learning-rate schedules built from a config."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from imgcls import models, optim
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict({
+      'optimizer': {'name': 'sgd', 'momentum': 0.9, 'nesterov': True,
+                    'b1': 0.9, 'b2': 0.999, 'eps': 1e-8},
+      'lr': {'base': 0.1, 'schedule': 'warmup_cosine', 'warmup_steps': 10, 'end_factor': 0.0},
+      'weight_decay': 0.0, 'weight_decay_mask': 'no_bias_norm', 'grad_clip_norm': 0.0})
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _step(tx, params, grads):
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize('schedule,end_factor,mid,end', [
+    ('warmup_cosine', 0.0, 0.05, 0.0),
+    ('warmup_cosine', 0.1, 0.055, 0.01),
+    ('warmup_linear', 0.0, 0.05, 0.0),
+    ('constant', 0.0, 0.1, 0.1),
+])
+def test_schedule_values(schedule, end_factor, mid, end):
+  cfg = _config(**{'lr.schedule': schedule, 'lr.end_factor': end_factor})
+  _, sched = optim.make_optimizer(cfg, total_steps=110)
+  for step, want in [(0, 0.0), (5, 0.05), (10, 0.1), (60, mid), (110, end), (200, end)]:
+    np.testing.assert_allclose(sched(step), want, atol=1e-7, err_msg=f'step {step}')
+
+
+def test_schedule_without_warmup_starts_at_base():
+  _, sched = optim.make_optimizer(_config(**{'lr.warmup_steps': 0}), total_steps=100)
+  np.testing.assert_allclose(sched(0), 0.1)
+  np.testing.assert_allclose(sched(50), 0.05, atol=1e-7)
+
+
+def test_decay_mask_excludes_biases_and_batchnorm():
+  model = models.get_model('resnet18', num_classes=10, width=8)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)['params']
+  mask = optim.decay_mask(params)
+  assert mask['head'] == {'kernel': True, 'bias': False}
+  assert mask['bn_init'] == {'scale': False, 'bias': False}
+  assert mask['conv_init']['kernel'] and mask['stage2_block1']['proj_conv']['kernel']
+  assert not any(mask['stage2_block1']['proj_bn'].values())
+  flat = jax.tree_util.tree_leaves_with_path(mask)
+  for path, decayed in flat:
+    assert decayed == (jax.tree_util.keystr(path).endswith("['kernel']")), path
+
+
+def test_clipping_caps_update_norm():
+  cfg = _config(**{'optimizer.momentum': 0.0, 'lr.schedule': 'constant', 'lr.warmup_steps': 0,
+                   'lr.base': 1.0, 'grad_clip_norm': 1.0})
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  params = {'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}
+  grads = {'w': jnp.full((3, 4), 10.0), 'b': jnp.full(4, -10.0)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
+  small = jax.tree.map(lambda g: g * 1e-3, grads)  # under the cap: untouched
+  updates, _ = tx.update(small, tx.init(params), params)
+  np.testing.assert_allclose(optax.tree.norm(updates), optax.tree.norm(small), rtol=1e-6)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_sgd_momentum_two_steps_on_quadratic(nesterov):
+  # f(p) = a/2 * p^2 -> grad a*p; torch-style L2: g += wd * p before momentum.
+  a, lr, m, wd = 2.0, 0.1, 0.9, 0.01
+  cfg = _config(**{'optimizer.nesterov': nesterov, 'lr.schedule': 'constant',
+                   'lr.warmup_steps': 0, 'lr.base': lr, 'weight_decay': wd})
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  p = {'w': jnp.ones((1, 1))}  # ndim 2: decayed
+  state = tx.init(p)
+  for _ in range(2):
+    updates, state = tx.update({'w': a * p['w']}, state, p)
+    p = optax.apply_updates(p, updates)
+
+  w, buf = 1.0, 0.0
+  for _ in range(2):
+    g = a * w + wd * w
+    buf = m * buf + g
+    w -= lr * (g + m * buf if nesterov else buf)
+  np.testing.assert_allclose(p['w'][0, 0], w, rtol=1e-6)
+  # Hand values for the plain-momentum case: 1 - 0.1*2.01 = 0.799; g = 1.60599;
+  # buf = 1.809 + 1.60599 = 3.41499; w = 0.799 - 0.341499 = 0.457501.
+  if not nesterov:
+    np.testing.assert_allclose(p['w'][0, 0], 0.457501, rtol=1e-6)
+
+
+@pytest.mark.parametrize('mask,bias_after', [('no_bias_norm', 1.0), ('all', 0.95)])
+def test_adamw_decay_respects_mask(mask, bias_after):
+  cfg = _config(**{'optimizer.name': 'adamw', 'lr.schedule': 'constant', 'lr.warmup_steps': 0,
+                   'weight_decay': 0.5, 'weight_decay_mask': mask})
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  params = {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}
+  new = _step(tx, params, jax.tree.map(jnp.zeros_like, params))
+  np.testing.assert_allclose(new['kernel'], 0.95, rtol=1e-6)  # 1 - lr * wd = 1 - 0.1 * 0.5
+  np.testing.assert_allclose(new['bias'], bias_after, rtol=1e-6)
+
+
+def test_sgd_decay_respects_mask():
+  cfg = _config(**{'optimizer.momentum': 0.0, 'lr.schedule': 'constant', 'lr.warmup_steps': 0,
+                   'weight_decay': 0.5})
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  params = {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}
+  new = _step(tx, params, jax.tree.map(jnp.zeros_like, params))
+  np.testing.assert_allclose(new['kernel'], 0.95, rtol=1e-6)
+  np.testing.assert_allclose(new['bias'], 1.0)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('optimizer.name', 'lamb', "optimizer.name 'lamb'"),
+    ('lr.schedule', 'step', "lr.schedule 'step'"),
+    ('weight_decay_mask', 'none', "weight_decay_mask 'none'"),
+])
+def test_unknown_names_raise(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    optim.make_optimizer(_config(**{key: value}), total_steps=100)
+
+
+def test_warmup_longer_than_training_only_warms_up():
+  _, sched = optim.make_optimizer(_config(), total_steps=1)  # as when restoring for eval
+  np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.05, 0.1], atol=1e-7)
