@@ -8,21 +8,21 @@ from imgcls.config import defaults, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, epochs=3.0, width=16, batch=128)
+  arg = parse_arg(arg, epochs=4.0, width=16, batch=128)
   c = defaults()
   c.dataset.name = 'fashion_mnist'
   c.dataset.num_classes = 10
-  c.pp_train = 'decode|random_crop(28, pad=2)|flip_lr|value_range(-1, 1)|onehot(10)'
+  c.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
   c.model.name = 'resnet18'
   c.model.width = arg.width
-  c.model.stem = 'small'
+  c.model.stem = 'small_s2'  # 3x3/2 conv: 14x14 from stage 1, ~3x faster than 'small' on CPU
   c.batch_size = arg.batch
   c.num_epochs = arg.epochs
   c.optimizer.name = 'sgd'
   c.lr.base = 0.1
   c.lr.warmup_steps = 200
   c.weight_decay = 5e-4
-  c.label_smoothing = 0.0
+  c.label_smoothing = 0.1
   c.log_every_steps = 100
   return c

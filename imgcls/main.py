@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging as logging_std
 import sys
 
 from absl import app, flags, logging
@@ -41,7 +42,16 @@ def _require(flag, name: str, command: str) -> str:
   return flag.value
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter from orbax and tfds (one line per save); warnings stay."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
+    return record.levelno >= logging_std.WARNING or not noisy
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   command, *rest = argv[1:] or ['train']
   if command not in COMMANDS:
     _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)}.')

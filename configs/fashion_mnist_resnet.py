@@ -1,0 +1,30 @@
+"""A longer ResNet-18 run on Fashion-MNIST, aiming at 94% test top-1.
+
+Width 32, stride-2 3x3 stem (14x14 from stage 1), padded random crops and flips,
+label smoothing, SGD-Nesterov with warmup + cosine. Wall time and accuracy on a
+2-core CPU are in the README's results table.
+Variants: --config=configs/fashion_mnist_resnet.py:epochs=30,width=64,stem=small
+"""
+
+from imgcls.config import defaults, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, epochs=15.0, width=32, stem='small_s2', batch=128)
+  c = defaults()
+  c.dataset.name = 'fashion_mnist'
+  c.dataset.num_classes = 10
+  c.pp_train = 'decode|random_crop(28, pad=2)|flip_lr|value_range(-1, 1)|onehot(10)'
+  c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
+  c.model.name = 'resnet18'
+  c.model.width = arg.width
+  c.model.stem = arg.stem
+  c.batch_size = arg.batch
+  c.num_epochs = arg.epochs
+  c.optimizer.name = 'sgd'
+  c.lr.base = 0.1
+  c.lr.warmup_steps = 500
+  c.weight_decay = 5e-4
+  c.label_smoothing = 0.1
+  c.log_every_steps = 200
+  return c
