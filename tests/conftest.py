@@ -1,9 +1,11 @@
-"""Eight simulated CPU devices for every test (must be set before JAX starts)."""
+"""Eight simulated CPU devices for every test (must be set before JAX starts), and the
+tiny synthetic dataset and config the training tests share."""
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -48,8 +50,6 @@ def _tiny_config(data_dir, **overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
-
-
 
 
 @pytest.fixture

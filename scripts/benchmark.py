@@ -1,0 +1,69 @@
+"""Throughput of a config's train step on fake data, and of its input pipeline alone.
+
+  uv run python scripts/benchmark.py --config=configs/default.py --steps=30
+
+Prints images/s for each and their ratio: a pipeline slower than the step means the
+run is input-bound. Figures on this noisy 2-core machine vary by up to 2x over
+minutes: compare configs within one run.
+"""
+
+import functools
+import time
+
+from absl import app, flags
+import jax
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+import numpy as np
+
+from imgcls import config as config_lib, data, optim, parallel, step as step_lib, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps (after 3 warm-up steps).')
+
+
+def _rate(fn, steps: int, batch_size: int) -> float:
+  for _ in range(3):
+    out = fn()
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return steps * batch_size / (time.perf_counter() - t0)
+
+
+def main(_):
+  config = config_lib.validate(_CONFIG.value)
+  mesh = parallel.make_mesh()
+  ds = config.dataset
+  builder = data.get_builder(ds.name, ds.data_dir, prepare=ds.prepare)
+  batches = data.train_iterator(builder, split=ds.train_split, pp=config.pp_train,
+                                global_batch_size=config.batch_size, seed=0,
+                                shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
+  host = next(batches)
+  host = {k: host[k] for k in ('image', 'labels')}
+  model = train.build_model(config)
+  tx, _ = optim.make_optimizer(config, total_steps=1000)
+  state = train.init_state(model, tx, 0, host['image'].shape[1:], mesh)
+  train_fn = parallel.data_parallel(
+      functools.partial(step_lib.train_step, model=model, tx=tx),
+      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  batch = parallel.shard_batch(host, mesh)
+
+  def one_step():
+    nonlocal state
+    state, metrics = train_fn(state, batch)
+    return metrics['loss']
+
+  step_rate = _rate(one_step, _STEPS.value, config.batch_size)
+  pipe_rate = _rate(lambda: np.asarray(next(batches)['image']), _STEPS.value,
+                    config.batch_size)
+  print(f'model {config.model.to_dict()} batch {config.batch_size} on {mesh.size} device(s)')
+  print(f'train step (fake data, fixed batch): {step_rate:8.0f} images/s')
+  print(f'input pipeline alone:                {pipe_rate:8.0f} images/s')
+  print(f'pipeline / step ratio:               {pipe_rate / step_rate:8.2f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
