@@ -23,8 +23,14 @@ DECAY_MASKS = ('no_bias_norm', 'all')
 
 
 def decay_mask(params: Any) -> Any:
-  """True for parameters to decay: kernels (ndim > 1); not biases nor norm scales/biases."""
-  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+  """True for weight matrices and conv kernels (leaves named `kernel`, ndim > 1).
+
+  Not decayed: biases (also ViT's 2-D attention biases), norm scales and biases,
+  position embeddings, class tokens and attention-pooling probes.
+  """
+  def is_kernel(path, p):
+    return getattr(path[-1], 'key', None) == 'kernel' and jnp.ndim(p) > 1
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make_schedule(lr: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -78,10 +78,10 @@ def test_sgd_momentum_two_steps_on_quadratic(nesterov):
   cfg = _config(**{'optimizer.nesterov': nesterov, 'lr.schedule': 'constant',
                    'lr.warmup_steps': 0, 'lr.base': lr, 'weight_decay': wd})
   tx, _ = optim.make_optimizer(cfg, total_steps=10)
-  p = {'w': jnp.ones((1, 1))}  # ndim 2: decayed
+  p = {'kernel': jnp.ones((1, 1))}  # a kernel: decayed
   state = tx.init(p)
   for _ in range(2):
-    updates, state = tx.update({'w': a * p['w']}, state, p)
+    updates, state = tx.update({'kernel': a * p['kernel']}, state, p)
     p = optax.apply_updates(p, updates)
 
   w, buf = 1.0, 0.0
@@ -89,11 +89,11 @@ def test_sgd_momentum_two_steps_on_quadratic(nesterov):
     g = a * w + wd * w
     buf = m * buf + g
     w -= lr * (g + m * buf if nesterov else buf)
-  np.testing.assert_allclose(p['w'][0, 0], w, rtol=1e-6)
+  np.testing.assert_allclose(p['kernel'][0, 0], w, rtol=1e-6)
   # Hand values for the plain-momentum case: 1 - 0.1*2.01 = 0.799; g = 1.60599;
   # buf = 1.809 + 1.60599 = 3.41499; w = 0.799 - 0.341499 = 0.457501.
   if not nesterov:
-    np.testing.assert_allclose(p['w'][0, 0], 0.457501, rtol=1e-6)
+    np.testing.assert_allclose(p['kernel'][0, 0], 0.457501, rtol=1e-6)
 
 
 @pytest.mark.parametrize('mask,bias_after', [('no_bias_norm', 1.0), ('all', 0.95)])
@@ -130,3 +130,18 @@ def test_unknown_names_raise(key, value, match):
 def test_warmup_longer_than_training_only_warms_up():
   _, sched = optim.make_optimizer(_config(), total_steps=1)  # as when restoring for eval
   np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.05, 0.1], atol=1e-7)
+
+
+def test_decay_mask_spares_vit_biases_and_embeddings():
+  params = {'embedding': {'kernel': np.zeros((4, 4, 1, 8)), 'bias': np.zeros(8)},
+            'cls': np.zeros((1, 1, 8)),
+            'Transformer': {'posembed_input': {'pos_embedding': np.zeros((1, 5, 8))},
+                            'encoderblock_0': {'MultiHeadDotProductAttention_1': {
+                                'query': {'kernel': np.zeros((8, 2, 4)),
+                                          'bias': np.zeros((2, 4))}}}},
+            'head': {'kernel': np.zeros((8, 3)), 'bias': np.zeros(3)}}
+  mask = optim.decay_mask(params)
+  attn = mask['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']['query']
+  assert mask['embedding']['kernel'] and attn['kernel'] and mask['head']['kernel']
+  assert not (attn['bias'] or mask['cls'] or mask['embedding']['bias'] or mask['head']['bias']
+              or mask['Transformer']['posembed_input']['pos_embedding'])

@@ -68,3 +68,11 @@ register('resnet152')(resnet.ResNet152)
 # One BasicBlock per stage (timm's resnet10t depth): tiny runs, tests, quick ablations.
 register('resnet10')(functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 1),
                                        block=resnet.BasicBlock))
+
+# Vision Transformers: 'vit' takes the variant ('NAME/PATCH', e.g. 'S/4') from the config.
+from imgcls.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
+
+register('vit')(vit.ViT)
+for _name, _variant in (('vit_ti16', 'Ti/16'), ('vit_s16', 'S/16'), ('vit_b16', 'B/16'),
+                        ('vit_l16', 'L/16'), ('vit_b32', 'B/32')):
+  register(_name)(functools.partial(vit.ViT, variant=_variant))
