@@ -44,6 +44,15 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh):
       jax.random.PRNGKey(seed))
 
 
+def eval_input(config: ml_collections.ConfigDict, split: str, data_dir: str | None = None):
+  """The dataset's builder, its exact eval pipeline on `split`, and the image shape."""
+  ds = config.dataset
+  builder = data.get_builder(ds.name, data_dir or ds.data_dir, prepare=ds.prepare)
+  eval_ds = data.eval_data(builder, split=split, pp=config.pp_eval,
+                           global_batch_size=config.eval_batch_size)
+  return builder, eval_ds, next(iter(eval_ds))['image'].shape[1:]
+
+
 def label_names(builder) -> list[str] | None:
   feature = builder.info.features.get('label') if hasattr(builder.info.features, 'get') else None
   return list(getattr(feature, 'names', []) or []) or None
@@ -65,14 +74,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ------------------------------------------------------------------ input
   ds = config.dataset
-  builder = data.get_builder(ds.name, ds.data_dir, prepare=ds.prepare)
+  builder, eval_ds, image_shape = eval_input(config, ds.eval_split)
   n_train = data.num_examples(builder, ds.train_split)
   steps_per_epoch = max(1, n_train // config.batch_size)
   total_steps = config.total_steps or int(round(config.num_epochs * steps_per_epoch))
   eval_every = config.eval_every_steps or steps_per_epoch
-  eval_ds = data.eval_data(builder, split=ds.eval_split, pp=config.pp_eval,
-                           global_batch_size=config.eval_batch_size)
-  image_shape = next(iter(eval_ds))['image'].shape[1:]
   logging.info('data: %s %s (%d examples, %d steps/epoch), eval %s (%d examples), '
                'image %s; %d steps in all', ds.name, ds.train_split, n_train,
                steps_per_epoch, ds.eval_split, eval_ds.num_examples, image_shape,
@@ -140,7 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
       ckpt.save(done, state, meta)
     if ckpt.manager.reached_preemption(done):
-      ckpt.save(done, state, meta)
+      if ckpt.latest_step() != done:  # not saved by the eval above
+        ckpt.save(done, state, meta)
       ckpt.close()
       logging.warning('preempted: saved step %d; rerun the same command to resume.', done)
       return {}
@@ -193,10 +200,7 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
   split = split or ds.eval_split
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  builder = data.get_builder(ds.name, data_dir or ds.data_dir, prepare=ds.prepare)
-  eval_ds = data.eval_data(builder, split=split, pp=config.pp_eval,
-                           global_batch_size=config.eval_batch_size)
-  image_shape = next(iter(eval_ds))['image'].shape[1:]
+  _, eval_ds, image_shape = eval_input(config, split, data_dir)
   model = build_model(config)
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps or 1))
   state = ckpt.restore(step, init_state(model, tx, config.seed, image_shape, mesh))
