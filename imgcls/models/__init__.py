@@ -76,3 +76,12 @@ register('vit')(vit.ViT)
 for _name, _variant in (('vit_ti16', 'Ti/16'), ('vit_s16', 'S/16'), ('vit_b16', 'B/16'),
                         ('vit_l16', 'L/16'), ('vit_b32', 'B/32')):
   register(_name)(functools.partial(vit.ViT, variant=_variant))
+
+# BiT ResNet-V2 (GroupNorm + weight standardisation): 'bit' takes stage_sizes (a tuple) and
+# width from the config; the released sizes fix both (R50 = (3, 4, 6, 3), width = 64 * factor).
+from imgcls.models import bit  # noqa: E402  pylint: disable=g-import-not-at-top
+
+register('bit')(bit.ResNetV2)
+for _name, (_depth, _factor) in bit.RELEASED.items():
+  register(_name)(functools.partial(bit.ResNetV2, stage_sizes=bit.STAGE_SIZES[_depth],
+                                    width=64 * _factor))

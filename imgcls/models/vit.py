@@ -93,6 +93,7 @@ class MlpBlock(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -100,7 +101,7 @@ class MlpBlock(nn.Module):
         n, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
-    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=self.approximate_gelu)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = dense(x.shape[-1], 'Dense_1')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
@@ -114,6 +115,7 @@ class Encoder1DBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  approximate_gelu: bool = True
 
   def _drop_path(self, y: jax.Array, deterministic: bool) -> jax.Array:
     """Stochastic depth: zero the branch for a random subset of examples, rescale the rest."""
@@ -134,7 +136,8 @@ class Encoder1DBlock(nn.Module):
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + self._drop_path(y, deterministic)
     y = norm('LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='MlpBlock_3')(
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.approximate_gelu,
+                 name='MlpBlock_3')(
         y, deterministic=deterministic)
     return x + self._drop_path(y, deterministic)
 
@@ -163,6 +166,7 @@ class Encoder(nn.Module):
   learned_posemb: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -172,7 +176,8 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       rate = self.stoch_depth * i / max(self.depth - 1, 1)
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, rate, self.dtype,
-                         self.param_dtype, name=f'encoderblock_{i}')(x, deterministic=deterministic)
+                         self.param_dtype, self.approximate_gelu,
+                         name=f'encoderblock_{i}')(x, deterministic=deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
 
 
@@ -182,6 +187,7 @@ class MAPHead(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -192,7 +198,7 @@ class MAPHead(nn.Module):
                    name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='LayerNorm_0')(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='MlpBlock_0')(y)
+                     approximate_gelu=self.approximate_gelu, name='MlpBlock_0')(y)
     return x[:, 0]
 
 
@@ -203,7 +209,9 @@ class ViT(nn.Module):
   pool: 'tok' (class token), 'gap' (mean of the tokens) or 'map' (attention pooling).
   posemb: 'learn' (added after the class token is prepended, as the official ViT) or
   'sincos2d' (fixed, added to the patches only). `dtype` is the compute dtype; parameters
-  are kept in `param_dtype` and logits are float32.
+  are kept in `param_dtype` and logits are float32. approximate_gelu: the tanh GELU of Flax and
+  the official JAX checkpoints (default); False gives the exact erf GELU of timm/PyTorch, for
+  logit-level parity with timm.
   """
   num_classes: int = 1000
   variant: str | None = None
@@ -220,6 +228,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   head_zero_init: bool = True
+  approximate_gelu: bool = True
 
   def dims(self) -> dict[str, int]:
     """width, depth, mlp_dim, num_heads, patch_size after applying the overrides."""
@@ -255,14 +264,16 @@ class ViT(nn.Module):
 
     x = Encoder(d['depth'], d['mlp_dim'], d['num_heads'], self.dropout, self.stoch_depth,
                 learned_posemb=self.posemb == 'learn', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='Transformer')(x, deterministic=not train)
+                param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
+                name='Transformer')(x, deterministic=not train)
 
     if self.pool == 'tok':
       x = x[:, 0]
     elif self.pool == 'gap':
       x = jnp.mean(x, axis=1)
     else:
-      x = MAPHead(d['mlp_dim'], d['num_heads'], self.dtype, self.param_dtype, name='MAPHead_0')(x)
+      x = MAPHead(d['mlp_dim'], d['num_heads'], self.dtype, self.param_dtype,
+                  self.approximate_gelu, name='MAPHead_0')(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='pre_logits')(x))

@@ -1,0 +1,372 @@
+"""Reference fixtures from timm, and checks that imgcls-written .npz files load in timm.
+
+imgcls's tests compare its models against timm without importing torch: this script,
+run once with a separate Python 3.11 venv that has timm, writes small models with
+random weights, their inputs and their logits to tests/fixtures/timm/*.npz.
+
+Setup (outside the repo; torch and torchvision must be a matched pair):
+
+  python3.11 -m venv /work/timm-venv
+  /work/timm-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+  /work/timm-venv/bin/pip install timm numpy
+
+Usage (from the repo root):
+
+  /work/timm-venv/bin/python scripts/timm_fixtures.py [generate] [--out_dir=DIR]
+  /work/timm-venv/bin/python scripts/timm_fixtures.py check-vit-npz FILE.npz EXPECTED.npy \
+      [--fixture=vit_tok|vit_gap|PATH.npz] [--model_args=JSON] [--prefix=P] [--atol=1e-4]
+  /work/timm-venv/bin/python scripts/timm_fixtures.py check-bit-npz FILE.npz EXPECTED.npy \
+      [--fixture=bit|PATH.npz] [--model_args=JSON] [--prefix=resnet/] [--atol=1e-4]
+
+generate writes vit_tok.npz, vit_gap.npz, resnet_bottleneck.npz and bit.npz. Each holds
+  sd/<key>  every state_dict tensor (num_batches_tracked left out) as float32, in
+            timm's own layout (OIHW convs, [out, in] linears),
+  input     the batch, NHWC float32 [2, 32, 32, 3]; timm is fed its NCHW transpose,
+  logits    timm's eval-mode float32 logits for that input,
+  config    a JSON string: the timm class and constructor arguments (callables written
+            as {"callable": "module.name", "kwargs": {...}}), any change made after
+            construction, the seeds, the versions and notes on the forward semantics.
+
+check-vit-npz / check-bit-npz build the model described by a fixture's config (vit_tok
+by default; --fixture=vit_gap for the global-average-pool ViT; bit for BiT), optionally
+with constructor arguments overridden by --model_args (a JSON object, e.g.
+'{"no_embed_class": true}'), fill every parameter with NaN, load FILE.npz with timm's
+own loader for Google's .npz checkpoints (model.load_pretrained, i.e. _load_weights in
+timm/models/vision_transformer.py or resnetv2.py), run the fixture's input and compare
+with EXPECTED.npy. It prints the max abs difference and exits 1 when it is over --atol,
+when the shapes differ, or when the loader left any parameter unset (still NaN). Keys
+of FILE.npz that the loader never read are listed as a warning.
+"""
+
+import argparse
+import functools
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+_FIXTURE_DIR = _REPO / 'tests' / 'fixtures' / 'timm'
+_INPUT_SHAPE = (2, 32, 32, 3)  # NHWC
+_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+_VIT_ARGS = dict(
+    img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4,
+    num_classes=7, qkv_bias=True)
+_VIT_NOTES = {
+    'layer_norm_eps': 1e-6,
+    'gelu': 'exact erf (torch.nn.GELU(approximate="none"))',
+    'attention_scale': 'head_dim ** -0.5 on q.k (head_dim = 16)',
+    'patch_tokens': 'Conv2d stride 8, flatten(2).transpose(1, 2): row-major over (h, w)',
+}
+
+# name -> what to build. 'class' and callables in 'kwargs' are resolved by
+# _resolve; 'narrow_stem' is a change made after construction (see _narrow_resnet_stem).
+SPECS = {
+    'vit_tok': {
+        'class': 'timm.models.vision_transformer.VisionTransformer',
+        'kwargs': dict(_VIT_ARGS, global_pool='token', class_token=True),
+        'seed': 0,
+        'notes': dict(
+            _VIT_NOTES,
+            pos_embed='[1, 1 + 16, 48]: cls token concatenated first, then pos_embed added '
+                      'to all 17 tokens (no_embed_class=False)',
+            head_input='final norm on all tokens, then token 0'),
+    },
+    'vit_gap': {
+        'class': 'timm.models.vision_transformer.VisionTransformer',
+        'kwargs': dict(_VIT_ARGS, global_pool='avg', class_token=False, fc_norm=False),
+        'seed': 1,
+        'notes': dict(
+            _VIT_NOTES,
+            pos_embed='[1, 16, 48], added to the patch tokens',
+            head_input='final norm on all tokens, then mean over tokens (fc_norm=False)'),
+    },
+    'resnet_bottleneck': {
+        'class': 'timm.models.resnet.ResNet',
+        'kwargs': dict(
+            block={'callable': 'timm.models.resnet.Bottleneck'}, layers=[2, 1, 1, 1],
+            channels=[16, 32, 64, 128], stem_width=16, num_classes=7),
+        'narrow_stem': 16,
+        'seed': 2,
+        'notes': {
+            'narrow_stem': (
+                "timm's ResNet ignores stem_width for the plain 7x7 stem (its width is "
+                'fixed at 64), so after construction: conv1 = Conv2d(3, 16, 7, stride 2, '
+                'padding 3, bias=False), bn1 = BatchNorm2d(16), layer1.0.conv1 = '
+                'Conv2d(16, 16, 1, bias=False), layer1.0.downsample = '
+                'timm.models.resnet.downsample_conv(16, 64, 1) (Conv2d 1x1 + BatchNorm2d). '
+                'The result is the usual torchvision-layout ResNet with a 16-wide stem.'),
+            'batch_norm_eps': 1e-5,
+            'stem': '7x7/2 conv padding 3, BN, ReLU, MaxPool2d(3, stride 2, padding 1)',
+            'bottleneck': 'stride on the 3x3 conv2 (v1.5); widths 16,32,64,128, outputs x4',
+            'head': 'global average pool, fc Linear(512, 7)',
+        },
+    },
+    'bit': {
+        'class': 'timm.models.resnetv2.ResNetV2',
+        'kwargs': dict(
+            layers=[1, 1, 1, 1], channels=[64, 128, 256, 512], stem_chs=16,
+            stem_type='fixed', bottle_ratio=0.25, num_classes=7,
+            conv_layer={'callable': 'timm.layers.StdConv2d', 'kwargs': {'eps': 1e-8}},
+            norm_layer={'callable': 'timm.layers.GroupNormAct',
+                        'kwargs': {'num_groups': 8, 'eps': 1e-5}}),
+        'seed': 3,
+        'notes': {
+            'std_conv': 'StdConv2d eps=1e-8: w = (w - mean) / sqrt(var + eps), mean and '
+                        'biased var over (in, kh, kw) per output channel',
+            'group_norm_eps': 1e-5,
+            'group_norm_groups': 8,
+            'stem': "stem_type='fixed': StdConv2d 7x7/2 padding 3 (symmetric), "
+                    'ConstantPad2d(1, 0.0), MaxPool2d(3, stride 2, padding 0); '
+                    'no norm or activation in the stem (pre-activation)',
+            'blocks': 'PreActBottleneck: norm1(GN+ReLU) -> conv1 1x1 -> norm2 -> conv2 3x3 '
+                      '(stride, padding 1) -> norm3 -> conv3 1x1; shortcut = identity on the '
+                      'block input, or downsample.conv (1x1 StdConv2d, stride) on the '
+                      'pre-activated input',
+            'mid_widths': [16, 32, 64, 128],
+            'final_norm': 'norm = GroupNormAct(512) with ReLU before the head',
+            'head': 'head.fc is a 1x1 Conv2d(512, 7) with bias after global average pool',
+        },
+    },
+}
+
+
+def _resolve(value):
+  """Turns {'callable': 'mod.name', 'kwargs': {...}} into the object (or a partial)."""
+  if isinstance(value, dict) and 'callable' in value:
+    module, _, name = value['callable'].rpartition('.')
+    obj = getattr(importlib.import_module(module), name)
+    return functools.partial(obj, **value['kwargs']) if 'kwargs' in value else obj
+  return value
+
+
+def _narrow_resnet_stem(model: nn.Module, width: int) -> None:
+  """Gives a timm ResNet a `width`-channel 7x7 stem (see SPECS' note)."""
+  from timm.models.resnet import downsample_conv  # pylint: disable=import-outside-toplevel
+  first = model.layer1[0]
+  model.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+  model.bn1 = nn.BatchNorm2d(width)
+  first.conv1 = nn.Conv2d(width, first.conv1.out_channels, 1, bias=False)
+  out_chs = first.conv3.out_channels
+  first.downsample = downsample_conv(width, out_chs, 1) if width != out_chs else None
+
+
+def build(spec: dict, overrides: dict | None = None) -> nn.Module:
+  """The timm model a spec (or a fixture's config) describes, in eval mode."""
+  kwargs = {**spec['kwargs'], **(overrides or {})}
+  model = _resolve({'callable': spec['class']})(**{k: _resolve(v) for k, v in kwargs.items()})
+  if spec.get('narrow_stem'):
+    _narrow_resnet_stem(model, spec['narrow_stem'])
+  return model.eval()
+
+
+@torch.no_grad()
+def randomize(model: nn.Module) -> None:
+  """Overwrites every parameter and buffer with random values of a sensible scale.
+
+  Norm scales 1 + 0.1 N(0,1), biases and norm shifts 0.1 N(0,1), BN running means
+  0.1 N(0,1) and variances U(0.5, 1.5), weight matrices and conv kernels N(0, 1/fan_in),
+  other tensors (cls token, position embeddings) 0.2 N(0,1): no tensor stays zero or
+  an identity, and activations stay O(1).
+  """
+  for module in model.modules():
+    for name, p in module.named_parameters(recurse=False):
+      if isinstance(module, _NORMS):
+        p.copy_(1 + 0.1 * torch.randn_like(p) if name == 'weight' else 0.1 * torch.randn_like(p))
+      elif name == 'bias':
+        p.normal_(0.0, 0.1)
+      elif name == 'weight' and p.ndim >= 2:
+        p.normal_(0.0, 1 / math.sqrt(math.prod(p.shape[1:])))
+      else:
+        p.normal_(0.0, 0.2)
+    for name, b in module.named_buffers(recurse=False):
+      if name == 'running_mean':
+        b.normal_(0.0, 0.1)
+      elif name == 'running_var':
+        b.uniform_(0.5, 1.5)
+      elif name != 'num_batches_tracked':
+        raise ValueError(f'No rule to randomize buffer {name} of {type(module).__name__}')
+
+
+def make_input(seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).standard_normal(_INPUT_SHAPE).astype(np.float32)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
+  x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+  return model(x).float().numpy()
+
+
+def state_dict_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
+          if not k.endswith('num_batches_tracked')}
+
+
+def check_logits(name: str, logits: np.ndarray) -> None:
+  """Fails unless the logits are finite, varied and O(1)."""
+  problems = []
+  if not np.isfinite(logits).all():
+    problems.append('not finite')
+  elif logits.std() < 0.05 or np.abs(logits[0] - logits[1]).max() < 1e-3:
+    problems.append(f'nearly constant (std {logits.std():.3g})')
+  elif not 0.1 < np.abs(logits).max() < 30:
+    problems.append(f'max |logit| {np.abs(logits).max():.3g} is not O(1)')
+  if problems:
+    raise SystemExit(f'{name}: logits {", ".join(problems)}:\n{logits}')
+
+
+def generate(out_dir: pathlib.Path) -> None:
+  out_dir.mkdir(parents=True, exist_ok=True)
+  versions = {'timm': timm.__version__, 'torch': torch.__version__, 'numpy': np.__version__}
+  for name, spec in SPECS.items():
+    torch.manual_seed(spec['seed'])
+    model = build(spec)
+    randomize(model)
+    x = make_input(spec['seed'])
+    logits = logits_of(model, x)
+    check_logits(name, logits)
+    sd = state_dict_arrays(model)
+
+    # The fixture must be complete: a fresh model loaded from it gives the same logits.
+    fresh = build(spec)
+    missing, unexpected = fresh.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if missing or unexpected:
+      raise SystemExit(f'{name}: state dict round trip: missing {missing}, extra {unexpected}')
+    np.testing.assert_array_equal(logits_of(fresh, x), logits)
+
+    config = {
+        'name': name, **spec, 'versions': versions,
+        'input': {'layout': 'NHWC', 'shape': list(_INPUT_SHAPE),
+                  'rng': f'numpy.random.default_rng({spec["seed"]}).standard_normal'},
+        'weights': f'torch.manual_seed({spec["seed"]}), model built, then randomize(): '
+                   + ' '.join(randomize.__doc__.split('\n\n')[1].split()),
+    }
+    path = out_dir / f'{name}.npz'
+    np.savez_compressed(
+        path, input=x, logits=logits, config=np.array(json.dumps(config, indent=1)),
+        **{f'sd/{k}': v for k, v in sd.items()})
+    n_params = sum(v.size for v in sd.values())
+    print(f'{path.relative_to(_REPO) if path.is_relative_to(_REPO) else path}: '
+          f'{path.stat().st_size / 1024:.1f} KiB, {len(sd)} tensors, {n_params} values, '
+          f'logits std {logits.std():.3f} max|.| {np.abs(logits).max():.3f}')
+
+
+class _KeyTracker:
+  """Wraps an NpzFile and remembers which keys the timm loader read."""
+
+  def __init__(self, npz):
+    self._npz = npz
+    self.files = npz.files
+    self.read = set()
+
+  def __contains__(self, key):
+    return key in self._npz.files
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return self._npz[key]
+
+  def close(self):
+    self._npz.close()
+
+
+def check_npz(module_name: str, args: argparse.Namespace) -> int:
+  """Loads args.file into the fixture's model with timm's .npz loader, compares logits."""
+  fixture = pathlib.Path(args.fixture)
+  if not fixture.suffix:
+    fixture = _FIXTURE_DIR / f'{args.fixture}.npz'
+  with np.load(fixture) as f:
+    config, x = json.loads(str(f['config'])), f['input']
+  model = build(config, json.loads(args.model_args) if args.model_args else None)
+
+  with torch.no_grad():
+    for p in model.parameters():
+      p.fill_(float('nan'))
+
+  # Read timm's loader's own view of the file to report keys it never used.
+  timm_module = importlib.import_module(module_name)
+  open_npz = timm_module._load_npz_checkpoint  # pylint: disable=protected-access
+  tracker = None
+
+  def tracking_open(*a, **kw):
+    nonlocal tracker
+    tracker = _KeyTracker(open_npz(*a, **kw))
+    return tracker
+
+  timm_module._load_npz_checkpoint = tracking_open  # pylint: disable=protected-access
+  try:
+    if args.prefix is None:
+      model.load_pretrained(str(args.file))
+    else:
+      model.load_pretrained(str(args.file), prefix=args.prefix)
+  except (KeyError, RuntimeError, ValueError) as e:  # a missing key or a wrong shape
+    print(f'FAIL: timm could not load {args.file}: {type(e).__name__}: {e}')
+    return 1
+  finally:
+    timm_module._load_npz_checkpoint = open_npz  # pylint: disable=protected-access
+
+  failed = False
+  unset = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
+  if unset:
+    print(f'FAIL: the loader left these parameters unset: {unset}')
+    failed = True
+  unread = sorted(set(tracker.files) - tracker.read) if tracker else []
+  if unread:
+    print(f'warning: {len(unread)} keys of {args.file} were not read by timm: {unread}')
+
+  got = logits_of(model, x)
+  expected = np.load(args.expected)
+  print(f'model: {config["class"]} from {fixture.name}, '
+        f'overrides {args.model_args or "none"}; timm {timm.__version__}')
+  if got.shape != expected.shape:
+    print(f'FAIL: timm logits have shape {got.shape}, expected {expected.shape}')
+    return 1
+  diff = float(np.abs(got.astype(np.float64) - expected).max())
+  print(f'max abs diff: {diff:.3g} (atol {args.atol:g})')
+  failed = failed or not diff <= args.atol
+  print('FAIL' if failed else 'OK')
+  return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command')
+  gen = sub.add_parser('generate', help='write the fixtures (the default command)')
+  gen.add_argument('--out_dir', type=pathlib.Path, default=_FIXTURE_DIR)
+  for command, module_name, fixture, prefix_help in [
+      ('check-vit-npz', 'timm.models.vision_transformer', 'vit_tok',
+       'npz key prefix; default: auto-detected by timm ("", opt/target/, params/, params/img/)'),
+      ('check-bit-npz', 'timm.models.resnetv2', 'bit', 'npz key prefix; default: resnet/'),
+  ]:
+    check = sub.add_parser(command, help=f'load a .npz with {module_name}._load_weights')
+    check.set_defaults(module_name=module_name)
+    check.add_argument('file', type=pathlib.Path, help='the .npz checkpoint to load')
+    check.add_argument('expected', type=pathlib.Path, help='.npy logits for the fixture input')
+    check.add_argument('--fixture', default=fixture,
+                       help='fixture name in tests/fixtures/timm, or a path to one: its config '
+                            f'builds the model and its input is run (default {fixture})')
+    check.add_argument('--model_args', default=None,
+                       help='JSON object of constructor arguments overriding the config')
+    check.add_argument('--prefix', default=None, help=prefix_help)
+    check.add_argument('--atol', type=float, default=1e-4)
+  args = parser.parse_args(argv)
+
+  if args.command in (None, 'generate'):
+    generate(getattr(args, 'out_dir', _FIXTURE_DIR))
+    return 0
+  return check_npz(args.module_name, args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,206 @@
+"""Reading, writing and merging pretrained weights (imgcls.models.weights), without torch."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imgcls import models
+from imgcls.models import weights
+
+TINY_VIT = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)
+
+
+def _vit(num_classes=5, **kw):
+  return models.get_model('vit', num_classes=num_classes, **{**TINY_VIT, **kw})
+
+
+def _init(model, size=32, seed=0):
+  return model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+
+
+def _randomise(variables, seed=1):
+  """Every leaf random (the zero head and cls would hide mistakes in the key maps)."""
+  paths, tree = jax.tree_util.tree_flatten_with_path(variables)
+  keys = jax.random.split(jax.random.key(seed), len(paths))
+  out = []
+  for k, (path, x) in zip(keys, paths):
+    noise = 0.5 * jax.random.normal(k, x.shape, x.dtype)
+    is_var = jax.tree_util.keystr(path).endswith("['var']")
+    out.append(1.0 + jnp.abs(noise) if is_var else noise)  # BatchNorm variances stay positive
+  return jax.tree.unflatten(tree, out)
+
+
+def _logits(model, variables, size=32):
+  out = np.asarray(model.apply(variables, _images(size)))
+  assert np.all(np.isfinite(out)) and np.std(out) > 0
+  return out
+
+
+def _images(size=32, n=2):
+  return jax.random.normal(jax.random.key(7), (n, size, size, 3))
+
+
+@pytest.mark.parametrize('pool', ['tok', 'map'])  # 'gap': in test_parity
+def test_vit_npz_round_trip_gives_the_same_logits(tmp_path, pool):
+  model = _vit(pool=pool, representation_size=16)
+  variables = _randomise(_init(model))
+  path = tmp_path / 'vit.npz'
+  weights.export(variables, path, 'vit_npz')
+  keys = set(np.load(path).files)
+  assert 'Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel' in keys
+  assert 'pre_logits/kernel' in keys
+  loaded, report = weights.load_pretrained(path, _init(model, seed=3))
+  assert report.ok() and not report.reshaped and report.fmt == 'vit_npz'
+  np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
+
+
+def _as_big_vision(flat, scan):
+  """The vision_transformer-named flat dict renamed (and optionally scanned) as big_vision."""
+  out = {}
+  stacked = {}
+  for key, value in flat.items():
+    key = key.replace('Transformer/posembed_input/pos_embedding', 'pos_embedding')
+    key = re.sub(r'MultiHeadDotProductAttention_1', 'MultiHeadDotProductAttention_0', key)
+    key = re.sub(r'(encoderblock_\d+)/LayerNorm_2', r'\1/LayerNorm_1', key)
+    key = re.sub(r'MlpBlock_3', 'MlpBlock_0', key)
+    m = re.fullmatch(r'Transformer/encoderblock_(\d+)/(.*)', key)
+    if scan and m:
+      stacked.setdefault(m[2], {})[int(m[1])] = value
+    else:
+      out['params/' + key] = value
+  for rest, blocks in stacked.items():
+    out[f'params/Transformer/encoderblock/{rest}'] = np.stack([blocks[i]
+                                                               for i in sorted(blocks)])
+  return out
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_big_vision_names_prefix_and_scan_are_read(scan):
+  model = _vit(pool='map')
+  variables = _randomise(_init(model))
+  bv = _as_big_vision(weights.from_imgcls(variables, 'vit_npz'), scan)
+  assert weights.detect_format(bv) == 'vit_npz'
+  loaded, report = weights.load_pretrained(bv, _init(model, seed=3))
+  assert report.ok()
+  np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
+
+
+def test_new_class_count_and_resolution_reinit_head_and_resize_posemb(tmp_path):
+  src_model = _vit(num_classes=5)
+  src = _randomise(_init(src_model))
+  path = tmp_path / 'src.npz'
+  weights.export(src, path)
+  dst_model = _vit(num_classes=3)
+  template = _init(dst_model, size=48)  # 4x4 -> 6x6 patches
+  loaded, report = weights.load_pretrained(path, template)
+  assert sorted(r.split(':')[0] for r in report.reinitialised) == ['params/head/bias',
+                                                                  'params/head/kernel']
+  np.testing.assert_array_equal(loaded['params']['head']['kernel'], np.zeros((32, 3)))
+  assert report.resized == [f'{weights.POSEMB_KEY}: 17 -> 37 tokens (bilinear)']
+  pe = loaded['params']['Transformer']['posembed_input']['pos_embedding']
+  old = src['params']['Transformer']['posembed_input']['pos_embedding']
+  np.testing.assert_array_equal(pe[:, 0], old[:, 0])  # the class token's embedding is kept
+  # Bilinear resize keeps a linear ramp linear: check the method on a ramp grid.
+  ramp = np.arange(16, dtype=np.float32).reshape(1, 16, 1) * np.ones((1, 1, 4), np.float32)
+  resized = weights.resize_posemb(ramp, 0, (8, 8))
+  assert resized.shape == (1, 64, 4)
+  assert np.isclose(resized.min(), ramp.min(), atol=1.6) and resized.max() <= ramp.max() + 1e-5
+  bicubic = weights.resize_posemb(ramp, 0, (8, 8), 'bicubic')
+  assert not np.allclose(bicubic, resized)
+  out = dst_model.apply(loaded, _images(48))
+  assert out.shape == (2, 3) and np.all(out == 0)  # zero head: logits start at zero
+  s = str(report)
+  assert 'reinitialised (2)' in s and 'resized (1)' in s
+
+
+def test_strict_errors_name_the_keys_and_the_fix(tmp_path):
+  src = _randomise(_init(_vit(representation_size=16)))
+  path = tmp_path / 'src.npz'
+  weights.export(src, path)
+  template = _init(_vit())
+  with pytest.raises(weights.WeightsError, match=r'(?s)unused \(2\).*pre_logits/bias.*strict'
+                     r'=False'):
+    weights.load_pretrained(path, template)
+  # Without pre-logits the head sees another width: it does not fit, unless it is skipped too.
+  with pytest.raises(weights.WeightsError, match=r'(?s)mismatched \(1\).*head/kernel'):
+    weights.load_pretrained(path, template, ignore=['pre_logits/'])
+  loaded, report = weights.load_pretrained(path, template, ignore=['pre_logits/', 'head/'])
+  assert report.ok() and len(report.ignored) == 4 and not report.missing
+  wider = _init(_vit(width=48, num_heads=2))
+  with pytest.raises(weights.WeightsError, match=r'mismatched'):
+    weights.load_pretrained(path, wider, ignore=['pre_logits'])
+  deeper = _init(_vit(depth=3))
+  skip = ['pre_logits', 'head']
+  with pytest.raises(weights.WeightsError, match=r'(?s)missing .*encoderblock_2'):
+    weights.load_pretrained(path, deeper, ignore=skip)
+  loose, report = weights.load_pretrained(path, deeper, ignore=skip, strict=False)
+  assert report.missing and all('encoderblock_2' in k for k in report.missing)
+  np.testing.assert_array_equal(
+      loose['params']['Transformer']['encoderblock_2']['LayerNorm_0']['scale'],
+      deeper['params']['Transformer']['encoderblock_2']['LayerNorm_0']['scale'])
+
+
+def test_timm_vit_round_trip_reshapes_fused_attention():
+  model = _vit(pool='tok')
+  variables = _randomise(_init(model))
+  sd = weights.from_imgcls(variables, 'timm_vit')
+  assert sd['blocks.0.attn.qkv.weight'].shape == (96, 32)
+  assert weights.detect_format(sd) == 'timm_vit'
+  loaded, report = weights.load_pretrained(sd, _init(model, seed=3))
+  assert report.ok() and any('query/kernel' in r for r in report.reshaped)
+  np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
+  again = weights.from_imgcls(loaded, 'timm_vit')
+  assert set(again) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(again[k], sd[k])
+
+
+def test_timm_resnet_round_trip_includes_batch_stats():
+  model = models.get_model('resnet10', num_classes=4, width=8)
+  variables = _randomise(_init(model))
+  sd = weights.from_imgcls(variables, 'timm_resnet')
+  assert sd['conv1.weight'].shape == (8, 3, 7, 7)
+  assert sd['layer2.0.downsample.0.weight'].shape == (16, 8, 1, 1)
+  assert {'bn1.running_mean', 'bn1.running_var', 'fc.weight'} <= set(sd)
+  sd['bn1.num_batches_tracked'] = np.array(7)
+  loaded, report = weights.load_pretrained(sd, _init(model, seed=3))
+  assert report.ok() and report.fmt == 'timm_resnet'
+  np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
+
+
+def test_files_read_npz_and_safetensors_and_bad_files_fail_clearly(tmp_path):
+  from safetensors.numpy import save_file
+  arrays = {'a.weight': np.ones((2, 3), np.float32)}
+  save_file(arrays, str(tmp_path / 'w.safetensors'))
+  np.testing.assert_array_equal(weights.read_file(tmp_path / 'w.safetensors')['a.weight'],
+                                arrays['a.weight'])
+  weights.write_npz(tmp_path / 'w.npz', arrays)
+  assert list(weights.read_file(tmp_path / 'w.npz')) == ['a.weight']
+  assert not list(tmp_path.glob('.*tmp'))
+  with pytest.raises(weights.WeightsError, match='No such weights file'):
+    weights.read_file(tmp_path / 'nope.npz')
+  (tmp_path / 'w.ckpt').write_bytes(b'x')
+  with pytest.raises(weights.WeightsError, match=r'expected \.npz'):
+    weights.read_file(tmp_path / 'w.ckpt')
+  with pytest.raises(weights.WeightsError, match='Cannot tell the format'):
+    weights.detect_format(arrays)
+  with pytest.raises(weights.WeightsError, match='Unknown weights format'):
+    weights.to_imgcls(arrays, 'onnx')
+
+
+def test_reset_head_and_features_for_every_family():
+  for name, kw in (('vit', TINY_VIT), ('resnet10', {'width': 8})):
+    model = models.get_model(name, num_classes=5, **kw)
+    variables = _randomise(_init(model))
+    feats = weights.features(model, variables, _images())
+    assert feats.shape[0] == 2 and feats.dtype == jnp.float32
+    fresh = weights.reset_head(variables, 11)
+    logits = models.get_model(name, num_classes=11, **kw).apply(fresh, _images())
+    assert logits.shape == (2, 11) and np.all(logits == 0)
+    np.testing.assert_array_equal(
+        weights.features(models.get_model(name, num_classes=11, **kw), fresh, _images()), feats)
