@@ -110,6 +110,12 @@ class Checkpointer:
     self.manager.close()
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds a saved step (without creating anything)."""
+  directory = checkpoint_dir(workdir)
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def read_workdir_config(workdir: str) -> dict[str, Any] | None:
   """The config.json a previous run left in the workdir, if any."""
   path = absolute(workdir) / 'config.json'

@@ -38,6 +38,15 @@ def defaults() -> ml_collections.ConfigDict:
   # Model: `name` from the registry (`imgcls.models.list_models()`), the other keys
   # are that model's constructor arguments. num_classes comes from dataset.num_classes.
   c.model = ml_collections.ConfigDict({'name': 'resnet18'})
+  # Start from pretrained weights (a new run only; a workdir with checkpoints resumes):
+  # an official ViT/BiT .npz or a timm/torchvision state dict (.safetensors, .npz, .pth).
+  # The merge report goes to the log and WORKDIR/model_init_report.json.
+  c.model_init = ''
+  c.model_load = ml_collections.ConfigDict()
+  c.model_load.format = ''  # '' guesses; vit_npz | bit_npz | timm_vit | timm_resnet | timm_bit
+  c.model_load.ignore = ''  # regexes (comma-separated) of parameters to keep from the fresh init
+  c.model_load.posemb_resize = 'bilinear'  # bilinear | bicubic, when the patch grid differs
+  c.model_load.strict = True  # missing or unused parameters are an error
 
   # Optimisation (built in imgcls/optim.py).
   c.batch_size = 128  # global, over all devices of all processes
@@ -142,6 +151,13 @@ def _check_values(cfg, errors: list[str]) -> None:
         errors.append(
             f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
             f" Valid keys: {', '.join(sorted(allowed))}.")
+  from imgcls.models import weights  # pylint: disable=g-import-not-at-top
+  if cfg.model_load.format and cfg.model_load.format not in weights.FORMATS:
+    errors.append(f"model_load.format must be one of {', '.join(weights.FORMATS)} or '' "
+                  f"(guess), got {cfg.model_load.format!r}.")
+  if cfg.model_load.posemb_resize not in ('bilinear', 'bicubic'):
+    errors.append("model_load.posemb_resize must be 'bilinear' or 'bicubic', got "
+                  f'{cfg.model_load.posemb_resize!r}.')
   for key in ('pp_train', 'pp_eval'):
     try:
       preprocess.get_pp_fn(cfg[key])

@@ -20,6 +20,7 @@ import numpy as np
 
 from imgcls import checkpoints, config as config_lib, data, evaluate, models, optim
 from imgcls import parallel, step as step_lib, writers
+from imgcls.models import weights
 
 
 def build_model(config: ml_collections.ConfigDict, **overrides: Any):
@@ -42,6 +43,31 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh):
                              input_shape=tuple(image_shape))
   return jax.jit(create, out_shardings=parallel.replicated(mesh))(
       jax.random.PRNGKey(seed))
+
+
+def load_model_init(config: ml_collections.ConfigDict, state, mesh):
+  """The state with params (and BatchNorm statistics) from config.model_init, and the report.
+
+  The head keeps its zero init when the class count differs and the position embedding is
+  resized to the model's patch grid (imgcls.models.weights). Nothing is written here.
+  """
+  load = config.model_load
+  template = {'params': state.params}
+  if state.batch_stats:
+    template['batch_stats'] = state.batch_stats
+  try:
+    variables, report = weights.load_pretrained(
+        config.model_init, parallel.to_host(template), fmt=load.format or None,
+        strict=load.strict, ignore=[p for p in load.ignore.split(',') if p],
+        posemb_resize=load.posemb_resize)
+  except weights.WeightsError as e:
+    raise checkpoints.CheckpointError(
+        f'model_init {config.model_init}: {e}\nSet model_load.ignore / model_load.strict in '
+        'the config to adapt.') from e
+  logging.info('model_init: %s', report)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  return state.replace(params=variables['params'],
+                       batch_stats=variables.get('batch_stats', state.batch_stats)), report
 
 
 def eval_input(config: ml_collections.ConfigDict, split: str, data_dir: str | None = None):
@@ -88,6 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config, total_steps)
   state = init_state(model, tx, config.seed, image_shape, mesh)
+  init_report = None
+  if config.model_init and not checkpoints.has_checkpoints(workdir):  # before any write
+    state, init_report = load_model_init(config, state, mesh)
   parameter_overview.log_parameter_overview(state.params)
 
   # ------------------------------------------------------------------ steps
@@ -105,6 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start:
     state = ckpt.restore(start, state)
     logging.info('resumed from the checkpoint at step %d', start)
+  elif init_report is not None and jax.process_index() == 0:
+    (checkpoints.absolute(workdir) / 'model_init_report.json').write_text(
+        json.dumps(init_report.to_dict(), indent=2))
   meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': label_names(builder)}
   writer, jsonl = writers.create(workdir)
   if jsonl is not None:

@@ -130,3 +130,23 @@ def test_to_rgb_static_and_dynamic_channels():
   ds = ds.map(get_pp_fn('decode|to_rgb|value_range(0, 1)'))
   assert ds.element_spec['image'].shape.as_list() == [None, None, 3]
   assert next(iter(ds))['image'].shape == (20, 24, 3)
+
+
+def test_inception_crop_shapes_determinism_and_area():
+  image = _image(60, 80, 3)
+  a = _run('inception_crop(32)', image, seed=(3, 4))['image']
+  b = _run('inception_crop(32)', image, seed=(3, 4))['image']
+  c = _run('inception_crop(32)', image, seed=(5, 6))['image']
+  assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  areas, ratios = [], []
+  for i in range(40):  # without a size, the window itself is returned
+    crop = _run('inception_crop(area_min=30, area_max=60, ratio_min=0.5, ratio_max=2)', image,
+                seed=(i, 1))['image']
+    areas.append(crop.shape[0] * crop.shape[1] / (60 * 80))
+    ratios.append(crop.shape[1] / crop.shape[0])
+  assert 0.25 <= min(areas) and max(areas) <= 0.65  # 30-60 % up to integer rounding
+  assert 0.45 <= min(ratios) and max(ratios) <= 2.2
+  with pytest.raises(DataError, match='area_min'):
+    get_pp_fn('inception_crop(32, area_min=0)')

@@ -80,3 +80,41 @@ def test_training_learns(data_dir, tiny_config, tmp_path):
   # Chance is 0.25; seen here: train top-1 0.43 -> 0.65 -> 0.88, eval 0.59.
   assert train_top1[-1] > 0.7 and train_top1[-1] > train_top1[0]
   assert result['top1'] > 0.45
+
+
+def test_model_init_loads_pretrained_weights_into_a_new_run(data_dir, tiny_config, tmp_path):
+  import orbax.checkpoint as ocp
+  from imgcls import models
+  from imgcls.models import weights
+
+  # "Pretrained" weights: a 7-class resnet10 of the same width, in torchvision's naming.
+  src_model = models.get_model('resnet10', num_classes=7, width=8, stem='small')
+  src = src_model.init(jax.random.key(42), np.zeros((1, 16, 16, 1), np.float32))
+  path = tmp_path / 'pretrained.npz'
+  weights.export(src, path, 'timm_resnet')
+
+  bad = tiny_config(data_dir)
+  bad.model_init = str(tmp_path / 'missing.npz')
+  with pytest.raises(checkpoints.CheckpointError, match='No such weights file'):
+    train.train_and_evaluate(bad, str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad').exists()  # nothing written for a bad start
+
+  config = tiny_config(data_dir)
+  config.model_init = str(path)
+  config.total_steps = 1
+  config.lr.base = 0.0  # the step leaves the weights as loaded
+  workdir = tmp_path / 'ft'
+  train.train_and_evaluate(config, str(workdir))
+  report = json.loads((workdir / 'model_init_report.json').read_text())
+  assert report['fmt'] == 'timm_resnet' and not report['missing'] and not report['unused']
+  assert sorted(r.split(':')[0] for r in report['reinitialised']) == ['params/head/bias',
+                                                                      'params/head/kernel']
+  ckpt = checkpoints.Checkpointer(str(workdir), read_only=True)
+  saved = ckpt.manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  params = saved['state']['params']
+  np.testing.assert_array_equal(params['conv_init']['kernel'],
+                                src['params']['conv_init']['kernel'])
+  np.testing.assert_array_equal(params['stage4_block1']['conv2']['kernel'],
+                                src['params']['stage4_block1']['conv2']['kernel'])
+  np.testing.assert_array_equal(params['head']['kernel'], np.zeros((64, 4)))
+  ckpt.close()

@@ -183,6 +183,34 @@ def get_random_crop(size, pad: int = 0, mode: str = 'constant', key: str = 'imag
   return _on_image(random_crop, key, random=True)
 
 
+@register('inception_crop')
+def get_inception_crop(size=None, area_min: float = 5.0, area_max: float = 100.0,
+                       ratio_min: float = 3 / 4, ratio_max: float = 4 / 3,
+                       method: str = 'bilinear', antialias: bool = False,
+                       key: str = 'image') -> Op:
+  """Random resized crop (Inception / timm's RandomResizedCrop): a window of area_min..area_max
+  percent of the image and aspect ratio ratio_min..ratio_max, resized to `size` (None: no resize).
+
+  tf.image.stateless_sample_distorted_bounding_box draws the window (ten tries, then the whole
+  image), as big_vision and the official ViT/BiT input pipelines do.
+  """
+  hw = _hw(size) if size is not None else None
+  if not 0 < area_min <= area_max <= 100:
+    raise ValueError(f'need 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}')
+  if not 0 < ratio_min <= ratio_max:
+    raise ValueError(f'need 0 < ratio_min <= ratio_max, got {ratio_min}, {ratio_max}')
+  _check_method(method)
+
+  def inception_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        area_range=(area_min / 100, area_max / 100), aspect_ratio_range=(ratio_min, ratio_max),
+        min_object_covered=0, use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, crop_size)
+    return _resize(crop, hw, method, antialias) if hw else crop
+  return _on_image(inception_crop, key, random=True)
+
+
 @register('flip_lr')
 def get_flip_lr(key: str = 'image') -> Op:
   """Flips left-right with probability 1/2."""

@@ -560,7 +560,7 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
   """Puts `converted` (imgcls-named) into a copy of `template` (initialised variables).
 
   - keys matching an `ignore` regex (re.search on 'params/...' names) keep the template's value;
-  - the head keeps its fresh (zero) init when the class count differs;
+  - the head is zeroed (a fresh zero init) when the class count differs;
   - the position embedding is resized when the patch grid differs;
   - an array of the right size but another shape (fused timm attention, BiT's 1x1-conv head)
     is reshaped and reported.
@@ -583,6 +583,7 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
       pass
     elif key.startswith(HEAD_PREFIX) and value.shape[-1] != want.shape[-1]:
       report.reinitialised.append(f'{key}: checkpoint {value.shape}, model {tuple(want.shape)}')
+      out[key] = jnp.zeros(want.shape, want.dtype)  # logits start at zero, as BiT and ViT do
       continue
     elif key == POSEMB_KEY and value.shape[-1] == want.shape[-1]:
       prefix = 1 if 'params/cls' in flat_template else 0
