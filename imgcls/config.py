@@ -60,6 +60,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
+  # Fine-tuning rules on parameter paths ('Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel',
+  # 'stage1_block1/conv1/kernel'; regexes use re.search): frozen parameters get no update and no
+  # optimizer state; ('regex', multiplier) pairs scale the lr or weight decay, first match wins;
+  # layer_decay (ViT, e.g. 0.75) scales block i's lr by layer_decay ** (depth - i).
+  c.optimizer.freeze = ()
+  c.optimizer.lr_mults = ()
+  c.optimizer.wd_mults = ()
+  c.optimizer.layer_decay = 0.0
   c.lr = ml_collections.ConfigDict()
   c.lr.base = 0.1
   c.lr.schedule = 'warmup_cosine'  # warmup_cosine | warmup_linear | constant
@@ -131,6 +139,9 @@ def _check_values(cfg, errors: list[str]) -> None:
       errors.append(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
   if cfg.optimizer.name not in ('sgd', 'adamw'):
     errors.append(f"optimizer.name must be 'sgd' or 'adamw', got {cfg.optimizer.name!r}.")
+  if not 0.0 <= cfg.optimizer.layer_decay <= 1.0:
+    errors.append(f'optimizer.layer_decay must be in [0, 1] (0: off), got '
+                  f'{cfg.optimizer.layer_decay}.')
   if cfg.lr.schedule not in ('warmup_cosine', 'warmup_linear', 'constant'):
     errors.append(
         f"lr.schedule must be warmup_cosine, warmup_linear or constant, got {cfg.lr.schedule!r}.")

@@ -10,12 +10,15 @@ Weight decay is scaled by the learning rate in both optimizers:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from imgcls.config import ConfigError
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('warmup_cosine', 'warmup_linear', 'constant')
@@ -58,30 +61,165 @@ def make_schedule(lr: ml_collections.ConfigDict, total_steps: int) -> optax.Sche
   return schedule
 
 
+def param_path(path: tuple[Any, ...]) -> str:
+  """A tree path as 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def _compile(patterns: Any, key: str) -> list[re.Pattern]:
+  try:
+    return [re.compile(p) for p in patterns]
+  except re.error as e:
+    raise ConfigError(f'{key}: bad regex ({e}).') from e
+
+
+def _pairs(rules: Any, key: str) -> list[tuple[re.Pattern, float]]:
+  """((regex, multiplier), ...) from the config, checked."""
+  out = []
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2
+            and isinstance(rule[1], (int, float))):
+      raise ConfigError(f"{key} entries must be ('regex', multiplier) pairs, got {rule!r}.")
+    out.append((_compile([rule[0]], key)[0], float(rule[1])))
+  return out
+
+
+def vit_layer_id(path: str, depth: int) -> int:
+  """0 for the patch/position embeddings and class token, i + 1 for encoder block i,
+  depth + 1 for everything after the encoder (final norm, pooling head, pre-logits, head)."""
+  m = re.search(r'encoderblock_(\d+)/', path)
+  if m:
+    return int(m[1]) + 1
+  if re.match(r'(embedding|cls|Transformer/posembed_input)(/|$)', path):
+    return 0
+  return depth + 1
+
+
+class Rules:
+  """The fine-tuning rules of config.optimizer, evaluated on parameter paths.
+
+  freeze: regexes (re.search on 'Transformer/encoderblock_0/.../kernel') of parameters that are
+    not trained: they get no update and no optimizer state.
+  lr_mults / wd_mults: ('regex', multiplier) pairs; the first match wins, the rest get 1.
+  layer_decay: for ViTs, block i's lr is scaled by layer_decay ** (depth - i), the embeddings by
+    layer_decay ** (depth + 1), what follows the encoder not at all (BEiT-style fine-tuning).
+  """
+
+  def __init__(self, opt: ml_collections.ConfigDict):
+    self.freeze = _compile(opt.get('freeze', ()), 'optimizer.freeze')
+    self.lr = _pairs(opt.get('lr_mults', ()), 'optimizer.lr_mults')
+    self.wd = _pairs(opt.get('wd_mults', ()), 'optimizer.wd_mults')
+    self.layer_decay = float(opt.get('layer_decay', 0.0) or 0.0)
+
+  def check(self, params: Any) -> None:
+    """Raises ConfigError for a regex that matches no parameter (a typo must not be silent)."""
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    named = (('optimizer.freeze', self.freeze), ('optimizer.lr_mults', [r for r, _ in self.lr]),
+             ('optimizer.wd_mults', [r for r, _ in self.wd]))
+    for key, patterns in named:
+      for pat in patterns:
+        if not any(pat.search(p) for p in paths):
+          raise ConfigError(f'{key}: {pat.pattern!r} matches no parameter. Parameter paths look '
+                            f'like {paths[0]!r} and {paths[-1]!r}.')
+    if self.layer_decay and not _depth(paths):
+      raise ConfigError('optimizer.layer_decay needs a ViT (parameters under encoderblock_i).')
+    if all(self.frozen(p) for p in paths):
+      raise ConfigError('optimizer.freeze matches every parameter: nothing would train.')
+
+  def frozen(self, path: str) -> bool:
+    return any(f.search(path) for f in self.freeze)
+
+  def labels(self, params: Any) -> Any:
+    return _map_paths(lambda p: 'frozen' if self.frozen(p) else 'train', params)
+
+  def lr_mults(self, params: Any) -> Any:
+    depth = _depth([param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)])
+
+    def mult(path):
+      m = _first(self.lr, path)
+      if self.layer_decay:
+        m *= self.layer_decay ** (depth + 1 - vit_layer_id(path, depth))
+      return m
+    return _map_paths(mult, params)
+
+  def wd_mults(self, params: Any) -> Any:
+    return _map_paths(lambda p: _first(self.wd, p), params)
+
+  @property
+  def scales_lr(self) -> bool:
+    return bool(self.lr or self.layer_decay)
+
+
+def _first(rules: list[tuple[re.Pattern, float]], path: str) -> float:
+  return next((mult for pat, mult in rules if pat.search(path)), 1.0)
+
+
+def _depth(paths: list[str]) -> int:
+  ids = [int(m[1]) for p in paths if (m := re.search(r'encoderblock_(\d+)/', p))]
+  return max(ids) + 1 if ids else 0
+
+
+def _map_paths(fn, tree: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda p, _: fn(param_path(p)), tree)
+
+
+def _scale_by_param(mults_fn) -> optax.GradientTransformation:
+  """Multiplies each update by its own constant, mults_fn(params) (optax scales globally only)."""
+  def update(updates, state, params=None):
+    return jax.tree.map(lambda u, m: u * m, updates, mults_fn(params)), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _decay_by_param(rates_fn) -> optax.GradientTransformation:
+  """updates + rate * params with a rate per parameter, rates_fn(params) (0: not decayed)."""
+  def update(updates, state, params):
+    rates = rates_fn(params)
+    return jax.tree.map(lambda u, r, p: u + r * p if r else u, updates, rates, params), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Builds (clip -> optimizer with weight decay) and returns it with its lr schedule."""
+  """Builds [clip -> sgd | adamw with weight decay -> lr multipliers] and its lr schedule.
+
+  Frozen parameters (optimizer.freeze) go through optax.multi_transform to set_to_zero: no
+  update, no optimizer state, and they do not count in the clipping norm. Per-parameter
+  multipliers are computed from the parameter paths when the optimizer state is created.
+  """
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise ValueError(f'Unknown optimizer.name {opt.name!r}; expected one of {OPTIMIZERS}.')
   mask_name = config.get('weight_decay_mask', 'no_bias_norm')
   if mask_name not in DECAY_MASKS:
     raise ValueError(f'Unknown weight_decay_mask {mask_name!r}; expected one of {DECAY_MASKS}.')
-  mask = decay_mask if mask_name == 'no_bias_norm' else None
   wd = float(config.get('weight_decay', 0.0) or 0.0)
   schedule = make_schedule(config.lr, total_steps)
+  rules = Rules(opt)
+
+  def rates(params):
+    decayed = decay_mask(params) if mask_name == 'no_bias_norm' else jax.tree.map(
+        lambda _: True, params)
+    return jax.tree.map(lambda d, m: wd * m if d else 0.0, decayed, rules.wd_mults(params))
 
   parts = []
   clip = config.get('grad_clip_norm', None)
   if clip:
     parts.append(optax.clip_by_global_norm(float(clip)))
-  if opt.name == 'sgd':
-    if wd:
-      parts.append(optax.add_decayed_weights(wd, mask=mask))
+  if opt.name == 'sgd':  # L2 into the gradient, then momentum: torch.optim.SGD
     momentum = float(opt.get('momentum', 0.9))
-    parts.append(optax.sgd(schedule, momentum=momentum or None,
-                           nesterov=bool(opt.get('nesterov', True)) and momentum > 0))
-  else:
-    parts.append(optax.adamw(schedule, b1=float(opt.get('b1', 0.9)), b2=float(opt.get('b2', 0.999)),
-                             eps=float(opt.get('eps', 1e-8)), weight_decay=wd, mask=mask))
-  return optax.chain(*parts), schedule
+    if wd:
+      parts.append(_decay_by_param(rates))
+    if momentum:
+      parts.append(optax.trace(decay=momentum, nesterov=bool(opt.get('nesterov', True))))
+  else:  # Adam, then decoupled decay scaled by the lr: torch.optim.AdamW / optax.adamw
+    parts.append(optax.scale_by_adam(b1=float(opt.get('b1', 0.9)), b2=float(opt.get('b2', 0.999)),
+                                     eps=float(opt.get('eps', 1e-8))))
+    if wd:
+      parts.append(_decay_by_param(rates))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  if rules.scales_lr:
+    parts.append(_scale_by_param(rules.lr_mults))
+  tx = optax.chain(*parts)
+  if rules.freeze:
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, rules.labels)
+  return tx, schedule

@@ -113,7 +113,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------- model and optimizer
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config, total_steps)
+  rules = optim.Rules(config.optimizer)
+  rules.check(jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(
+      (1, *image_shape), np.float32)))['params'])
   state = init_state(model, tx, config.seed, image_shape, mesh)
+  if rules.freeze:
+    frozen = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+                 if rules.frozen(optim.param_path(p)))
+    logging.info('optimizer.freeze: %d of %d parameters frozen', frozen,
+                 sum(x.size for x in jax.tree.leaves(state.params)))
   init_report = None
   if config.model_init and not checkpoints.has_checkpoints(workdir):  # before any write
     state, init_report = load_model_init(config, state, mesh)

@@ -145,3 +145,95 @@ def test_decay_mask_spares_vit_biases_and_embeddings():
   assert mask['embedding']['kernel'] and attn['kernel'] and mask['head']['kernel']
   assert not (attn['bias'] or mask['cls'] or mask['embedding']['bias'] or mask['head']['bias']
               or mask['Transformer']['posembed_input']['pos_embedding'])
+
+
+def _tiny_vit_params(depth=2):
+  model = models.get_model('vit', num_classes=3, width=16, depth=depth, mlp_dim=32, num_heads=2,
+                           patch_size=4)
+  return model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+
+
+def _ones_like(tree):
+  return jax.tree.map(jnp.ones_like, tree)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_frozen_parameters_are_not_updated_and_have_no_state(name):
+  params = _tiny_vit_params()
+  cfg = _config(**{'optimizer.name': name, 'weight_decay': 0.1, 'lr.warmup_steps': 0,
+                   'grad_clip_norm': 1.0})
+  cfg.optimizer.freeze = (r'^embedding/', r'encoderblock_0/')
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  state = tx.init(params)
+  updates, _ = tx.update(_ones_like(params), state, params)
+  new = optax.apply_updates(params, updates)
+  flat_old = {optim.param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  flat_new = {optim.param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(new)}
+  for path, old in flat_old.items():
+    frozen = path.startswith('embedding/') or 'encoderblock_0/' in path
+    assert np.array_equal(flat_new[path], old) == frozen, path
+  # Optimizer state only for the trainable parameters (SGD: momentum; Adam: mu and nu).
+  trainable = sum(x.size for p, x in flat_old.items()
+                  if not (p.startswith('embedding/') or 'encoderblock_0/' in p))
+  stored = sum(x.size for x in jax.tree.leaves(state) if jnp.ndim(x) > 0)
+  assert stored == trainable * (1 if name == 'sgd' else 2)
+
+
+def test_lr_and_wd_multipliers_and_vit_layer_decay():
+  params = _tiny_vit_params(depth=2)
+  cfg = _config(**{'optimizer.momentum': 0.0, 'lr.warmup_steps': 0, 'lr.schedule': 'constant',
+                   'weight_decay': 0.0})
+  plain, _ = optim.make_optimizer(cfg, total_steps=10)
+  grads = _ones_like(params)
+  base = plain.update(grads, plain.init(params), params)[0]
+  cfg.optimizer.lr_mults = (('^head/', 10.0),)
+  cfg.optimizer.layer_decay = 0.5
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  scaled = tx.update(grads, tx.init(params), params)[0]
+  ratio = lambda *keys: float(_get(scaled, keys).ravel()[0] / _get(base, keys).ravel()[0])  # noqa
+  assert ratio('head', 'kernel') == pytest.approx(10.0)  # after the encoder: decay ** 0
+  assert ratio('Transformer', 'encoder_norm', 'scale') == pytest.approx(1.0)
+  assert ratio('Transformer', 'encoderblock_1', 'LayerNorm_0', 'scale') == pytest.approx(0.5)
+  assert ratio('Transformer', 'encoderblock_0', 'LayerNorm_0', 'scale') == pytest.approx(0.25)
+  assert ratio('embedding', 'kernel') == pytest.approx(0.125)
+  assert ratio('cls') == pytest.approx(0.125)
+  # wd_mults: no decay on the head kernel, double on the first block's MLP.
+  cfg = _config(**{'optimizer.momentum': 0.0, 'lr.warmup_steps': 0, 'lr.schedule': 'constant',
+                   'weight_decay': 0.5})
+  cfg.optimizer.wd_mults = (('^head/', 0.0), ('encoderblock_0/MlpBlock', 2.0))
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  upd = tx.update(zero, tx.init(params), params)[0]
+  assert np.all(upd['head']['kernel'] == 0)
+  mlp = ('Transformer', 'encoderblock_0', 'MlpBlock_3', 'Dense_0', 'kernel')
+  blk1 = ('Transformer', 'encoderblock_1', 'MlpBlock_3', 'Dense_0', 'kernel')
+  np.testing.assert_allclose(_get(upd, mlp), -0.1 * 0.5 * 2.0 * _get(params, mlp), rtol=1e-6)
+  np.testing.assert_allclose(_get(upd, blk1), -0.1 * 0.5 * _get(params, blk1), rtol=1e-6)
+
+
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def test_rules_that_match_nothing_are_config_errors():
+  from imgcls.config import ConfigError
+  params = _tiny_vit_params()
+  opt = _config().optimizer
+  opt.freeze = ('encoderblok_0',)  # typo
+  with pytest.raises(ConfigError, match="'encoderblok_0' matches no parameter"):
+    optim.Rules(opt).check(params)
+  opt.freeze = ('.',)
+  with pytest.raises(ConfigError, match='every parameter'):
+    optim.Rules(opt).check(params)
+  opt.freeze = ()
+  opt.lr_mults = (('head', 'ten'),)
+  with pytest.raises(ConfigError, match='pairs'):
+    optim.Rules(opt)
+  opt.lr_mults = ()
+  opt.layer_decay = 0.75
+  resnet = models.get_model('resnet10', num_classes=2, width=4).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+  with pytest.raises(ConfigError, match='needs a ViT'):
+    optim.Rules(opt).check(resnet)
