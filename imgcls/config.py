@@ -32,6 +32,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.dataset.shuffle_buffer = 50_000
   c.dataset.cache = True  # cache encoded records in memory (small datasets)
   c.dataset.prepare = True  # prepare/download the dataset when it is missing
+  # Your own images: name = 'folder:/path/to/root' with root/{train,val,test}/CLASS/* or
+  # root/CLASS/* split by folder_split (stratified, seeded). See imgcls/data/folder.py.
+  c.dataset.folder_split = 'train=0.8,validation=0.1,test=0.1'
+  c.dataset.folder_seed = 0
+  c.dataset.skip_corrupt = False  # leave out (and count) files that are not readable images
   c.pp_train = 'decode|value_range(-1, 1)|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
 
@@ -39,7 +44,8 @@ def defaults() -> ml_collections.ConfigDict:
   # are that model's constructor arguments. num_classes comes from dataset.num_classes.
   c.model = ml_collections.ConfigDict({'name': 'resnet18'})
   # Start from pretrained weights (a new run only; a workdir with checkpoints resumes):
-  # an official ViT/BiT .npz or a timm/torchvision state dict (.safetensors, .npz, .pth).
+  # an official ViT/BiT .npz, a timm/torchvision state dict (.safetensors, .npz, .pth), or
+  # another run's workdir or Orbax checkpoint folder (its best step).
   # The merge report goes to the log and WORKDIR/model_init_report.json.
   c.model_init = ''
   c.model_load = ml_collections.ConfigDict()
@@ -70,7 +76,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer.layer_decay = 0.0
   c.lr = ml_collections.ConfigDict()
   c.lr.base = 0.1
-  c.lr.schedule = 'warmup_cosine'  # warmup_cosine | warmup_linear | constant
+  c.lr.schedule = 'warmup_cosine'  # warmup_cosine | warmup_linear | warmup_step | constant
+  c.lr.decay_boundaries = (0.3, 0.6, 0.9)  # warmup_step: fractions of the post-warmup steps
+  c.lr.decay_factor = 0.1  # warmup_step: multiplier at each boundary
   c.lr.warmup_steps = 500
   c.lr.end_factor = 0.0
   c.weight_decay = 5e-4
@@ -142,9 +150,9 @@ def _check_values(cfg, errors: list[str]) -> None:
   if not 0.0 <= cfg.optimizer.layer_decay <= 1.0:
     errors.append(f'optimizer.layer_decay must be in [0, 1] (0: off), got '
                   f'{cfg.optimizer.layer_decay}.')
-  if cfg.lr.schedule not in ('warmup_cosine', 'warmup_linear', 'constant'):
-    errors.append(
-        f"lr.schedule must be warmup_cosine, warmup_linear or constant, got {cfg.lr.schedule!r}.")
+  if cfg.lr.schedule not in ('warmup_cosine', 'warmup_linear', 'warmup_step', 'constant'):
+    errors.append(f'lr.schedule must be warmup_cosine, warmup_linear, warmup_step or constant, '
+                  f'got {cfg.lr.schedule!r}.')
   if cfg.weight_decay_mask not in ('no_bias_norm', 'all'):
     errors.append(f"weight_decay_mask must be 'no_bias_norm' or 'all', got {cfg.weight_decay_mask!r}.")
   if not 0.0 <= cfg.label_smoothing < 1.0:

@@ -21,7 +21,7 @@ import optax
 from imgcls.config import ConfigError
 
 OPTIMIZERS = ('sgd', 'adamw')
-SCHEDULES = ('warmup_cosine', 'warmup_linear', 'constant')
+SCHEDULES = ('warmup_cosine', 'warmup_linear', 'warmup_step', 'constant')
 DECAY_MASKS = ('no_bias_norm', 'all')
 
 
@@ -37,7 +37,11 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_schedule(lr: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 over lr.warmup_steps, then cosine, linear-to-0 or constant."""
+  """Linear warmup from 0 over lr.warmup_steps, then cosine, linear-to-0, steps or constant.
+
+  warmup_step multiplies by lr.decay_factor at each of lr.decay_boundaries (fractions of the
+  steps after warmup), as BiT-HyperRule's 0.1x at 30%, 60% and 90%.
+  """
   if lr.schedule not in SCHEDULES:
     raise ValueError(f'Unknown lr.schedule {lr.schedule!r}; expected one of {SCHEDULES}.')
   base, warmup = float(lr.base), int(lr.get('warmup_steps', 0))
@@ -54,6 +58,9 @@ def make_schedule(lr: ml_collections.ConfigDict, total_steps: int) -> optax.Sche
       decay = end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(math.pi * t))
     elif lr.schedule == 'warmup_linear':
       decay = 1.0 - t
+    elif lr.schedule == 'warmup_step':  # x decay_factor at each boundary (BiT-HyperRule)
+      crossed = sum(jnp.where(t >= b, 1.0, 0.0) for b in lr.get('decay_boundaries', ()))
+      decay = float(lr.get('decay_factor', 0.1)) ** crossed
     else:
       decay = 1.0
     return jnp.asarray(base * ramp * decay, jnp.float32)

@@ -73,14 +73,17 @@ def load_model_init(config: ml_collections.ConfigDict, state, mesh):
 def eval_input(config: ml_collections.ConfigDict, split: str, data_dir: str | None = None):
   """The dataset's builder, its exact eval pipeline on `split`, and the image shape."""
   ds = config.dataset
-  builder = data.get_builder(ds.name, data_dir or ds.data_dir, prepare=ds.prepare)
+  builder = data.get_builder(ds.name, data_dir or ds.data_dir, prepare=ds.prepare,
+                             num_classes=ds.num_classes, skip_corrupt=ds.skip_corrupt,
+                             folder_split=ds.folder_split, folder_seed=ds.folder_seed)
   eval_ds = data.eval_data(builder, split=split, pp=config.pp_eval,
                            global_batch_size=config.eval_batch_size)
   return builder, eval_ds, next(iter(eval_ds))['image'].shape[1:]
 
 
 def label_names(builder) -> list[str] | None:
-  feature = builder.info.features.get('label') if hasattr(builder.info.features, 'get') else None
+  features = builder.info.features
+  feature = features['label'] if 'label' in features else None
   return list(getattr(feature, 'names', []) or []) or None
 
 

@@ -237,3 +237,12 @@ def test_rules_that_match_nothing_are_config_errors():
       jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
   with pytest.raises(ConfigError, match='needs a ViT'):
     optim.Rules(opt).check(resnet)
+
+
+def test_warmup_step_schedule_is_bit_hyperrule():
+  cfg = _config(**{'lr.schedule': 'warmup_step', 'lr.warmup_steps': 10})
+  cfg.lr.decay_boundaries = (0.3, 0.6, 0.9)
+  cfg.lr.decay_factor = 0.1
+  _, sched = optim.make_optimizer(cfg, total_steps=110)
+  values = [float(sched(s)) for s in (5, 10, 39, 40, 70, 100, 110)]
+  np.testing.assert_allclose(values, [0.05, 0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001], rtol=1e-5)

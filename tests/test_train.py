@@ -118,3 +118,16 @@ def test_model_init_loads_pretrained_weights_into_a_new_run(data_dir, tiny_confi
                                 src['params']['stage4_block1']['conv2']['kernel'])
   np.testing.assert_array_equal(params['head']['kernel'], np.zeros((64, 4)))
   ckpt.close()
+  # Another run can start from this run's workdir (its best checkpoint, imgcls names).
+  config2 = tiny_config(data_dir)
+  config2.model_init = str(workdir)
+  config2.total_steps = 1
+  config2.lr.base = 0.0
+  train.train_and_evaluate(config2, str(tmp_path / 'ft2'))
+  report2 = json.loads((tmp_path / 'ft2' / 'model_init_report.json').read_text())
+  assert report2['fmt'] == 'imgcls' and not report2['missing'] and not report2['reinitialised']
+  ckpt2 = checkpoints.Checkpointer(str(tmp_path / 'ft2'), read_only=True)
+  saved2 = ckpt2.manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  np.testing.assert_array_equal(saved2['state']['params']['conv_init']['kernel'],
+                                src['params']['conv_init']['kernel'])
+  ckpt2.close()

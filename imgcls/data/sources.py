@@ -117,10 +117,46 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: str,
   return _builder(name, data_dir)
 
 
-def get_builder(name: str, data_dir: str | None = None, *,
-                prepare: bool = True) -> tfds.core.DatasetBuilder:
-  """A prepared TFDS builder for `name`; prepares it if allowed and possible, else DataError."""
+def check_num_classes(builder: tfds.core.DatasetBuilder, name: str, num_classes: int) -> None:
+  """DataError unless the dataset's 'label' ClassLabel has num_classes classes."""
+  try:  # A FeaturesDict: [] works, .get does not.
+    label = builder.info.features['label']
+  except (KeyError, TypeError):
+    return
+  if not isinstance(label, tfds.features.ClassLabel) or label.num_classes == num_classes:
+    return
+  names = list(label.names)
+  shown = ', '.join(names[:10]) + (', ...' if len(names) > 10 else '')
+  raise DataError(
+      f'Dataset {name!r} has {label.num_classes} classes ({shown}), but dataset.num_classes is '
+      f'{num_classes}: set --config.dataset.num_classes={label.num_classes} (and onehot('
+      f'{label.num_classes}) in the pp strings).')
+
+
+def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True,
+                num_classes: int | None = None, skip_corrupt: bool = False,
+                folder_split: str = 'train=0.8,validation=0.1,test=0.1',
+                folder_seed: int = 0) -> tfds.core.DatasetBuilder:
+  """A prepared TFDS builder for `name`; prepares it if allowed and possible, else DataError.
+
+  `name` is a TFDS name ('fashion_mnist', 'cifar10:3.0.2') or an image folder
+  ('folder:/path/to/images', see imgcls/data/folder.py); skip_corrupt, folder_split and
+  folder_seed only apply to folders. With num_classes, a dataset with another number of
+  classes is a DataError.
+  """
   data_dir = default_data_dir(data_dir)
+  from imgcls.data import folder  # pylint: disable=import-outside-toplevel
+  if folder.is_folder_name(name):
+    builder = folder.get_builder(name, data_dir, prepare=prepare, skip_corrupt=skip_corrupt,
+                                 split=folder_split, seed=folder_seed)
+  else:
+    builder = _tfds_builder(name, data_dir, prepare)
+  if num_classes is not None:
+    check_num_classes(builder, name, num_classes)
+  return builder
+
+
+def _tfds_builder(name: str, data_dir: str, prepare: bool) -> tfds.core.DatasetBuilder:
   builder = _builder(name, data_dir)
   if builder.is_prepared():
     return builder
@@ -133,9 +169,12 @@ def get_builder(name: str, data_dir: str | None = None, *,
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
   """Prepares `name` in data_dir (fashion_mnist offline; others by TFDS with manual_dir).
 
-  Returns the prepared dataset's folder.
+  Returns the prepared dataset's folder. 'folder:/path' names prepare an image folder.
   """
   data_dir = default_data_dir(data_dir)
+  from imgcls.data import folder  # pylint: disable=import-outside-toplevel
+  if folder.is_folder_name(name):
+    return str(folder.get_builder(name, data_dir).data_dir)
   builder = _builder(name, data_dir)
   if not builder.is_prepared():
     builder = _prepare(builder, name, data_dir, manual_dir)

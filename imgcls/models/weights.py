@@ -615,7 +615,8 @@ def load_pretrained(source: str | epath.PathLike | Mapping[str, np.ndarray],
                     strict: bool = True, ignore: Iterable[str] = (),
                     posemb_resize: str = 'bilinear', grid: tuple[int, int] | None = None,
                     ) -> tuple[dict[str, Any], MergeReport]:
-  """Loads a checkpoint file (or a flat {key: array} dict) onto a model's initialised variables.
+  """Loads a checkpoint onto a model's initialised variables: a weights file (FORMATS), a flat
+  {key: array} dict, or an imgcls workdir / Orbax checkpoint folder (its best step).
 
   Example (an official AugReg ViT-B/16 fine-tuned to 10 classes at 384 px):
     model = imgcls.get_model('vit_b16', num_classes=10)
@@ -623,9 +624,15 @@ def load_pretrained(source: str | epath.PathLike | Mapping[str, np.ndarray],
     variables, report = imgcls.load_pretrained('B_16-i21k-....npz', variables)
     print(report)   # head re-initialised, pos_embedding resized 197 -> 577 tokens
   """
-  flat = read_file(source) if not isinstance(source, Mapping) else dict(source)
-  fmt = fmt or detect_format(flat)
-  converted, unknown = to_imgcls(flat, fmt)
+  if not isinstance(source, Mapping) and epath.Path(source).is_dir():
+    # An imgcls workdir or Orbax checkpoint: its (best) weights, already in imgcls names.
+    from imgcls import inference  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    variables, _ = inference.restore_weights(inference.find_checkpoint(source))
+    fmt, converted, unknown = 'imgcls', flatten(variables), []
+  else:
+    flat = read_file(source) if not isinstance(source, Mapping) else dict(source)
+    fmt = fmt or detect_format(flat)
+    converted, unknown = to_imgcls(flat, fmt)
   report = MergeReport(source=str(source) if not isinstance(source, Mapping) else 'a dict',
                        fmt=fmt)
   report.unused.extend(k for k in unknown if not any(re.search(p, k) for p in ignore))

@@ -1,0 +1,388 @@
+"""Predict with a trained checkpoint: `clf = imgcls.load(workdir); clf.predict(images)`.
+
+Everything comes from the checkpoint itself: the model (config.model and
+dataset.num_classes, built through the registry), its weights, the eval preprocessing
+(config.pp_eval, image ops only), the label names and the image shape. No config file,
+dataset or accelerator is needed. Only the weights are read (params and batch_stats; an
+`ema_params` / `ema_batch_stats` field is preferred when a state has one), as numpy arrays
+on the host, so a checkpoint written on N devices loads in a process with one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+
+from imgcls import checkpoints, models
+from imgcls.checkpoints import CheckpointError
+from imgcls.data import preprocess
+
+# pp ops that work on labels or on the set of keys, not on the image: left out at inference.
+LABEL_OPS = frozenset({'onehot', 'keep'})
+Prediction = list[tuple[str, float]]
+
+_WHERE = ('Pass a training workdir (the --workdir of `imgcls train`), its checkpoints/ '
+          'folder, or one step folder such as WORKDIR/checkpoints/1000.')
+
+
+# ------------------------------------------------------------- checkpoint
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return (path / 'state').is_dir() and (path / 'meta').is_dir()
+
+
+def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
+  """The checkpoint's JSON metadata, checked for what inference needs."""
+  try:
+    meta = ocp.JsonCheckpointHandler().restore(step_dir / 'meta')
+    config = meta['config']
+    _ = (config['model']['name'], config['dataset']['num_classes'], config['pp_eval'],
+         meta['image_shape'])
+  except Exception as e:  # corrupt JSON, missing file or key: all mean "unusable"
+    raise CheckpointError(
+        f'cannot read the metadata of the checkpoint {step_dir} ({type(e).__name__}: '
+        f'{str(e).splitlines()[0][:200] if str(e) else ""}). The checkpoint is incomplete '
+        'or corrupt: load another step (step=...), or evaluate/re-save it with the '
+        'training code.') from e
+  return meta
+
+
+def _best_step(steps: dict[int, epath.Path]) -> int:
+  """The step with the highest eval top-1 (ties: the later), as the Checkpointer picks it."""
+  scored = []
+  for step, path in steps.items():
+    metrics = _read_meta(path).get('metrics')
+    if metrics and checkpoints.BEST_METRIC in metrics:
+      scored.append((metrics[checkpoints.BEST_METRIC], step))
+  return max(scored)[1] if scored else max(steps)
+
+
+def find_checkpoint(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
+  """The step folder for a workdir, a checkpoints folder or a step folder."""
+  if isinstance(step, bool) or not (step in ('best', 'latest') or str(step).isdigit()):
+    raise ValueError(f"step must be 'best', 'latest' or a step number, got {step!r}.")
+  root = checkpoints.absolute(os.fspath(path))
+  if not root.exists():
+    raise CheckpointError(f'{path} does not exist. {_WHERE}')
+  if not root.is_dir():
+    raise CheckpointError(f'{path} is a file, not a checkpoint folder. {_WHERE}')
+  if _is_step_dir(root):
+    if step not in ('best', 'latest') and root.name.isdigit() and int(step) != int(root.name):
+      raise CheckpointError(f'{path} is the checkpoint of step {root.name}, not {step}: pass '
+                            f'its parent folder {root.parent} to choose a step.')
+    return root
+  directory = root / 'checkpoints' if (root / 'checkpoints').is_dir() else root
+  steps = {int(d.name): d for d in directory.iterdir() if d.name.isdigit() and _is_step_dir(d)}
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {path}. {_WHERE} Train first if it is empty.')
+  if step == 'latest':
+    return steps[max(steps)]
+  if step == 'best':
+    return steps[_best_step(steps)]
+  if int(step) not in steps:
+    raise CheckpointError(f'no checkpoint at step {step} in {directory}; saved steps: '
+                          f'{sorted(steps)}.')
+  return steps[int(step)]
+
+
+def restore_weights(step_dir: epath.Path) -> tuple[dict[str, Any], int]:
+  """{'params', 'batch_stats'?} as host numpy arrays, and the step; opt_state is not read.
+
+  Every array is restored as np.ndarray, so the shardings it was saved with (N devices)
+  play no part. EMA weights, when the state has them, take the place of the raw ones.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(step_dir / 'state').tree
+    names = {}
+    for name in ('params', 'batch_stats'):
+      source = f'ema_{name}' if tree.get(f'ema_{name}') else name
+      if tree.get(source):
+        names[name] = source
+    if 'params' not in names:
+      raise KeyError(f'no params in the saved state (it holds {sorted(tree)})')
+    item = {source: tree[source] for source in names.values()}
+    item['step'] = tree['step']
+    restored = handler.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+  except Exception as e:
+    raise CheckpointError(
+        f'cannot read the weights of the checkpoint {step_dir} ({type(e).__name__}: '
+        f'{str(e).splitlines()[0][:200] if str(e) else ""}). The checkpoint is incomplete '
+        'or corrupt: load another step (step=...).') from e
+  finally:
+    handler.close()
+  return {name: restored[source] for name, source in names.items()}, int(restored['step'])
+
+
+def build_model(config: dict[str, Any]):
+  """The model the checkpoint's config names (as imgcls.train.build_model builds it)."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in config['model'].items() if k != 'name'}
+  return models.get_model(config['model']['name'],
+                          num_classes=config['dataset']['num_classes'], **kwargs)
+
+
+def _check_shapes(model, variables: dict[str, Any], image_shape: tuple[int, ...],
+                  where: epath.Path) -> None:
+  """The saved weights must have the tree and shapes of the model's own init."""
+  expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jnp.zeros((1, *image_shape), jnp.float32))
+
+  def shapes(tree):
+    return {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want = shapes({n: expected[n] for n in ('params', 'batch_stats') if expected.get(n)})
+  got = shapes(variables)
+  if want != got:
+    diff = sorted(set(want.items()) ^ set(got.items()))[:4]
+    raise CheckpointError(
+        f'the weights in {where} do not fit the model its config names '
+        f'({type(model).__name__}): first differences {diff}. The model code changed since '
+        'the checkpoint was saved: load it with the imgcls version that trained it.')
+
+
+def load(path: str | os.PathLike, step: str | int = 'best') -> Classifier:
+  """A Classifier for the checkpoint at `path` (workdir, checkpoints folder or step folder).
+
+  step: 'best' (highest eval top-1, the default), 'latest' or a step number. Reads only the
+  checkpoint: no config file, no dataset. Raises CheckpointError naming the problem.
+  """
+  _keep_tf_off_accelerators()
+  step_dir = find_checkpoint(path, step)
+  meta = _read_meta(step_dir)
+  config = meta['config']
+  image_shape = tuple(int(d) for d in meta['image_shape'])
+  variables, saved_step = restore_weights(step_dir)
+  model = build_model(config)
+  _check_shapes(model, variables, image_shape, step_dir)
+  num_classes = config['dataset']['num_classes']
+  names = meta.get('label_names')
+  if not names or len(names) != num_classes:
+    names = [str(i) for i in range(num_classes)]
+  return Classifier(model, variables, config=config, image_shape=image_shape,
+                    label_names=list(names), step=saved_step, path=str(step_dir))
+
+
+def _keep_tf_off_accelerators() -> None:
+  """TF runs only the pp ops here: on the CPU, leaving the GPUs' memory to JAX."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF has already set up its devices in this process: leave them.
+    pass
+
+
+# ----------------------------------------------------------------- inputs
+
+def image_pp(pp_eval: str) -> str:
+  """The eval pp string without the ops on labels (onehot, keep)."""
+  ops = [op.strip() for op in pp_eval.split('|') if op.strip()]
+  return '|'.join(op for op in ops if re.match(r'\w+', op).group() not in LABEL_OPS)
+
+
+def _decode(data: bytes, what: str) -> np.ndarray:
+  try:  # as the pp op `decode` does (channels as in the file)
+    return tf.io.decode_image(data, channels=0, expand_animations=False).numpy()
+  except (tf.errors.InvalidArgumentError, ValueError) as e:
+    raise ValueError(f'{what} is not an image TensorFlow can decode (PNG, JPEG, GIF, BMP, '
+                     f'WebP): {str(e).splitlines()[0][:120]}') from None
+
+
+def _from_pil(image) -> np.ndarray:
+  if image.mode in ('1', 'LA', 'I', 'I;16', 'F'):  # binary, gray+alpha, 16/32-bit gray
+    image = image.convert('L')
+  elif image.mode not in ('L', 'RGB', 'RGBA'):  # palette, CMYK, YCbCr, ...
+    image = image.convert('RGBA' if 'A' in image.mode or 'transparency' in image.info
+                          else 'RGB')
+  return np.asarray(image)
+
+
+def _from_array(array: np.ndarray, what: str) -> np.ndarray:
+  if array.dtype == np.uint8:
+    return array
+  if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+    if array.size and (array.min() < 0 or array.max() > 255):
+      raise ValueError(f'{what} has values in [{array.min()}, {array.max()}]: pass 8-bit '
+                       'pixels (0..255).')
+    return array.astype(np.uint8)
+  raise ValueError(
+      f'{what} has dtype {array.dtype}: pass uint8 pixels 0..255 as decoded from an image '
+      'file (e.g. np.asarray(PIL.Image.open(f))). predict applies the model\'s own '
+      'preprocessing (pp_eval), so do not scale or normalise the images yourself.')
+
+
+def _images(inputs: Any) -> Iterator[np.ndarray]:
+  """Each image of `inputs` as a uint8 HWC (or HW) numpy array."""
+  items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+  for i, item in enumerate(items):
+    what = f'input {i}' if isinstance(inputs, (list, tuple)) else 'the input'
+    if isinstance(item, (str, os.PathLike)):
+      path = epath.Path(item)
+      if not path.is_file():
+        raise FileNotFoundError(f'{what}: no image file {item}.')
+      yield _decode(path.read_bytes(), f'{what} ({item})')
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+      yield _decode(bytes(item), f'{what} (bytes)')
+    elif type(item).__module__.startswith('PIL.'):
+      yield _from_pil(item)
+    elif isinstance(item, (np.ndarray, jax.Array)):
+      array = _from_array(np.asarray(item), what)
+      if array.ndim == 4:  # a batch
+        yield from array
+      elif array.ndim in (2, 3):
+        yield array
+      else:
+        raise ValueError(f'{what} has shape {array.shape}: pass an image [H, W, C] or [H, W], '
+                         'or a batch [N, H, W, C].')
+    else:
+      raise TypeError(f'{what} is a {type(item).__name__}: pass numpy or JAX arrays (uint8 '
+                      'HWC, or a batch NHWC), PIL images, image file paths or encoded image '
+                      'bytes, or a list of them.')
+
+
+def _batches(images: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+  batch = []
+  for image in images:
+    batch.append(image)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+# ------------------------------------------------------------- classifier
+
+class Classifier:
+  """A trained model with its eval preprocessing and label names; see `load`.
+
+  Inputs: numpy/JAX arrays (uint8 HWC 0..255 as decoded from files, HW grayscale, or a batch
+  NHWC), PIL images, file paths or encoded bytes, alone or in a list. Channels: a grayscale
+  image given to an RGB model is repeated to RGB and an alpha channel is dropped (as
+  decoding a file with 3 channels does); colour images given to a grayscale model are refused,
+  as converting them is a choice (PIL's convert('L') is the usual one) left to the caller.
+  """
+
+  def __init__(self, model, variables: dict[str, Any], *, config: dict[str, Any],
+               image_shape: tuple[int, ...], label_names: list[str], step: int,
+               path: str = ''):
+    self.model = model
+    self.variables = jax.device_put(variables)
+    self.config = config
+    self.image_shape = tuple(image_shape)
+    self.label_names = label_names
+    self.step = step
+    self.path = path
+    self.pp = image_pp(config['pp_eval'])
+    self._pp_fn = preprocess.get_pp_fn(self.pp)
+    self.multilabel = config.get('loss') == 'sigmoid_xent'
+    multilabel = self.multilabel
+
+    def scores(v, x):
+      logits = model.apply(v, x, train=False).astype(jnp.float32)
+      return jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)
+    self._scores = jax.jit(scores)
+    self._features = jax.jit(lambda v, x: model.apply(v, x, train=False,
+                                                      return_features=True)[1])
+
+  @property
+  def name(self) -> str:
+    return self.config['model']['name']
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.label_names)
+
+  def __repr__(self) -> str:
+    labels = self.label_names[:5] + (['...'] if self.num_classes > 5 else [])
+    return (f'Classifier(model={self.name!r}, num_classes={self.num_classes}, '
+            f'labels={labels}, image_shape={self.image_shape}, '
+            f'step={self.step}, path={self.path!r})')
+
+  # ------------------------------------------------------------ inference
+
+  def preprocess(self, inputs: Any) -> np.ndarray:
+    """The model's inputs [N, *image_shape] (float32) after pp_eval's image ops."""
+    return self._stack(list(_images(inputs)), 0)
+
+  def probabilities(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
+    """[N, num_classes]: softmax (sigmoid for a multi-label, sigmoid_xent model)."""
+    return self._run(self._scores, inputs, batch_size)
+
+  def predict(self, inputs: Any, top_k: int = 5, batch_size: int = 64) -> list[Prediction]:
+    """Per image, the top_k (label, probability) pairs, most probable first."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+      raise ValueError(f'top_k must be a positive int, got {top_k!r}.')
+    probs = self.probabilities(inputs, batch_size)
+    top = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]
+    return [[(self.label_names[c], float(p[c])) for c in order]
+            for p, order in zip(probs, top)]
+
+  def predict_labels(self, inputs: Any, batch_size: int = 64) -> list[str]:
+    """The top-1 label of each image."""
+    probs = self.probabilities(inputs, batch_size)
+    return [self.label_names[c] for c in np.argmax(probs, axis=-1)]
+
+  def features(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
+    """[N, D]: the pre-logits embedding (the model's return_features output)."""
+    return self._run(self._features, inputs, batch_size)
+
+  def _run(self, fn, inputs: Any, batch_size: int) -> np.ndarray:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f'batch_size must be a positive int, got {batch_size!r}.')
+    if isinstance(inputs, (list, tuple)) and not inputs:
+      raise ValueError('no images: pass an image or a non-empty list of images.')
+    outs, start = [], 0
+    for batch in _batches(_images(inputs), batch_size):
+      x = self._stack(batch, start)
+      start += len(batch)
+      # Pad to a power of two (at most batch_size): few shapes, so few compilations.
+      padded = min(batch_size, 1 << (len(x) - 1).bit_length())
+      x = np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
+      outs.append(np.asarray(fn(self.variables, x))[:len(batch)])
+    if not outs:
+      raise ValueError('no images: the input batch is empty.')
+    return np.concatenate(outs)
+
+  def _stack(self, images: Sequence[np.ndarray], first: int) -> np.ndarray:
+    return np.stack([self._preprocess_one(im, first + i) for i, im in enumerate(images)])
+
+  def _preprocess_one(self, image: np.ndarray, index: int) -> np.ndarray:
+    image = self._fit_channels(image if image.ndim == 3 else image[..., None], index)
+    features = {'image': tf.constant(image),
+                preprocess.RNG_KEY: tf.constant([0, 0], tf.int64)}  # for random ops, if any
+    out = self._pp_fn(features)['image'].numpy()
+    if out.shape != self.image_shape:
+      hint = ''
+      if out.shape[:2] != self.image_shape[:2]:
+        hint = (f' Resize it to {self.image_shape[1]}x{self.image_shape[0]} (W x H) first: '
+                'the preprocessing does not resize.')
+      raise ValueError(f'image {index} is {out.shape} after the model\'s preprocessing '
+                       f'{self.pp!r}, but the model takes {self.image_shape}.{hint}')
+    return out.astype(np.float32)
+
+  def _fit_channels(self, image: np.ndarray, index: int) -> np.ndarray:
+    want, have = self.image_shape[-1], image.shape[-1]
+    if have in (2, 4) and want in (have - 1, 3):  # drop alpha
+      image, have = image[..., :have - 1], have - 1
+    if have == 1 and want == 3:  # grayscale into an RGB model
+      return np.repeat(image, 3, axis=-1)
+    if have != want:
+      fix = (" Convert it first, e.g. PIL's image.convert('L')." if want == 1 and have <= 4
+             else ' A batch of images is [N, H, W, C].' if have > 4 else '')
+      raise ValueError(f'image {index} has {image.shape[-1]} channels, but this model takes '
+                       f'{want}-channel images {self.image_shape} '
+                       f'({"grayscale" if want == 1 else "RGB" if want == 3 else "as trained"}).'
+                       f'{fix}')
+    return image
