@@ -12,6 +12,9 @@ import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
 
 tf.config.set_visible_devices([], 'GPU')  # tf.data only; keep TF off accelerators
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from imgcls import config as config_lib, data  # noqa: E402
@@ -55,3 +58,15 @@ def _tiny_config(data_dir, **overrides):
 @pytest.fixture
 def tiny_config():
   return _tiny_config
+
+
+def shapes(model, x_shape, dtype=jnp.float32, **kw):
+  """Variables and outputs by abstract evaluation: shapes and counts without running anything."""
+  x = jax.ShapeDtypeStruct(x_shape, dtype)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, **kw), variables, x)
+  return variables, out
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))

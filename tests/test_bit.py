@@ -9,28 +9,20 @@ import pytest
 from imgcls import models
 from imgcls.models import bit
 
+from conftest import count_params, shapes
+
 # Shapes by abstract evaluation: one unit per stage, 16 -> 512 features.
 TINY = dict(stage_sizes=(1, 1, 1, 1), width=16, num_groups=8, num_classes=7)
 # Where the forward pass really runs (XLA:CPU compiles each unit's convs slowly): two stages.
 SMALL = dict(stage_sizes=(1, 1), width=8, num_groups=4, num_classes=3)
 
 
-def _shapes(model, x_shape, dtype=jnp.float32, **kw):
-  """Variables and outputs by abstract evaluation: shapes and counts without running anything."""
-  x = jax.ShapeDtypeStruct(x_shape, dtype)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, **kw), variables, x)
-  return variables, out
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
 def _random_params(model, x_shape, seed=0):
   """Params drawn by numpy in the init's shapes (a random, nonzero head too)."""
   rng = np.random.default_rng(seed)
-  variables, _ = _shapes(model, x_shape)
+  variables, _ = shapes(model, x_shape)
 
   def draw(path, a):
     if jax.tree_util.keystr(path).endswith("['scale']"):
@@ -63,14 +55,14 @@ def _standardize_np(w, eps=1e-8):
 @pytest.mark.parametrize('name,count', [('bit_r50x1', 25_549_352),  # timm resnetv2_50x1_bit
                                         ('bit_r50x3', 217_319_080)])  # timm resnetv2_50x3_bit
 def test_param_count_matches_timm(name, count):
-  variables, logits = _shapes(models.get_model(name), (1, 224, 224, 3))
+  variables, logits = shapes(models.get_model(name), (1, 224, 224, 3))
   assert set(variables) == {'params'}  # GroupNorm: no batch_stats
-  assert _count(variables['params']) == count
+  assert count_params(variables['params']) == count
   assert logits.shape == (1, 1000) and logits.dtype == jnp.float32
 
 
 def test_names_and_shapes_for_the_converter():
-  variables, (_, features) = _shapes(models.get_model('bit_r50x1'), (1, 64, 64, 3),
+  variables, (_, features) = shapes(models.get_model('bit_r50x1'), (1, 64, 64, 3),
                                      return_features=True)
   params = variables['params']
   units = [f'stage{i}_unit{j}' for i, n in enumerate((3, 4, 6, 3), 1) for j in range(1, n + 1)]
@@ -95,7 +87,7 @@ def test_released_sizes():
   for name, (depth, factor) in bit.RELEASED.items():
     model = models.get_model(name)
     assert tuple(model.stage_sizes) == bit.STAGE_SIZES[depth] and model.width == 64 * factor
-  variables, (logits, features) = _shapes(models.get_model('bit_r152x4', num_classes=3),
+  variables, (logits, features) = shapes(models.get_model('bit_r152x4', num_classes=3),
                                           (1, 32, 32, 3), return_features=True)
   assert features.shape == (1, 64 * 4 * 8 * 4) and logits.shape == (1, 3)
   assert sum(k.startswith('stage3_') for k in variables['params']) == 36
@@ -132,7 +124,7 @@ def test_std_conv_ignores_per_channel_affine_rescale():
 
 def test_stem_is_conv_then_zero_pad_then_valid_pool():
   model = bit.ResNetV2(**TINY)
-  _, (_, state) = _shapes(model, (1, 224, 224, 3), mutable=['intermediates'])
+  _, (_, state) = shapes(model, (1, 224, 224, 3), mutable=['intermediates'])
   assert state['intermediates']['stem'][0].shape == (1, 56, 56, 16)
 
   # Raw kernel -1 at the centre tap, 0 elsewhere; input 1 on even pixels. Each stride-2 output
@@ -204,7 +196,7 @@ def test_forward_shapes_and_zero_head(small):
   assert features.shape == (4, 64) and features.dtype == jnp.float32
   np.testing.assert_array_equal(logits, 0)
   assert np.all(np.isfinite(features)) and np.all(features >= 0) and np.std(features) > 0
-  _, (logits, features) = _shapes(bit.ResNetV2(**TINY), (2, 32, 32, 3), return_features=True)
+  _, (logits, features) = shapes(bit.ResNetV2(**TINY), (2, 32, 32, 3), return_features=True)
   assert logits.shape == (2, 7) and features.shape == (2, 512)
 
 
@@ -218,7 +210,7 @@ def test_bfloat16_compute(small):
   assert logits.dtype == jnp.float32 and features.dtype == jnp.float32
   assert np.all(np.isfinite(logits)) and np.std(want_logits) > 0
   assert np.linalg.norm(features - want) < 0.05 * np.linalg.norm(want)  # bf16 rounding only
-  variables, _ = _shapes(bf16, x.shape)
+  variables, _ = shapes(bf16, x.shape)
   assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
 
 
@@ -264,7 +256,7 @@ def test_stoch_depth_drops_whole_examples_only_in_train():
 ])
 def test_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _shapes(bit.ResNetV2(**kwargs), (1, 32, 32, 3))
+    shapes(bit.ResNetV2(**kwargs), (1, 32, 32, 3))
 
 
 def test_registry():
@@ -273,11 +265,11 @@ def test_registry():
   assert {'stage_sizes', 'num_classes', 'width', 'num_groups', 'std_eps', 'gn_eps',
           'stoch_depth', 'dtype'} == models.model_kwargs('bit')
   assert not {'stage_sizes', 'width'} & models.model_kwargs('bit_r50x1')
-  variables, logits = _shapes(models.get_model('bit_r50x1', num_classes=5), (2, 64, 64, 3))
+  variables, logits = shapes(models.get_model('bit_r50x1', num_classes=5), (2, 64, 64, 3))
   assert logits.shape == (2, 5) and variables['params']['head']['kernel'].shape == (2048, 5)
   model = models.get_model('bit', stage_sizes=[2, 1], width=8, num_groups=4, num_classes=3)
   assert model.stage_sizes == (2, 1) and hash(model)  # a config's list becomes a tuple
-  variables, logits = _shapes(model, (1, 32, 32, 1))
+  variables, logits = shapes(model, (1, 32, 32, 1))
   assert set(variables['params']) == {'root_conv', 'stage1_unit1', 'stage1_unit2',
                                       'stage2_unit1', 'norm', 'head'}
   assert logits.shape == (1, 3)

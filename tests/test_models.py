@@ -10,36 +10,28 @@ from jax.sharding import PartitionSpec as P
 from imgcls import models
 from imgcls.models import resnet
 
-
-def _shapes(model, x_shape, **kw):
-  """Variables and outputs by abstract evaluation: shapes and counts without running anything."""
-  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, **kw), variables, x)
-  return variables, out
+from conftest import count_params, shapes
 
 
-def _count(tree) -> int:
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
 @pytest.mark.parametrize('name,feat', [('resnet18', 64), ('resnet34', 64), ('resnet50', 256),
                                        ('resnet101', 256), ('resnet152', 256)])
-def test_output_and_feature_shapes(name, feat):
+def test_output_and_featureshapes(name, feat):
   model = models.get_model(name, num_classes=10, width=8, bn_axis_name=None)
-  _, (logits, features) = _shapes(model, (2, 32, 32, 3), return_features=True)
+  _, (logits, features) = shapes(model, (2, 32, 32, 3), return_features=True)
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert features.shape == (2, feat)
 
 
 @pytest.mark.parametrize('name,count', [('resnet18', 11_689_512), ('resnet50', 25_557_032)])
 def test_param_count_matches_torchvision(name, count):
-  variables, _ = _shapes(models.get_model(name), (1, 224, 224, 3))
-  assert _count(variables['params']) == count
+  variables, _ = shapes(models.get_model(name), (1, 224, 224, 3))
+  assert count_params(variables['params']) == count
 
 
 def test_torchvision_like_names():
-  variables, _ = _shapes(models.get_model('resnet50', width=8), (1, 64, 64, 3))
+  variables, _ = shapes(models.get_model('resnet50', width=8), (1, 64, 64, 3))
   params = variables['params']
   assert {'conv_init', 'bn_init', 'head', 'stage4_block3'} <= set(params)
   assert set(params['stage2_block1']) == {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3',
@@ -96,13 +88,13 @@ def test_stem_resolution(stem, size, stage1):
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = models.get_model('resnet18', num_classes=10, width=8, dtype=jnp.bfloat16)
-  variables, logits = _shapes(model, (2, 32, 32, 3))
+  variables, logits = shapes(model, (2, 32, 32, 3))
   assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   assert logits.dtype == jnp.float32
 
 
 def test_batchnorm_over_mesh_matches_single_device():
-  n = jax.device_count()
+  n = jax.devicecount_params()
   x = jax.random.normal(jax.random.key(2), (4 * n, 16, 16, 3)) * 3.0 + 1.0
   x = x * jnp.arange(1, 4 * n + 1).reshape(-1, 1, 1, 1) / n  # shards differ in their statistics
   kw = dict(num_classes=5, width=8, stem='small')
@@ -143,7 +135,7 @@ def test_registry_errors():
   with pytest.raises(ValueError, match='already registered'):
     models.register('resnet18')(models.resnet.ResNet18)
   with pytest.raises(ValueError, match='stem'):
-    _shapes(models.get_model('resnet18', stem='cifar'), (1, 32, 32, 3))
+    shapes(models.get_model('resnet18', stem='cifar'), (1, 32, 32, 3))
 
 
 def _gmacs(model, size=224) -> float:

@@ -13,22 +13,14 @@ from imgcls import config as config_lib, models
 from imgcls.models import vit
 from imgcls.step import softmax_xent
 
+from conftest import count_params, shapes
+
 CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'fashion_mnist_vit.py'
 
 # Small-image model used where the forward pass really runs: Ti/4 cut to two blocks.
 TINY = dict(num_classes=10, variant='Ti/4', depth=2)
 
 
-def _shapes(model, x_shape, dtype=jnp.float32, **kw):
-  """Variables and outputs by abstract evaluation: shapes and counts without running anything."""
-  x = jax.ShapeDtypeStruct(x_shape, dtype)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, **kw), variables, x)
-  return variables, out
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
 def _init(model, x):
@@ -38,7 +30,7 @@ def _init(model, x):
 def _random_variables(model, x_shape, seed=0):
   """Variables drawn by numpy in the init's shapes: XLA:CPU compiles a jitted init slowly."""
   rng = np.random.default_rng(seed)
-  variables, _ = _shapes(model, x_shape)
+  variables, _ = shapes(model, x_shape)
 
   def draw(path, a):
     name = jax.tree_util.keystr(path)
@@ -52,8 +44,8 @@ def _random_variables(model, x_shape, seed=0):
 @pytest.mark.parametrize('name,count', [('vit_ti16', 5_717_416), ('vit_s16', 22_050_664),
                                         ('vit_b16', 86_567_656), ('vit_l16', 304_326_632)])
 def test_param_count_matches_published(name, count):
-  variables, logits = _shapes(models.get_model(name), (1, 224, 224, 3))
-  assert _count(variables['params']) == count
+  variables, logits = shapes(models.get_model(name), (1, 224, 224, 3))
+  assert count_params(variables['params']) == count
   assert logits.shape == (1, 1000)
 
 
@@ -75,8 +67,8 @@ def test_b16_forward_flops():
   assert 2 * macs <= flops < 2 * macs * 1.01
 
 
-def test_official_vit_names_and_shapes():
-  variables, _ = _shapes(models.get_model('vit', variant='B/16', representation_size=768),
+def test_official_vit_names_andshapes():
+  variables, _ = shapes(models.get_model('vit', variant='B/16', representation_size=768),
                          (1, 224, 224, 3))
   params = variables['params']
   assert set(params) == {'embedding', 'cls', 'Transformer', 'pre_logits', 'head'}
@@ -98,7 +90,7 @@ def test_official_vit_names_and_shapes():
 @pytest.mark.parametrize('pool,posemb', [(p, e) for p in vit.POOLS for e in vit.POSEMBS])
 def test_small_image_shapes_for_each_pool_and_posemb(pool, posemb):
   model = models.get_model('vit', num_classes=10, variant='Ti/4', pool=pool, posemb=posemb)
-  variables, (logits, features) = _shapes(model, (3, 28, 28, 1), return_features=True)
+  variables, (logits, features) = shapes(model, (3, 28, 28, 1), return_features=True)
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
   assert features.shape == (3, 192) and features.dtype == jnp.float32
   params = variables['params']
@@ -115,7 +107,7 @@ def test_small_image_shapes_for_each_pool_and_posemb(pool, posemb):
 
 def test_representation_layer_sets_feature_size():
   model = models.get_model('vit', representation_size=64, **TINY)
-  variables, (logits, features) = _shapes(model, (2, 28, 28, 1), return_features=True)
+  variables, (logits, features) = shapes(model, (2, 28, 28, 1), return_features=True)
   assert variables['params']['pre_logits']['kernel'].shape == (192, 64)
   assert features.shape == (2, 64) and logits.shape == (2, 10)
 
@@ -171,7 +163,7 @@ def test_stoch_depth_drops_whole_examples():
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = models.get_model('vit', dtype=jnp.bfloat16, **TINY)
-  variables, (logits, features) = _shapes(model, (2, 28, 28, 1), return_features=True)
+  variables, (logits, features) = shapes(model, (2, 28, 28, 1), return_features=True)
   assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   assert logits.dtype == jnp.float32 and features.dtype == jnp.float32
   x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
@@ -221,7 +213,7 @@ def test_variants_and_overrides():
       assert vit.parse_variant(f'{name}/{patch}')['patch_size'] == patch
   model = models.get_model('vit', variant='S/16', depth=3, patch_size=4)
   assert model.dims() == dict(width=384, depth=3, mlp_dim=1536, num_heads=6, patch_size=4)
-  variables, _ = _shapes(model, (1, 32, 32, 3))
+  variables, _ = shapes(model, (1, 32, 32, 3))
   assert variables['params']['embedding']['kernel'].shape == (4, 4, 3, 384)
   assert len([k for k in variables['params']['Transformer'] if k.startswith('encoderblock')]) == 3
 
@@ -240,7 +232,7 @@ def test_variants_and_overrides():
 ])
 def test_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _shapes(models.get_model('vit', **kwargs), (1, 28, 28, 1))
+    shapes(models.get_model('vit', **kwargs), (1, 28, 28, 1))
 
 
 def test_sincos_posemb():
@@ -266,7 +258,7 @@ def test_registry_and_config():
   c = config_lib.validate(fashion_mnist_vit.get_config())
   kwargs = {k: v for k, v in c.model.items() if k != 'name'}
   model = models.get_model(c.model.name, num_classes=c.dataset.num_classes, **kwargs)
-  _, logits = _shapes(model, (2, 28, 28, 1))
+  _, logits = shapes(model, (2, 28, 28, 1))
   assert logits.shape == (2, 10)
   c = fashion_mnist_vit.get_config('variant=S/7,depth=4')
   assert c.model.variant == 'S/7' and c.model.depth == 4

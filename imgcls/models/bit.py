@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imgcls.models.layers import drop_path
+
 from imgcls.models.resnet import conv_init
 
 # BiT depth -> units per stage; width = 64 * width factor (BiT's "x1", "x3", ...).
@@ -104,13 +106,7 @@ class PreActBottleneck(nn.Module):
   dtype: Any = jnp.float32
 
   def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
-    """Stochastic depth: zero the branch for a random subset of examples, rescale the rest."""
-    if not train or self.drop_path == 0.0:
-      return y
-    keep = 1.0 - self.drop_path
-    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
-    return jnp.where(mask, y / keep, jnp.zeros_like(y))
+    return drop_path(self, y, self.drop_path, not train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imgcls.models.layers import drop_path
+
 # name: (width, depth, mlp_dim, num_heads), the paper's Table 1 plus DeiT's Ti/S and big_vision's M.
 VARIANTS = {
     'Ti': (192, 12, 768, 3),
@@ -118,13 +120,7 @@ class Encoder1DBlock(nn.Module):
   approximate_gelu: bool = True
 
   def _drop_path(self, y: jax.Array, deterministic: bool) -> jax.Array:
-    """Stochastic depth: zero the branch for a random subset of examples, rescale the rest."""
-    if deterministic or self.drop_path == 0.0:
-      return y
-    keep = 1.0 - self.drop_path
-    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
-    return jnp.where(mask, y / keep, jnp.zeros_like(y))
+    return drop_path(self, y, self.drop_path, deterministic)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
