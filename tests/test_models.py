@@ -17,7 +17,7 @@ from conftest import count_params, shapes
 
 @pytest.mark.parametrize('name,feat', [('resnet18', 64), ('resnet34', 64), ('resnet50', 256),
                                        ('resnet101', 256), ('resnet152', 256)])
-def test_output_and_featureshapes(name, feat):
+def test_output_and_feature_shapes(name, feat):
   model = models.get_model(name, num_classes=10, width=8, bn_axis_name=None)
   _, (logits, features) = shapes(model, (2, 32, 32, 3), return_features=True)
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
@@ -94,7 +94,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_batchnorm_over_mesh_matches_single_device():
-  n = jax.devicecount_params()
+  n = jax.device_count()
   x = jax.random.normal(jax.random.key(2), (4 * n, 16, 16, 3)) * 3.0 + 1.0
   x = x * jnp.arange(1, 4 * n + 1).reshape(-1, 1, 1, 1) / n  # shards differ in their statistics
   kw = dict(num_classes=5, width=8, stem='small')

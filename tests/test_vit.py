@@ -67,7 +67,7 @@ def test_b16_forward_flops():
   assert 2 * macs <= flops < 2 * macs * 1.01
 
 
-def test_official_vit_names_andshapes():
+def test_official_vit_names_and_shapes():
   variables, _ = shapes(models.get_model('vit', variant='B/16', representation_size=768),
                          (1, 224, 224, 3))
   params = variables['params']
@@ -248,7 +248,7 @@ def test_registry_and_config():
   assert names <= set(models.list_models())
   assert {'variant', 'width', 'depth', 'mlp_dim', 'num_heads', 'patch_size', 'pool', 'posemb',
           'representation_size', 'dropout', 'stoch_depth', 'dtype', 'param_dtype',
-          'head_zero_init', 'num_classes'} == models.model_kwargs('vit')
+          'head_zero_init', 'approximate_gelu', 'num_classes'} == models.model_kwargs('vit')
   assert 'variant' not in models.model_kwargs('vit_s16')
   assert models.get_model('vit_b32').dims()['patch_size'] == 32
 
@@ -260,5 +260,5 @@ def test_registry_and_config():
   model = models.get_model(c.model.name, num_classes=c.dataset.num_classes, **kwargs)
   _, logits = shapes(model, (2, 28, 28, 1))
   assert logits.shape == (2, 10)
-  c = fashion_mnist_vit.get_config('variant=S/7,depth=4')
-  assert c.model.variant == 'S/7' and c.model.depth == 4
+  c = fashion_mnist_vit.get_config('width=64,depth=4,patch=7,dtype=float32')
+  assert (c.model.width, c.model.depth, c.model.patch_size, c.model.dtype) == (64, 4, 7, 'float32')
