@@ -1,8 +1,10 @@
-"""The `imgcls` command: train (default), eval and prepare. Flags only; work is elsewhere.
+"""The `imgcls` command: train (default), eval, prepare, sweep and compare. Flags only.
 
   imgcls train   --config=configs/default.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
   imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test]
   imgcls prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
+  imgcls sweep   --config=configs/fashion_mnist_sweep.py[:ARG] --workdir=ROOT [--dry_run]
+  imgcls compare ROOT [--out=DIR]
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ _SPLIT = flags.DEFINE_string('split', None, 'eval: split to score (default: the 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS\'s own).')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'prepare: folder holding the '
                                   'dataset\'s downloaded files.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'sweep: validate and print the commands only.')
+_OUT = flags.DEFINE_string('out', None, 'compare: folder for compare.md/.csv and curves.png '
+                           '(default: ROOT).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port '
                                    'of process 0 (jax.distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
 
-COMMANDS = ('train', 'eval', 'prepare')
+COMMANDS = ('train', 'eval', 'prepare', 'sweep', 'compare')
 
 
 def _fail(message: str) -> None:
@@ -56,9 +61,20 @@ def main(argv: list[str]) -> None:
   if command not in COMMANDS:
     _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)}.')
 
+  from imgcls import compare  # pylint: disable=g-import-not-at-top
+  if command == 'compare':  # before the imports below: it needs neither JAX nor TF
+    if len(rest) != 1:
+      _fail('usage: imgcls compare ROOT [--out=DIR]')
+    try:
+      print(compare.compare(rest[0], _OUT.value), end='')
+    except compare.CompareError as e:
+      _fail(str(e))
+    return
+
   # Imported here so `imgcls --help` and bad flags answer at once.
   from imgcls import checkpoints, config as config_lib, data, parallel, train  # pylint: disable=g-import-not-at-top
-  user_errors = (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError)
+  user_errors = (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
+                 compare.CompareError)
   try:
     if command == 'prepare':
       if len(rest) != 1:
@@ -78,14 +94,30 @@ def main(argv: list[str]) -> None:
       return
     config = _CONFIG.value
     if config is None:
-      _fail('`imgcls train` needs --config, e.g. --config=configs/default.py')
+      _fail(f'`imgcls {command}` needs --config, e.g. --config=configs/'
+            f'{"fashion_mnist_sweep" if command == "sweep" else "default"}.py')
     if _DATA_DIR.value:
       with config.unlocked():
         config.dataset.data_dir = _DATA_DIR.value
+    if command == 'sweep':
+      _sweep(config, workdir)
+      return
     train.train_and_evaluate(config, workdir)
   except user_errors as e:
     logging.error('%s', e)
     _fail(str(e))
+
+
+def _sweep(base, root: str) -> None:
+  from imgcls import compare, sweep  # pylint: disable=g-import-not-at-top
+  flag = flags.FLAGS['config']
+  overrides = dict(config_flags.get_override_values(flag))
+  if _DATA_DIR.value:
+    overrides['dataset.data_dir'] = _DATA_DIR.value
+  sweep.run(config_flags.get_config_filename(flag), root, base=base,
+            extra_overrides=overrides, dry_run=_DRY_RUN.value)
+  if not _DRY_RUN.value:
+    print(compare.compare(root), end='')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

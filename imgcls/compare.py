@@ -1,0 +1,149 @@
+"""Compare runs: one row per workdir under ROOT, with the config keys that differ.
+
+compare(root) reads each run's config.json and metrics.jsonl and writes compare.md,
+compare.csv and curves.png (eval top-1 and train loss against step) into `out`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+# Plain json, not imgcls.writers: `imgcls compare` then answers without importing JAX or TF.
+METRICS_FILE = 'metrics.jsonl'
+
+RESULT_COLUMNS = ('final_top1', 'best_top1', 'best_step', 'final_train_loss', 'steps')
+
+
+class CompareError(ValueError):
+  """Nothing to compare; the message says what was expected."""
+
+
+def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def find_runs(root: str) -> list[str]:
+  """Workdirs (folders holding config.json) under root, sorted; root itself may be one."""
+  runs = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    if 'config.json' in filenames:
+      runs.append(dirpath)
+      dirnames[:] = []  # a run's own folders (checkpoints, ...) hold no runs
+    dirnames.sort()
+  return sorted(runs)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of WORKDIR/metrics.jsonl, as imgcls.writers.read_metrics reads them."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def summarize(workdir: str) -> dict[str, Any]:
+  """final/best eval top-1 (and its step), final train loss and steps of one run."""
+  records = read_metrics(workdir)
+  evals = [(r['step'], r['eval_top1']) for r in records if 'eval_top1' in r]
+  losses = [r['train_loss'] for r in records if 'train_loss' in r]
+  best = max(evals, key=lambda e: (e[1], e[0])) if evals else (None, None)
+  return {'final_top1': evals[-1][1] if evals else None, 'best_top1': best[1],
+          'best_step': best[0], 'final_train_loss': losses[-1] if losses else None,
+          'steps': max((r['step'] for r in records), default=None)}
+
+
+def table(root: str) -> tuple[list[str], list[dict[str, Any]]]:
+  """Column names and rows: run, the differing config keys, then RESULT_COLUMNS."""
+  runs = find_runs(root)
+  if not runs:
+    raise CompareError(f'no runs under {root}: expected workdirs of `imgcls train` or '
+                       '`imgcls sweep` (folders with config.json and metrics.jsonl).')
+  configs = []
+  for r in runs:
+    with open(os.path.join(r, 'config.json')) as f:
+      configs.append(_flat(json.load(f)))
+  keys = sorted({k for c in configs for k in c})
+  missing = object()
+  differing = [k for k in keys if len({repr(c.get(k, missing)) for c in configs}) > 1]
+  rows = []
+  for run, config in zip(runs, configs):
+    name = os.path.relpath(run, root)
+    row = {'run': name if name != '.' else os.path.basename(os.path.abspath(run))}
+    row.update({k: config.get(k) for k in differing})
+    row.update(summarize(run))
+    rows.append(row)
+  return ['run', *differing, *RESULT_COLUMNS], rows
+
+
+def _cell(v: Any) -> str:
+  if v is None:
+    return ''
+  if isinstance(v, float):
+    return f'{v:.4f}' if math.isfinite(v) else str(v)
+  return str(v)
+
+
+def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+  def line(cells):
+    return '| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |'
+  out = [line(columns), '|' + '|'.join('---' for _ in columns) + '|']
+  out += [line([_cell(r[c]) for c in columns]) for r in rows]
+  return '\n'.join(out) + '\n'
+
+
+def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator='\n')
+  w.writerow(columns)
+  w.writerows([['' if r[c] is None else r[c] for c in columns] for r in rows])
+  return buf.getvalue()
+
+
+def plot(root: str, runs: list[str], path: str) -> None:
+  """curves.png: eval top-1 and train loss against step, one line per run."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(11, 4), layout='constrained')
+  FigureCanvasAgg(fig)
+  ax_top1, ax_loss = fig.subplots(1, 2)
+  for run in runs:
+    records = read_metrics(os.path.join(root, run))
+    for ax, key in ((ax_top1, 'eval_top1'), (ax_loss, 'train_loss')):
+      points = [(r['step'], r[key]) for r in records if key in r]
+      if points:
+        ax.plot(*zip(*points), marker='.', label=run)
+  for ax, title in ((ax_top1, 'eval top-1'), (ax_loss, 'train loss')):
+    ax.set_xlabel('step')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  ax_top1.legend(fontsize='small')
+  fig.savefig(path, dpi=100)
+
+
+def compare(root: str, out: str | None = None) -> str:
+  """Writes compare.md, compare.csv and curves.png into out (default root); returns the md."""
+  if not os.path.isdir(root):
+    raise CompareError(f'{root} is not a folder: pass the folder holding the runs.')
+  columns, rows = table(root)
+  out = out or root
+  os.makedirs(out, exist_ok=True)
+  markdown = to_markdown(columns, rows)
+  with open(os.path.join(out, 'compare.md'), 'w') as f:
+    f.write(markdown)
+  with open(os.path.join(out, 'compare.csv'), 'w') as f:
+    f.write(to_csv(columns, rows))
+  runs = [os.path.relpath(r, root) for r in find_runs(root)]
+  plot(root, runs, os.path.join(out, 'curves.png'))
+  return markdown
