@@ -13,7 +13,9 @@ import math
 import os
 from typing import Any
 
-# Plain json, not imgcls.writers: `imgcls compare` then answers without importing JAX or TF.
+from imgcls import config as config_lib
+
+# Plain json, not imgcls.writers: `imgcls compare` then answers without importing TF.
 METRICS_FILE = 'metrics.jsonl'
 
 RESULT_COLUMNS = ('final_top1', 'best_top1', 'best_step', 'final_train_loss', 'steps')
@@ -23,14 +25,10 @@ class CompareError(ValueError):
   """Nothing to compare; the message says what was expected."""
 
 
-def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
-  return out
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+  """Dotted keys; JSON lists back to the tuples the config held."""
+  return {k: tuple(v) if isinstance(v, list) else v
+          for k, v in config_lib.flatten_dict(d).items()}
 
 
 def find_runs(root: str) -> list[str]:

@@ -196,6 +196,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def flatten_dict(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested config dict as {'dataset.name': ..., 'lr.base': ...} (leaves unchanged)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten_dict(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses a config argument 'key=value,key2=value2' (big_vision style).
 

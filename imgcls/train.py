@@ -116,10 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------- model and optimizer
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config, total_steps)
-  rules = optim.Rules(config.optimizer)
-  rules.check(jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(
-      (1, *image_shape), np.float32)))['params'])
   state = init_state(model, tx, config.seed, image_shape, mesh)
+  rules = optim.Rules(config.optimizer)
+  rules.check(state.params)  # a typo'd rule fails here, before anything is written
   if rules.freeze:
     frozen = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(state.params)
                  if rules.frozen(optim.param_path(p)))
@@ -153,7 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jsonl is not None:
     jsonl.truncate_after(start)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flat(cfg).items() if v is not None})
+    writer.write_hparams({k: v for k, v in config_lib.flatten_dict(cfg).items()
+                         if v is not None})
 
   # ------------------------------------------------------------------- loop
   train_iter = data.train_iterator(
@@ -220,16 +220,6 @@ def _train_summary(pending: list[dict[str, Any]], step: int) -> dict[str, float]
     total = total.merge(evaluate.TrainMetrics.from_step(m))
   out = {f'train_{k}': float(v) for k, v in total.compute().items()}
   out['train_grad_norm'] = float(np.mean([m['grad_norm'] for m in host]))
-  return out
-
-
-def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
   return out
 
 
