@@ -17,11 +17,14 @@ from imgcls.config import defaults, parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, epochs=10.0, width=128, depth=6, heads=4, mlp=384, patch=4,
-                  pool='gap', batch=128, lr=1e-3, dtype='bfloat16')
+                  pool='gap', batch=128, lr=1e-3, dtype='bfloat16', aug='crop_flip')
   c = defaults()
   c.dataset.name = 'fashion_mnist'
   c.dataset.num_classes = 10
-  c.pp_train = 'decode|random_crop(28, pad=2)|flip_lr|value_range(-1, 1)|onehot(10)'
+  augs = {'none': '', 'flip': '|flip_lr', 'crop_flip': '|random_crop(28, pad=2)|flip_lr'}
+  if arg.aug not in augs:
+    raise ValueError(f'aug must be one of {sorted(augs)}, got {arg.aug!r}')
+  c.pp_train = f'decode{augs[arg.aug]}|value_range(-1, 1)|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
   c.model.name = 'vit'
   c.model.width = arg.width
