@@ -37,6 +37,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.dataset.folder_split = 'train=0.8,validation=0.1,test=0.1'
   c.dataset.folder_seed = 0
   c.dataset.skip_corrupt = False  # leave out (and count) files that are not readable images
+  # Multi-label: a split to choose the F1-maximising threshold on ('' none), e.g. 'train[90%:]'.
+  c.dataset.val_split = ''
   c.pp_train = 'decode|value_range(-1, 1)|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
 
@@ -85,12 +87,38 @@ def defaults() -> ml_collections.ConfigDict:
   c.weight_decay_mask = 'no_bias_norm'  # no_bias_norm | all
   c.grad_clip_norm = 0.0  # 0 disables global-norm clipping
   c.label_smoothing = 0.0
+  # 'softmax_xent' (single-label) or 'sigmoid_xent' (multi-label: multi-hot labels from the
+  # pp string, e.g. multihot(K); eval reports mAP and F1 instead of a confusion matrix).
+  c.loss = 'softmax_xent'
+  # Batch-level mixup / CutMix on device (imgcls/augment.py, timm's semantics): alphas of the
+  # Beta distributions (0: off), the chance of CutMix when both are on, and of mixing at all.
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.0
+  c.mixup.cutmix_alpha = 0.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.prob = 1.0
+  # Exponential moving average of the weights (0: off; e.g. 0.9999). Kept in the train state,
+  # checkpointed, evaluated beside the raw weights (eval_ema_*) and preferred by imgcls.load.
+  c.ema_decay = 0.0
 
   # Loop and outputs.
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0: once per epoch
   c.checkpoint_every_steps = 0  # 0: at every eval
   c.async_checkpoints = True
+  # At each eval, write what a team debugging a model looks at to WORKDIR/reports/ (PNG+JSON)
+  # and TensorBoard: confusion matrix, per-class accuracy, calibration (ECE + reliability
+  # diagram), the most confidently wrong images; for sigmoid_xent per-class AP, mAP and F1.
+  c.eval_reports = True
+  # Few-shot linear evaluation of the frozen pre-logits at each eval (imgcls/fewshot.py):
+  # closed-form ridge regression on `shots` examples per class, averaged over `seeds`, l2
+  # chosen on held-out train examples. () turns it off; '' splits mean the dataset's own.
+  c.fewshot = ml_collections.ConfigDict()
+  c.fewshot.shots = ()  # e.g. (1, 5, 10, 25)
+  c.fewshot.seeds = (0, 1, 2)
+  c.fewshot.train_split = ''
+  c.fewshot.test_split = ''
+  c.fewshot.max_test_examples = 0  # 0: the whole split
   return c
 
 
@@ -157,6 +185,21 @@ def _check_values(cfg, errors: list[str]) -> None:
     errors.append(f"weight_decay_mask must be 'no_bias_norm' or 'all', got {cfg.weight_decay_mask!r}.")
   if not 0.0 <= cfg.label_smoothing < 1.0:
     errors.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}.")
+  if cfg.loss not in ('softmax_xent', 'sigmoid_xent'):
+    errors.append(f"loss must be 'softmax_xent' or 'sigmoid_xent', got {cfg.loss!r}.")
+  for key in ('mixup.mixup_alpha', 'mixup.cutmix_alpha'):
+    if _get(cfg, key) < 0:
+      errors.append(f"'{key}' must be >= 0 (0: off), got {_get(cfg, key)}.")
+  for key in ('mixup.switch_prob', 'mixup.prob'):
+    if not 0.0 <= _get(cfg, key) <= 1.0:
+      errors.append(f"'{key}' must be a probability in [0, 1], got {_get(cfg, key)}.")
+  if any(not isinstance(k, int) or k < 1 for k in cfg.fewshot.shots):
+    errors.append(f'fewshot.shots must be positive ints, e.g. (1, 5, 10, 25), got '
+                  f'{cfg.fewshot.shots}.')
+  if cfg.fewshot.shots and cfg.loss != 'softmax_xent':
+    errors.append('fewshot.shots needs a single-label dataset (loss softmax_xent).')
+  if not 0.0 <= cfg.ema_decay < 1.0:
+    errors.append(f'ema_decay must be in [0, 1) (0: off, e.g. 0.9999), got {cfg.ema_decay}.')
 
   name = cfg.model.get('name')
   if name not in models.list_models():

@@ -2,10 +2,13 @@
 
 # No `from __future__ import annotations`: clu reads the field annotations as classes.
 
+import dataclasses
 from typing import Any, Callable, Iterable
 
 from clu import metrics
 import flax
+import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,17 +61,60 @@ class TrainMetrics(metrics.Collection):
         top1=metrics.Average(total=m['top1_correct'], count=m['count']))
 
 
+@dataclasses.dataclass
+class EvalOutputs:
+  """Per-example results of one eval pass (real examples only, in split order), for reports.
+
+  `mistakes` holds up to `keep_images` of this process's most confidently wrong examples
+  as (confidence, index, image) with the image from the eval pipeline, most confident first.
+  """
+  probs: np.ndarray  # [N, C] softmax probabilities or sigmoid scores
+  labels: np.ndarray  # [N, C] one-hot or multi-hot
+  mistakes: list[tuple[float, int, np.ndarray]]
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded global array -> the whole of it as numpy, on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def evaluate(eval_fn: Callable[[Any, Any], Any], state: Any, batches: Iterable[Any],
-             mesh) -> dict[str, float]:
-  """Runs `eval_fn` over every batch; returns loss, top1, top5 and examples scored."""
+             mesh, collect: bool = False, keep_images: int = 0
+             ) -> tuple[dict[str, float], EvalOutputs | None]:
+  """Runs `eval_fn` over every batch; returns loss, top1, top5 and examples scored, and with
+  `collect` the per-example outputs (probabilities, labels, confident mistakes)."""
   total = None
+  probs, labels, mistakes = [], [], []
+  seen = 0
   for host_batch in batches:
-    sums = eval_fn(state, parallel.shard_batch(host_batch, mesh))
+    sums, per_example = eval_fn(state, parallel.shard_batch(host_batch, mesh))
     m = EvalMetrics.from_sums(sums)
     total = m if total is None else total.merge(m)
+    if not collect:
+      continue
+    p, y, mask = (_gather(per_example[k]) for k in ('probs', 'labels', 'mask'))
+    real = mask > 0
+    if keep_images:
+      # The host batch is this process's slice of the global batch (devices are ordered by
+      # process), so its rows start at process_index * local rows.
+      local = len(host_batch['image'])
+      start = jax.process_index() * local
+      lp, ly, lm = p[start:start + local], y[start:start + local], real[start:start + local]
+      wrong = (np.argmax(lp, -1) != np.argmax(ly, -1)) & lm
+      for i in np.flatnonzero(wrong):
+        index = seen + int(np.sum(real[:start])) + int(np.sum(lm[:i]))
+        mistakes.append((float(lp[i].max()), index, np.asarray(host_batch['image'][i])))
+      mistakes = sorted(mistakes, key=lambda t: -t[0])[:keep_images]
+    probs.append(p[real])
+    labels.append(y[real])
+    seen += int(real.sum())
   if total is None:
     raise ValueError('the eval split yielded no batches')
   out = parallel.to_host(total.compute())
   result = {k: float(v) for k, v in out.items()}
   result['examples'] = int(np.rint(result['examples']))
-  return result
+  if not collect:
+    return result, None
+  return result, EvalOutputs(np.concatenate(probs), np.concatenate(labels), mistakes)

@@ -3,6 +3,7 @@
   imgcls train   --config=configs/default.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
   imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test]
   imgcls prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
+  imgcls fewshot --workdir=DIR [--dataset=NAME] [--shots=1,5,10,25] [--step=best]
   imgcls sweep   --config=configs/fashion_mnist_sweep.py[:ARG] --workdir=ROOT [--dry_run]
   imgcls compare ROOT [--out=DIR]
 """
@@ -28,12 +29,15 @@ _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'prepare: folder holding t
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'sweep: validate and print the commands only.')
 _OUT = flags.DEFINE_string('out', None, 'compare: folder for compare.md/.csv and curves.png '
                            '(default: ROOT).')
+_DATASET = flags.DEFINE_string('dataset', None, 'fewshot: TFDS name or folder:/path to probe '
+                               '(default: the checkpoint\'s own dataset and splits).')
+_SHOTS = flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port '
                                    'of process 0 (jax.distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
 
-COMMANDS = ('train', 'eval', 'prepare', 'sweep', 'compare')
+COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare')
 
 
 def _fail(message: str) -> None:
@@ -73,8 +77,9 @@ def main(argv: list[str]) -> None:
 
   # Imported here so `imgcls --help` and bad flags answer at once.
   from imgcls import checkpoints, config as config_lib, data, parallel, train  # pylint: disable=g-import-not-at-top
+  from imgcls import fewshot  # pylint: disable=g-import-not-at-top
   user_errors = (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
-                 compare.CompareError)
+                 compare.CompareError, fewshot.FewShotError)
   try:
     if command == 'prepare':
       if len(rest) != 1:
@@ -89,6 +94,16 @@ def main(argv: list[str]) -> None:
     workdir = _require(_WORKDIR, 'workdir', command)
     if command == 'eval':
       result = train.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value, _DATA_DIR.value)
+      print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                     for k, v in result.items()))
+      return
+    if command == 'fewshot':
+      try:
+        shots = [int(k) for k in _SHOTS.value]
+      except ValueError:
+        _fail(f'--shots must be integers, e.g. --shots=1,5,10,25; got {_SHOTS.value}.')
+      result = fewshot.run_on_checkpoint(workdir, _DATASET.value, data_dir=_DATA_DIR.value,
+                                         step=_STEP.value, shots=shots)
       print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                      for k, v in result.items()))
       return

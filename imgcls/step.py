@@ -16,6 +16,9 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from imgcls import augment
+
+LOSSES = ('softmax_xent', 'sigmoid_xent')
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
@@ -23,17 +26,36 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # base key; each step and device folds in its own index
+  # Exponential moving average of params and BatchNorm statistics (config.ema_decay > 0),
+  # None when off. Checkpointed with the state; evaluated beside the raw parameters.
+  ema_params: Any = None
+  ema_batch_stats: Any = None
+
+  def ema(self) -> 'TrainState':
+    """This state with the EMA weights in place of the raw ones (for evaluation)."""
+    if self.ema_params is None:
+      raise ValueError('this state keeps no EMA (config.ema_decay is 0)')
+    return self.replace(params=self.ema_params, batch_stats=self.ema_batch_stats)
+
+  def with_ema_reset(self) -> 'TrainState':
+    """The EMA restarted at the current weights (after loading pretrained ones)."""
+    if self.ema_params is None:
+      return self
+    return self.replace(ema_params=self.params, ema_batch_stats=self.batch_stats)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       rng: jax.Array, input_shape: tuple[int, ...]) -> TrainState:
-  """Initialises the model (eval mode: no collectives) and the optimizer."""
+                       rng: jax.Array, input_shape: tuple[int, ...],
+                       ema: bool = False) -> TrainState:
+  """Initialises the model (eval mode: no collectives), the optimizer and, if asked, the EMA."""
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params), rng=state_rng)
+  batch_stats = variables.get('batch_stats', {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=state_rng,
+                    ema_params=params if ema else None,
+                    ema_batch_stats=batch_stats if ema else None)
 
 
 def softmax_xent(logits: jax.Array, labels: jax.Array,
@@ -44,18 +66,49 @@ def softmax_xent(logits: jax.Array, labels: jax.Array,
   return -jnp.sum(labels * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
 
 
+def sigmoid_xent(logits: jax.Array, labels: jax.Array,
+                 label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example binary cross-entropy summed over classes (multi-label; big_vision's sum)."""
+  if label_smoothing:
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / 2
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels),
+                 axis=-1)
+
+
+def loss_fn_for(name: str):
+  """The per-example loss called `name` (config.loss)."""
+  if name not in LOSSES:
+    raise ValueError(f'loss must be one of {LOSSES}, got {name!r}')
+  return softmax_xent if name == 'softmax_xent' else sigmoid_xent
+
+
+def top1_hits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """1 where the top-scored class is a true one: top-1 accuracy for one-hot labels,
+  precision@1 for multi-hot labels (mixed labels count their largest component)."""
+  pred = jnp.argmax(logits, -1)
+  if labels.ndim == logits.ndim:
+    top = jnp.take_along_axis(labels, pred[:, None], -1)[:, 0]
+    return (top >= jnp.max(labels, -1)) & (top > 0)
+  return pred == labels
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               loss: str = 'softmax_xent', mix: augment.MixConfig = augment.MixConfig(),
+               ema_decay: float = 0.0,
                axis_name: str = 'batch') -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's shard; gradients are the global-batch mean."""
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            lax.axis_index(axis_name))
+  rng, mix_rng = jax.random.split(rng)
+  per_example_loss = loss_fn_for(loss)
+  images, labels, _ = augment.mix_batch(mix_rng, batch['image'], batch['labels'], mix)
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+        {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-    local = jnp.mean(softmax_xent(logits, batch['labels'], label_smoothing))
+    local = jnp.mean(per_example_loss(logits, labels, label_smoothing))
     # pmean of the loss, not of the gradients: under shard_map the gradient of a
     # replicated parameter is already summed over the axis, so this gives the mean.
     return lax.pmean(local, axis_name), (logits, updates)
@@ -66,8 +119,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                             params=optax.apply_updates(state.params, opt_updates),
                             batch_stats=updates.get('batch_stats', state.batch_stats),
                             opt_state=opt_state)
+  if ema_decay:  # ema <- decay * ema + (1 - decay) * new
+    new_state = new_state.replace(
+        ema_params=optax.incremental_update(new_state.params, state.ema_params,
+                                            1.0 - ema_decay),
+        ema_batch_stats=optax.incremental_update(new_state.batch_stats,
+                                                 state.ema_batch_stats, 1.0 - ema_decay))
   grad_norm = optax.tree.norm(grads)
-  correct = jnp.argmax(logits, -1) == jnp.argmax(batch['labels'], -1)
+  correct = top1_hits(logits, labels)
   metrics = {
       'loss': loss,
       'top1_correct': lax.psum(jnp.sum(correct), axis_name),
@@ -79,20 +138,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              axis_name: str = 'batch') -> dict[str, jax.Array]:
-  """Sums of loss and top-1/top-5 hits over the real (mask 1) examples of the batch."""
+              loss: str = 'softmax_xent', axis_name: str = 'batch'
+              ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Global sums of loss and top-1/top-5 hits over the real (mask 1) examples, and this
+  shard's per-example probabilities (softmax, or sigmoid scores for multi-label) for the
+  reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5."""
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        batch['image'], train=False)
   mask = batch['mask']
-  label = jnp.argmax(batch['labels'], -1)
+  labels = batch['labels']
   k = min(5, logits.shape[-1])
   topk = lax.top_k(logits, k)[1]
-  top1 = (topk[:, 0] == label) * mask
-  top5 = jnp.any(topk == label[:, None], axis=-1) * mask
+  top1 = top1_hits(logits, labels) * mask
+  top5 = jnp.any(jnp.take_along_axis(labels, topk, -1) > 0, axis=-1) * mask
   sums = {
-      'loss': jnp.sum(softmax_xent(logits, batch['labels']) * mask),
+      'loss': jnp.sum(loss_fn_for(loss)(logits, labels) * mask),
       'top1': jnp.sum(top1),
       'top5': jnp.sum(top5),
       'count': jnp.sum(mask),
   }
-  return lax.psum(sums, axis_name)
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits) if loss == 'softmax_xent' else jax.nn.sigmoid(logits)
+  return lax.psum(sums, axis_name), {'probs': probs, 'labels': labels, 'mask': mask}

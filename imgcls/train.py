@@ -18,8 +18,9 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from imgcls import checkpoints, config as config_lib, data, evaluate, models, optim
-from imgcls import parallel, step as step_lib, writers
+from imgcls import augment, checkpoints, config as config_lib, data, evaluate, fewshot, models
+from imgcls import optim
+from imgcls import parallel, reports, step as step_lib, writers
 from imgcls.models import weights
 
 
@@ -31,16 +32,17 @@ def build_model(config: ml_collections.ConfigDict, **overrides: Any):
                           **kwargs)
 
 
-def make_eval_fn(model, mesh):
+def make_eval_fn(model, mesh, loss: str = 'softmax_xent'):
+  """The data-parallel eval step: (global sums, batch-sharded per-example outputs)."""
   return parallel.data_parallel(
-      functools.partial(step_lib.eval_step, model=model, axis_name=parallel.AXIS),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P())
+      functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS),
+      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
 
 
-def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh):
-  """The initial train state, created replicated over the mesh."""
+def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bool = False):
+  """The initial train state (with an EMA copy of the weights if asked), replicated."""
   create = functools.partial(step_lib.create_train_state, model, tx,
-                             input_shape=tuple(image_shape))
+                             input_shape=tuple(image_shape), ema=ema)
   return jax.jit(create, out_shardings=parallel.replicated(mesh))(
       jax.random.PRNGKey(seed))
 
@@ -82,9 +84,9 @@ def eval_input(config: ml_collections.ConfigDict, split: str, data_dir: str | No
 
 
 def label_names(builder) -> list[str] | None:
-  features = builder.info.features
-  feature = features['label'] if 'label' in features else None
-  return list(getattr(feature, 'names', []) or []) or None
+  """The class names of the dataset's label (or multi-label 'labels') feature."""
+  found = data.sources.class_label(builder)
+  return list(found[1].names) or None if found else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -116,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------- model and optimizer
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config, total_steps)
-  state = init_state(model, tx, config.seed, image_shape, mesh)
+  state = init_state(model, tx, config.seed, image_shape, mesh, ema=config.ema_decay > 0)
   rules = optim.Rules(config.optimizer)
   rules.check(state.params)  # a typo'd rule fails here, before anything is written
   if rules.freeze:
@@ -127,14 +129,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_report = None
   if config.model_init and not checkpoints.has_checkpoints(workdir):  # before any write
     state, init_report = load_model_init(config, state, mesh)
+    state = state.with_ema_reset()
   parameter_overview.log_parameter_overview(state.params)
 
   # ------------------------------------------------------------------ steps
   train_fn = parallel.data_parallel(
       functools.partial(step_lib.train_step, model=model, tx=tx,
-                        label_smoothing=config.label_smoothing, axis_name=parallel.AXIS),
+                        label_smoothing=config.label_smoothing, loss=config.loss,
+                        mix=augment.MixConfig(**config.mixup.to_dict()),
+                        ema_decay=config.ema_decay, axis_name=parallel.AXIS),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
-  eval_fn = make_eval_fn(model, mesh)
+  eval_fn = make_eval_fn(model, mesh, config.loss)
+  fewshot_eval = None
+  if config.fewshot.shots:  # reads the labels now: a class too small fails before any write
+    fs = config.fewshot
+    fewshot_eval = fewshot.FewShotEvaluator(
+        builder, fs.train_split or ds.train_split, fs.test_split or ds.eval_split,
+        config.pp_eval, ds.num_classes, shots=fs.shots, seeds=fs.seeds,
+        batch_size=config.eval_batch_size, max_test_examples=fs.max_test_examples or None)
+    features_fn = fewshot.make_features_fn(model, mesh)
+  val_ds = None
+  if ds.val_split:  # multi-label: where the reports choose the F1 threshold
+    val_ds = data.eval_data(builder, split=ds.val_split, pp=config.pp_eval,
+                            global_batch_size=config.eval_batch_size)
 
   # ------------------------------------------------------------- checkpoint
   ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints)
@@ -182,7 +199,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending = []
 
     if done % eval_every == 0 or done == total_steps:
-      last_eval = evaluate.evaluate(eval_fn, state, eval_ds, mesh)
+      last_eval = run_eval(config, eval_fn, state, eval_ds, mesh, workdir, done, writer,
+                           label_names(builder), val_ds)
+      if fewshot_eval is not None:
+        last_eval.update(fewshot_eval(functools.partial(
+            features_fn, {'params': state.params, 'batch_stats': state.batch_stats})))
       writer.write_scalars(done, {f'eval_{k}': v for k, v in last_eval.items()})
       ckpt.save(done, state, meta, metrics=last_eval)
       t0, steps_timed = time.perf_counter(), 0
@@ -196,7 +217,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return {}
 
   if last_eval is None:  # the run had already finished: score it again
-    last_eval = evaluate.evaluate(eval_fn, state, eval_ds, mesh)
+    last_eval, _ = evaluate.evaluate(eval_fn, state, eval_ds, mesh)
+    if state.ema_params is not None:
+      ema_eval, _ = evaluate.evaluate(eval_fn, state.ema(), eval_ds, mesh)
+      last_eval.update({f'ema_{k}': v for k, v in ema_eval.items() if k != 'examples'})
   writer.flush()
   ckpt.close()
   logging.info('final eval on %s at step %d: %s', ds.eval_split, total_steps, last_eval)
@@ -205,6 +229,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'(top-5 {last_eval["top5"]:.4f}, loss {last_eval["loss"]:.4f}, '
           f'{last_eval["examples"]} examples) at step {total_steps}', flush=True)
   return last_eval
+
+
+def run_eval(config, eval_fn, state, eval_ds, mesh, workdir: str, step: int, writer,
+             names: list[str] | None, val_ds=None) -> dict[str, float]:
+  """Scores the raw weights (and the EMA ones, as ema_*) on every eval example and, with
+  config.eval_reports, adds the report's numbers and writes its figures (imgcls.reports):
+  to WORKDIR/reports/ as PNG + JSON and to TensorBoard as images."""
+  result, outputs = evaluate.evaluate(eval_fn, state, eval_ds, mesh,
+                                      collect=config.eval_reports, keep_images=16)
+  if state.ema_params is not None:
+    ema_eval, _ = evaluate.evaluate(eval_fn, state.ema(), eval_ds, mesh)
+    result.update({f'ema_{k}': v for k, v in ema_eval.items() if k != 'examples'})
+  if outputs is None:
+    return result
+  if config.loss == 'sigmoid_xent':
+    val = evaluate.evaluate(eval_fn, state, val_ds, mesh, collect=True)[1] if val_ds else None
+    report = reports.multi_label_report(
+        outputs.probs, outputs.labels, names,
+        val_scores=None if val is None else val.probs,
+        val_targets=None if val is None else val.labels)
+  else:
+    report = reports.single_label_report(
+        outputs.probs, np.argmax(outputs.labels, -1), names,
+        images={index: image for _, index, image in outputs.mistakes})
+  result.update({k: v for k, v in report.scalars.items() if k not in result})
+  if jax.process_index() == 0:
+    reports.write_report(report, checkpoints.absolute(workdir) / 'reports', step)
+    writer.write_images(step, {f'eval_{k}': v[None] for k, v in report.images.items()})
+  return result
 
 
 def _train_summary(pending: list[dict[str, Any]], step: int) -> dict[str, float]:
@@ -236,8 +289,10 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
   _, eval_ds, image_shape = eval_input(config, split, data_dir)
   model = build_model(config)
   tx, _ = optim.make_optimizer(config, max(1, config.total_steps or 1))
-  state = ckpt.restore(step, init_state(model, tx, config.seed, image_shape, mesh))
-  result = evaluate.evaluate(make_eval_fn(model, mesh), state, eval_ds, mesh)
+  state = ckpt.restore(step, init_state(model, tx, config.seed, image_shape, mesh,
+                                        ema=config.get('ema_decay', 0.0) > 0))
+  result, _ = evaluate.evaluate(make_eval_fn(model, mesh, config.get('loss', 'softmax_xent')),
+                                state, eval_ds, mesh)
   result.update(step=step, split=split, dataset=ds.name)
   if jax.process_index() == 0:
     out = checkpoints.absolute(workdir) / f'eval_{split}_step{step}.json'

@@ -88,10 +88,17 @@ def test_eval_step_counts_only_masked_in_examples():
   batch = _batch()
   batch['mask'] = (np.arange(16) < 11).astype(np.float32)
   fn = parallel.data_parallel(functools.partial(step_lib.eval_step, model=model), mesh,
-                              in_specs=(P(), P(parallel.AXIS)), out_specs=P())
-  sums = jax.device_get(fn(state, parallel.shard_batch(batch, mesh)))
+                              in_specs=(P(), P(parallel.AXIS)),
+                              out_specs=(P(), P(parallel.AXIS)))
+  sums, per_example = jax.device_get(fn(state, parallel.shard_batch(batch, mesh)))
   assert float(sums['count']) == 11
   assert 0 <= float(sums['top1']) <= float(sums['top5']) <= 11
+  # Per-example outputs come back whole, in batch order: probabilities and the mask.
+  assert per_example['probs'].shape == (16, 4)
+  np.testing.assert_allclose(per_example['probs'].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(per_example['mask'], batch['mask'])
+  hits = np.argmax(per_example['probs'], -1) == np.argmax(batch['labels'], -1)
+  assert float(sums['top1']) == np.sum(hits * batch['mask'])
 
 
 def test_label_smoothing_matches_hand_computation():
@@ -108,3 +115,41 @@ def test_batch_that_does_not_divide_is_a_clear_error():
   mesh = parallel.make_mesh(jax.devices()[:8])
   with pytest.raises(ValueError, match='does not divide evenly over the 8 devices'):
     parallel.check_batch_size(100, mesh)
+
+
+def test_ema_decay_matches_hand_computation():
+  batch = _batch()
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  model = _tiny_model()
+  tx, _ = optim.make_optimizer(_config(), total_steps=10)
+  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
+                                    input_shape=(16, 16, 1), ema=True),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  fn = parallel.data_parallel(
+      functools.partial(step_lib.train_step, model=model, tx=tx, ema_decay=0.9), mesh,
+      in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  p0 = jax.device_get(state.params)
+  s1, _ = fn(state, parallel.shard_batch(batch, mesh))
+  s2, _ = fn(s1, parallel.shard_batch(batch, mesh))
+  p1, p2, ema = jax.device_get((s1.params, s2.params, s2.ema_params))
+  # ema_0 = p0; ema_1 = 0.9 p0 + 0.1 p1; ema_2 = 0.9 ema_1 + 0.1 p2.
+  for a, b, c, e in zip(*(jax.tree.leaves(t) for t in (p0, p1, p2, ema))):
+    np.testing.assert_allclose(e, 0.9 * (0.9 * a + 0.1 * b) + 0.1 * c, rtol=1e-5, atol=1e-7)
+  stats = jax.device_get((state.batch_stats, s1.batch_stats, s1.ema_batch_stats))
+  for a, b, e in zip(*(jax.tree.leaves(t) for t in stats)):
+    np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(ema)[0], jax.tree.leaves(p2)[0])
+  ema_view = s2.ema()
+  assert ema_view.params is s2.ema_params and ema_view.batch_stats is s2.ema_batch_stats
+
+
+def test_sigmoid_xent_and_precision_at_1():
+  logits = jnp.array([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
+  labels = jnp.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+  expected = [-np.sum(y * np.log(jax.nn.sigmoid(x)) + (1 - y) * np.log(1 - jax.nn.sigmoid(x)))
+              for x, y in zip(np.asarray(logits), np.asarray(labels))]
+  np.testing.assert_allclose(step_lib.sigmoid_xent(logits, labels), expected, rtol=1e-5)
+  # Row 0's top class (0) is a true one, row 1's (1) is not.
+  np.testing.assert_array_equal(step_lib.top1_hits(logits, labels), [True, False])
+  with pytest.raises(ValueError, match='sigmoid_xent'):
+    step_lib.loss_fn_for('hinge')

@@ -26,24 +26,46 @@ def _crash_after(monkeypatch, n_batches):
   monkeypatch.setattr(data, 'train_iterator', iterator)
 
 
+def _full_config(tiny_config, data_dir):
+  """The tiny config with the eval reports, an EMA and mixup/CutMix on."""
+  c = tiny_config(data_dir, eval_reports=True, ema_decay=0.8)
+  c.mixup.mixup_alpha = 0.2
+  c.mixup.cutmix_alpha = 1.0
+  return c
+
+
 def test_train_checkpoint_crash_resume_and_eval(data_dir, tiny_config, tmp_path, monkeypatch):
   assert jax.device_count() == 8
   ref_dir, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
 
-  reference = train.train_and_evaluate(tiny_config(data_dir), ref_dir)
+  reference = train.train_and_evaluate(_full_config(tiny_config, data_dir), ref_dir)
   assert reference['examples'] == NUM_TEST  # every eval example scored exactly once
 
   with monkeypatch.context() as m:
     _crash_after(m, 8)  # dies at step 9, after the checkpoint of step 6
     with pytest.raises(Crash):
-      train.train_and_evaluate(tiny_config(data_dir), run_dir)
+      train.train_and_evaluate(_full_config(tiny_config, data_dir), run_dir)
   assert checkpoints.Checkpointer(run_dir).latest_step() == 6
 
-  resumed = train.train_and_evaluate(tiny_config(data_dir), run_dir)
-  # Batches are a pure function of (seed, step), so the resumed run is the same run.
-  for key in ('loss', 'top1', 'top5'):
+  resumed = train.train_and_evaluate(_full_config(tiny_config, data_dir), run_dir)
+  # Batches (and mixup draws) are a pure function of (seed, step) and the EMA is in the
+  # checkpoint, so the resumed run is the same run.
+  for key in ('loss', 'top1', 'top5', 'ema_loss', 'ema_top1', 'ece'):
     np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-5, atol=1e-6)
   assert resumed['examples'] == NUM_TEST
+  assert reference['ema_loss'] != reference['loss']  # the EMA weights are scored separately
+
+  # The eval reports of every eval: JSON + PNGs in WORKDIR/reports, numbers in the metrics.
+  for step in (6, 12):
+    report = json.loads((tmp_path / 'run' / 'reports' / f'report_{step}.json').read_text())
+    assert report['num_examples'] == NUM_TEST
+    assert sum(map(sum, report['confusion_matrix'])) == NUM_TEST
+    assert report['scalars']['top1'] == pytest.approx(
+        [r for r in writers.read_metrics(run_dir) if r.get('step') == step and
+         'eval_top1' in r][0]['eval_top1'], abs=1e-6)
+    for name in ('confusion_matrix', 'reliability'):
+      png = tmp_path / 'run' / 'reports' / f'{name}_{step}.png'
+      assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
   records = writers.read_metrics(run_dir)
   steps = [r['step'] for r in records if 'train_loss' in r]
@@ -62,7 +84,7 @@ def test_train_checkpoint_crash_resume_and_eval(data_dir, tiny_config, tmp_path,
   assert saved['model'] == {'name': 'resnet10', 'width': 8, 'stem': 'small'}
 
   # A rerun of a finished run does not train again and reports the same result.
-  again = train.train_and_evaluate(tiny_config(data_dir), run_dir)
+  again = train.train_and_evaluate(_full_config(tiny_config, data_dir), run_dir)
   np.testing.assert_allclose(again['top1'], resumed['top1'])
 
   scored = train.evaluate_checkpoint(run_dir, 'latest')

@@ -1,0 +1,509 @@
+"""Few-shot linear evaluation of frozen features: closed-form ridge regression, k shots per class.
+
+The "few-shot linear" probe of the ViT and BiT papers (big_vision's fewshot evaluator), written
+for imgcls. It scores how linearly separable a model's pre-logits features are from very few
+labels, during training (`FewShotEvaluator`) or for any saved checkpoint (`run_on_checkpoint`).
+
+Protocol, which fixes what a number means:
+  pool    per class, the first `pool_per_class` examples of the train split in file order.
+  draw    for seed s, each class's pool is permuted by a generator seeded with (s, class); the
+          first k examples are the k-shot set, the last `val_per_class` the held-out set
+          (disjoint, as k + val_per_class <= pool). One seed's k-shot sets are nested.
+  fit     features are centred on the k-shot set's mean and divided by its RMS norm (one
+          scalar: the relative scale of the features is kept, and l2 means the same for every
+          model). Ridge regression onto one-hot targets with an unpenalised intercept, solved in
+          closed form for the whole l2 grid from one eigendecomposition of the smaller Gram
+          matrix: the dual X Xᵀ (n x n) when n < D, the primal Xᵀ X (D x D) otherwise.
+  choose  l2: per shot count, the grid value with the best held-out top-1 (mean over seeds;
+          ties go to the larger l2). The test split never takes part in the choice, so the test
+          top-1 is an unbiased estimate; the held-out labels are extra labelled examples, used
+          only to pick one of a handful of l2 values.
+  report  test top-1 at that l2: mean and std over seeds.
+
+Linear algebra is numpy float64 on the host: the systems are small (n = k * classes, or D), and
+float64 keeps the near-singular ones (l2 = 2^-10) exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from imgcls import parallel
+from imgcls.data import pipeline, sources
+from imgcls.models import weights
+
+DEFAULT_SHOTS = (1, 5, 10, 25)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_L2_REGS = tuple(float(2.0 ** e) for e in range(-10, 11, 4))  # 2^-10, 2^-6, ..., 2^10
+DEFAULT_VAL_PER_CLASS = 10
+DEFAULT_CACHE_BYTES = 1 << 30
+
+ApplyFeatures = Callable[[np.ndarray], Any]  # images [B, H, W, C] -> features [B, D]
+
+
+class FewShotError(ValueError):
+  """Bad few-shot input; the message names the problem and the fix."""
+
+
+# ------------------------------------------------------------------ sampling
+
+def _check_ints(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
+  values = tuple(values)
+  if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
+                       for v in values):
+    raise FewShotError(f'{name} must be a non-empty sequence of ints >= {minimum}, got '
+                       f'{values!r}.')
+  return tuple(int(v) for v in values)
+
+
+def _num_classes(labels: np.ndarray, num_classes: int | None) -> int:
+  if num_classes is None:
+    return int(labels.max()) + 1 if labels.size else 0
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise FewShotError(f'labels lie in [{labels.min()}, {labels.max()}], outside the '
+                       f'{num_classes} classes [0, {num_classes}): pass the right num_classes.')
+  return num_classes
+
+
+def sample_shots(labels: np.ndarray, shots: int, seed: int, *, num_classes: int | None = None,
+                 holdout: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of exactly `shots` examples per class, and of `holdout` other ones per class.
+
+  Deterministic for (seed, class): each class's indices are permuted by
+  np.random.default_rng([seed, class]); the first `shots` are drawn, the last `holdout` held
+  out. So for one seed the k-shot sets are nested and the held-out set does not depend on k.
+  Both index arrays are grouped by class (class 0 first). Every class in [0, num_classes)
+  must have shots + holdout examples, else FewShotError naming the classes that do not.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise FewShotError(f'labels must be a 1-D integer array, got {labels.dtype} '
+                       f'{labels.shape}.')
+  (shots,), (holdout,), (seed,) = (_check_ints('shots', [shots], 1),
+                                   _check_ints('holdout', [holdout], 0),
+                                   _check_ints('seed', [seed], 0))
+  num_classes = _num_classes(labels, num_classes)
+  need = shots + holdout
+  drawn, held, short = [], [], []
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < need:
+      short.append(f'{c} ({len(idx)})')
+      continue
+    perm = np.random.default_rng([seed, c]).permutation(idx)
+    drawn.append(perm[:shots])
+    held.append(perm[len(perm) - holdout:])
+  if short:
+    raise FewShotError(
+        f'{shots}-shot needs {need} examples of every class ({shots} shots + {holdout} held out '
+        f'to choose l2), but class(es) {", ".join(short[:10])}{" ..." if len(short) > 10 else ""} '
+        f'have fewer among the {len(labels)} train examples. Lower the shots or val_per_class, '
+        'raise pool_per_class, or use a larger train split.')
+  empty = np.zeros((0,), np.int64)
+  return (np.concatenate(drawn) if drawn else empty), (np.concatenate(held) if held else empty)
+
+
+# --------------------------------------------------------------------- ridge
+
+def ridge_regression(x: np.ndarray, y: np.ndarray, l2_regs: Sequence[float]) -> np.ndarray:
+  """W [len(l2_regs), D, C] minimising ||x W - y||² + l2 ||W||² for each l2 (no intercept).
+
+  One eigendecomposition serves the whole grid: of the dual Gram x xᵀ when n < D (W = xᵀ (x xᵀ
+  + l2 I)⁻¹ y), of the primal xᵀ x otherwise (W = (xᵀ x + l2 I)⁻¹ xᵀ y); the two are equal.
+  """
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+    raise FewShotError(f'ridge_regression needs x [n, D] and y [n, C], got {x.shape} and '
+                       f'{y.shape}.')
+  l2 = np.asarray(l2_regs, np.float64)
+  if l2.ndim != 1 or not l2.size or np.any(~np.isfinite(l2)) or np.any(l2 <= 0):
+    raise FewShotError(f'l2_regs must be positive finite numbers, got {l2_regs!r}.')
+  dual = len(x) < x.shape[1]
+  gram = x @ x.T if dual else x.T @ x
+  s, u = np.linalg.eigh(gram)
+  s = np.maximum(s, 0.0)  # a Gram matrix is PSD; rounding can leave tiny negatives
+  uty = u.T @ (y if dual else x.T @ y)  # [n or D, C]
+  solved = u @ (uty[None] / (s[None, :, None] + l2[:, None, None]))  # [L, n or D, C]
+  return np.einsum('nd,lnc->ldc', x, solved) if dual else solved
+
+
+class _Probe:
+  """The k-shot set's normalisation and ridge weights for a grid of l2 values."""
+
+  def __init__(self, feats: np.ndarray, labels: np.ndarray, num_classes: int,
+               l2_regs: Sequence[float]):
+    x = feats.astype(np.float64)
+    self.mean = x.mean(axis=0)
+    x = x - self.mean
+    rms = math.sqrt(float(np.mean(np.sum(x * x, axis=1))))
+    self.scale = rms if rms > 1e-12 else 1.0  # all-equal features: nothing to scale
+    y = np.eye(num_classes)[labels]
+    self.bias = y.mean(axis=0)  # the unpenalised intercept, once x and y are centred
+    self.weights = ridge_regression(x / self.scale, y - self.bias, l2_regs)
+
+  def accuracy(self, feats: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Top-1 for each l2 of the grid, [L]; in chunks, so scores stay small for many classes."""
+    hits = np.zeros(len(self.weights))
+    for start in range(0, len(feats), chunk):
+      x = (feats[start:start + chunk].astype(np.float64) - self.mean) / self.scale
+      scores = np.einsum('md,ldc->lmc', x, self.weights) + self.bias
+      hits += np.sum(np.argmax(scores, axis=-1) == labels[None, start:start + chunk], axis=-1)
+    return hits / len(feats)
+
+
+def _check_features(name: str, feats: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+  feats, labels = np.asarray(feats), np.asarray(labels)
+  if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels):
+    raise FewShotError(f'{name} features must be [N, D] with labels [N], got {feats.shape} and '
+                       f'{labels.shape}.')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise FewShotError(f'{name} labels must be integer class ids, got {labels.dtype}.')
+  if not np.all(np.isfinite(feats)):
+    raise FewShotError(f'{name} features contain NaN or inf: the model diverged or its weights '
+                       'are corrupt. Evaluate an earlier checkpoint.')
+  return feats, labels
+
+
+def ridge_fewshot(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                  test_labels: np.ndarray, shots: Sequence[int] = DEFAULT_SHOTS,
+                  seeds: Sequence[int] = DEFAULT_SEEDS,
+                  l2_regs: Sequence[float] = DEFAULT_L2_REGS, *,
+                  val_per_class: int = DEFAULT_VAL_PER_CLASS, num_classes: int | None = None,
+                  prefix: str = 'fewshot') -> dict[str, float]:
+  """Few-shot ridge-regression top-1 on the test features (the protocol of the module doc).
+
+  train_feats/labels are the pool the k-shot and held-out sets are drawn from. Returns, per k
+  in shots: {prefix}_{k}shot_top1 (test, mean over seeds), ..._top1_std, ..._l2 (chosen on the
+  held-out set) and ..._val_top1 (held-out top-1 at that l2; absent when val_per_class=0,
+  which needs a single l2).
+  """
+  train_feats, train_labels = _check_features('train', train_feats, train_labels)
+  test_feats, test_labels = _check_features('test', test_feats, test_labels)
+  if train_feats.shape[1] != test_feats.shape[1]:
+    raise FewShotError(f'train features have D={train_feats.shape[1]}, test features '
+                       f'D={test_feats.shape[1]}: extract both with the same model.')
+  if not len(test_labels):
+    raise FewShotError('no test examples: pass a non-empty test split.')
+  shots = _check_ints('shots', shots, 1)
+  seeds = _check_ints('seeds', seeds, 0)
+  (val_per_class,) = _check_ints('val_per_class', [val_per_class], 0)
+  l2_regs = tuple(float(v) for v in l2_regs)
+  if val_per_class == 0 and len(l2_regs) > 1:
+    raise FewShotError(f'choosing among {len(l2_regs)} l2 values needs held-out examples: '
+                       'set val_per_class >= 1, or pass a single l2 in l2_regs.')
+  if num_classes is None:
+    num_classes = int(max(train_labels.max(initial=-1), test_labels.max())) + 1
+  _num_classes(test_labels, num_classes)
+
+  out = {}
+  for k in shots:
+    val_acc, probes = [], []
+    for seed in seeds:
+      drawn, held = sample_shots(train_labels, k, seed, num_classes=num_classes,
+                                 holdout=val_per_class)
+      probe = _Probe(train_feats[drawn], train_labels[drawn], num_classes, l2_regs)
+      val_acc.append(probe.accuracy(train_feats[held], train_labels[held]) if len(held)
+                     else np.zeros(len(l2_regs)))
+      probes.append(probe)
+    mean_val = np.mean(val_acc, axis=0)
+    best = max(range(len(l2_regs)), key=lambda i: (mean_val[i], l2_regs[i]))
+    test_acc = []
+    for probe in probes:  # only the chosen l2 is scored on the test set
+      probe.weights = probe.weights[best:best + 1]
+      test_acc.append(float(probe.accuracy(test_feats, test_labels)[0]))
+    name = f'{prefix}_{k}shot'
+    out[f'{name}_top1'] = float(np.mean(test_acc))
+    out[f'{name}_top1_std'] = float(np.std(test_acc))
+    out[f'{name}_l2'] = l2_regs[best]
+    if val_per_class:
+      out[f'{name}_val_top1'] = float(mean_val[best])
+  return out
+
+
+# ------------------------------------------------------------------ features
+
+Batch = tuple[np.ndarray | None, np.ndarray, np.ndarray]  # images, int labels, bool mask
+
+
+def _stream(builder, split: str, pp: str, batch_size: int, label_key: str) -> Iterator[Batch]:
+  """The whole split in file order, as padded batches from the exact eval pipeline.
+
+  Read as one process (process_count=1): every process of a multi-host run reads the whole
+  split and computes the same few-shot result, with no gather.
+  """
+  data = pipeline.eval_data(builder, split=split, pp=pp, global_batch_size=batch_size,
+                            process_index=0, process_count=1)
+  for batch in data:
+    if label_key not in batch:
+      raise FewShotError(f'the pp {pp!r} leaves no {label_key!r} in the examples of '
+                         f'{builder.name} {split} (keys: {sorted(batch)}): drop keep(...) from '
+                         'it, or pass label_key= naming the integer class label.')
+    yield (batch.get('image'), np.asarray(batch[label_key]).astype(np.int64),
+           np.asarray(batch['mask']) > 0)
+
+
+def _apply(apply_features: ApplyFeatures, images: np.ndarray) -> np.ndarray:
+  feats = np.asarray(apply_features(images), np.float32)
+  if feats.ndim != 2 or len(feats) != len(images):
+    raise FewShotError(f'apply_features must map images [B, ...] to features [B, D]; for '
+                       f'{images.shape} it returned {feats.shape}.')
+  return feats
+
+
+def _collect(batches: Iterable[Batch], apply_features: ApplyFeatures | None = None, *,
+             max_examples: int | None = None, max_per_class: int | None = None,
+             num_classes: int | None = None, cache_bytes: int = 0):
+  """(labels, features, images) of the real examples in order; stops reading when enough.
+
+  max_examples keeps the first examples; max_per_class the first ones of each of num_classes
+  classes, stopping once all are full. Features are None without apply_features; images are
+  kept (for a cache) while they fit in cache_bytes, else None.
+  """
+  labels, feats, images, seen, nbytes = [], [], [], 0, 0
+  counts = np.zeros(num_classes or 0, np.int64)
+  for x, y, mask in batches:
+    keep = mask.copy()
+    if max_examples is not None:
+      keep &= np.cumsum(mask) <= max_examples - seen
+    if max_per_class is not None:
+      if np.any(y[mask] >= num_classes) or np.any(y[mask] < 0):
+        raise FewShotError(f'labels {sorted(set(y[mask].tolist()))[:5]}... lie outside the '
+                           f'{num_classes} classes: pass the dataset\'s num_classes.')
+      for i in np.flatnonzero(keep):  # a host loop over one batch: cheap
+        keep[i] = counts[y[i]] < max_per_class
+        counts[y[i]] += keep[i]
+    seen += int(mask.sum())
+    if keep.any():
+      labels.append(y[keep])
+      if apply_features is not None:
+        feats.append(_apply(apply_features, x)[keep])
+      if images is not None and cache_bytes:
+        images.append(np.asarray(x)[keep])
+        nbytes += images[-1].nbytes
+        images = images if nbytes <= cache_bytes else None  # too big: stream every time
+    if ((max_examples is not None and seen >= max_examples) or
+        (max_per_class is not None and np.all(counts >= max_per_class))):
+      break
+  if not labels:
+    raise FewShotError('no examples were read: the split is empty or max_examples is 0.')
+  return (np.concatenate(labels), np.concatenate(feats) if feats else None,
+          np.concatenate(images) if images and cache_bytes else None)
+
+
+def extract_features(apply_features: ApplyFeatures, builder, split: str, pp: str,
+                     batch_size: int, max_examples: int | None = None, *,
+                     max_per_class: int | None = None, num_classes: int | None = None,
+                     label_key: str = 'label') -> tuple[np.ndarray, np.ndarray]:
+  """(features [N, D] float32, labels [N] int64) of a split's examples, in file order.
+
+  apply_features(images [batch_size, ...]) -> [batch_size, D] sees the padded batches of the
+  exact eval pipeline (`eval_data` with pp); the padding is dropped by the mask. max_examples
+  reads only the first examples; max_per_class (with num_classes) keeps the first
+  max_per_class of each class and stops reading once every class has them.
+  """
+  if max_per_class is not None and not num_classes:
+    raise FewShotError('max_per_class needs num_classes (the classes to fill).')
+  labels, feats, _ = _collect(_stream(builder, split, pp, batch_size, label_key), apply_features,
+                              max_examples=max_examples, max_per_class=max_per_class,
+                              num_classes=num_classes)
+  return feats, labels
+
+
+def make_features_fn(model, mesh=None) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """fn(variables, images) -> pre-logits features [B, D] float32 (numpy), jitted once.
+
+  With a mesh (training) the batch is split over its devices, so B must divide by mesh.size
+  (the eval batch size does); every process passes the same full batch and gets every row.
+  Bind the weights of the moment per eval: functools.partial(fn, {'params': ...,
+  'batch_stats': ...}).
+  """
+  apply = functools.partial(weights.features, model)
+  if mesh is None:
+    jitted = jax.jit(apply)
+    return lambda variables, images: np.asarray(jitted(variables, images), np.float32)
+  jitted = jax.jit(apply, out_shardings=parallel.replicated(mesh))
+  in_sharding = parallel.batch_sharded(mesh)
+
+  def fn(variables, images):
+    images = np.asarray(images)
+    parallel.check_batch_size(len(images), mesh, 'the few-shot batch size')
+    x = jax.make_array_from_callback(images.shape, in_sharding, lambda idx: images[idx])
+    return np.asarray(parallel.to_host(jitted(variables, x)), np.float32)
+  return fn
+
+
+# ----------------------------------------------------------------- evaluator
+
+class _Split:
+  """A split's examples for the probe: streamed through tf.data, or, once the first pass
+  showed that its preprocessed images fit in cache_bytes, kept in memory."""
+
+  def __init__(self, stream: Callable[[], Iterator[Batch]], batch_size: int, cache_bytes: int,
+               **limits):
+    self.stream, self.batch_size, self.cache_bytes, self.limits = (
+        stream, batch_size, cache_bytes, limits)
+    self.images = self.labels = None
+
+  def features(self, apply_features: ApplyFeatures) -> tuple[np.ndarray, np.ndarray]:
+    if self.images is not None:
+      return self._from_cache(apply_features), self.labels
+    labels, feats, images = _collect(self.stream(), apply_features,
+                                     cache_bytes=self.cache_bytes, **self.limits)
+    if images is not None:
+      self.images, self.labels = images, labels
+    return feats, labels
+
+  def _from_cache(self, apply_features: ApplyFeatures) -> np.ndarray:
+    out, b = [], self.batch_size
+    for start in range(0, len(self.images), b):
+      x = self.images[start:start + b]
+      pad = np.zeros((b - len(x), *x.shape[1:]), x.dtype)  # one shape: one compilation
+      out.append(_apply(apply_features, np.concatenate([x, pad]))[:len(x)])
+    return np.concatenate(out)
+
+
+class FewShotEvaluator:
+  """Few-shot ridge top-1 of a model's frozen features, cheap enough for every eval.
+
+  Construction reads the train split's labels (no image is decoded) to check that every class
+  has pool_per_class examples (default max(shots) + val_per_class): a bad setting fails before
+  training starts. Each call extracts the features of that pool (the first pool_per_class
+  examples of each class in file order) and of the test split (its first max_test_examples,
+  default all), then runs `ridge_fewshot`. pp's label ops (onehot, keep) are dropped. A
+  split's preprocessed images stay in host memory between calls when they fit in cache_bytes
+  (0: never cache).
+  """
+
+  def __init__(self, builder, train_split: str, test_split: str, pp: str, num_classes: int, *,
+               shots: Sequence[int] = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS,
+               l2_regs: Sequence[float] = DEFAULT_L2_REGS, batch_size: int = 64,
+               pool_per_class: int | None = None, val_per_class: int = DEFAULT_VAL_PER_CLASS,
+               max_test_examples: int | None = None, label_key: str = 'label',
+               cache_bytes: int = DEFAULT_CACHE_BYTES, prefix: str = 'fewshot'):
+    from imgcls import inference  # pylint: disable=g-import-not-at-top  (imports orbax)
+    self.shots = _check_ints('shots', shots, 1)
+    self.seeds = _check_ints('seeds', seeds, 0)
+    _check_ints('num_classes and batch_size', [num_classes, batch_size], 1)
+    _check_ints('val_per_class', [val_per_class], 0)
+    need = max(self.shots) + val_per_class
+    self.pool_per_class = need if pool_per_class is None else pool_per_class
+    if self.pool_per_class < need:
+      raise FewShotError(f'pool_per_class={pool_per_class} is below max(shots) + val_per_class '
+                         f'= {need}: raise it or leave it unset.')
+    if max_test_examples is not None:
+      _check_ints('max_test_examples', [max_test_examples], 1)
+    self.num_classes = num_classes
+    self.kwargs = dict(shots=self.shots, seeds=self.seeds, l2_regs=tuple(l2_regs),
+                       val_per_class=val_per_class, num_classes=num_classes, prefix=prefix)
+    self.pp = inference.image_pp(pp)
+    sources.num_examples(builder, test_split)  # a bad split name fails here
+    self._check_pool(builder, train_split, label_key)
+    stream = functools.partial(_stream, builder, pp=self.pp, batch_size=batch_size,
+                               label_key=label_key)
+    self.train = _Split(functools.partial(stream, train_split), batch_size, cache_bytes,
+                        max_per_class=self.pool_per_class, num_classes=num_classes)
+    self.test = _Split(functools.partial(stream, test_split), batch_size, cache_bytes,
+                       max_examples=max_test_examples)
+    self.examples: dict[str, int] = {}
+    logging.info('few-shot: pool of %d per class of %s %s (%d classes), test %s%s, shots %s, '
+                 'seeds %s', self.pool_per_class, builder.name, train_split, num_classes,
+                 test_split, f'[:{max_test_examples}]' if max_test_examples else '',
+                 self.shots, self.seeds)
+
+  def _check_pool(self, builder, split: str, label_key: str) -> None:
+    stream = _stream(builder, split, f'keep({label_key!r})', 1024, label_key)
+    labels, _, _ = _collect(stream, max_per_class=self.pool_per_class,
+                            num_classes=self.num_classes)
+    counts = np.bincount(labels, minlength=self.num_classes)
+    short = np.flatnonzero(counts < self.pool_per_class)
+    if short.size:
+      shown = ', '.join(f'{c} ({counts[c]})' for c in short[:10])
+      raise FewShotError(
+          f'the few-shot pool needs {self.pool_per_class} examples of every class in '
+          f'{builder.name} {split} (max(shots) + val_per_class, or pool_per_class), but '
+          f'class(es) {shown}{" ..." if short.size > 10 else ""} have fewer. Lower the shots '
+          'or val_per_class, or use a larger train split.')
+
+  def __call__(self, apply_features: ApplyFeatures) -> dict[str, float]:
+    """The probe on apply_features(images [batch_size, ...]) -> features [batch_size, D]."""
+    train_feats, train_labels = self.train.features(apply_features)
+    test_feats, test_labels = self.test.features(apply_features)
+    self.examples = {'pool': len(train_labels), 'test': len(test_labels)}
+    return ridge_fewshot(train_feats, train_labels, test_feats, test_labels, **self.kwargs)
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def run_on_checkpoint(path: str, dataset: str | None = None, train_split: str | None = None,
+                      test_split: str | None = None, *, data_dir: str | None = None,
+                      step: str | int = 'best', shots: Sequence[int] = DEFAULT_SHOTS,
+                      seeds: Sequence[int] = DEFAULT_SEEDS,
+                      l2_regs: Sequence[float] = DEFAULT_L2_REGS, pp: str | None = None,
+                      batch_size: int = 64, pool_per_class: int | None = None,
+                      val_per_class: int = DEFAULT_VAL_PER_CLASS,
+                      max_test_examples: int | None = None, num_classes: int | None = None,
+                      write: bool = True) -> dict[str, Any]:
+  """Few-shot top-1 of a saved checkpoint's features on `dataset` (protocol: module doc).
+
+  path: a workdir, its checkpoints folder or a step folder, as for imgcls.load. dataset: a
+  TFDS name or 'folder:/path'; None takes the checkpoint's own dataset, data_dir and splits
+  (train_split, eval_split). pp defaults to the checkpoint's pp_eval (image ops only): pass
+  one that resizes (and to_rgb) when the dataset's images differ from the model's. When the
+  checkpoint lies in a workdir, the result is also written to WORKDIR/fewshot_{dataset}.json.
+  """
+  from imgcls import inference  # pylint: disable=g-import-not-at-top
+  clf = inference.load(path, step)
+  own = clf.config['dataset']
+  if dataset is None:
+    dataset, data_dir = own['name'], data_dir or own.get('data_dir')
+    train_split = train_split or own.get('train_split') or 'train'
+    test_split = test_split or own.get('eval_split') or 'test'
+    folder_args = {k: own[k] for k in ('folder_split', 'folder_seed', 'skip_corrupt') if k in own}
+  else:
+    train_split, test_split, folder_args = train_split or 'train', test_split or 'test', {}
+  builder = sources.get_builder(dataset, data_dir, **folder_args)
+  if num_classes is None:
+    label = builder.info.features['label'] if 'label' in builder.info.features else None
+    num_classes = getattr(label, 'num_classes', None)
+    if not num_classes:
+      raise FewShotError(f'{dataset} has no ClassLabel feature "label": pass num_classes=.')
+  pp = inference.image_pp(pp or clf.config['pp_eval'])
+  features_fn = make_features_fn(clf.model)
+
+  def apply_features(images):
+    if images.shape[1:] != clf.image_shape:
+      raise FewShotError(
+          f'the pp {pp!r} makes {dataset} images {images.shape[1:]}, but the model takes '
+          f'{clf.image_shape}: pass pp= with resize({clf.image_shape[0]}, {clf.image_shape[1]})'
+          f'{" and to_rgb" if clf.image_shape[-1] == 3 else ""} before the value ops.')
+    return features_fn(clf.variables, images)
+
+  # No cache: each split is read once.
+  evaluator = FewShotEvaluator(builder, train_split, test_split, pp, num_classes, shots=shots,
+                               seeds=seeds, l2_regs=l2_regs, batch_size=batch_size,
+                               pool_per_class=pool_per_class, val_per_class=val_per_class,
+                               max_test_examples=max_test_examples, cache_bytes=0)
+  result: dict[str, Any] = evaluator(apply_features)
+  result.update(step=clf.step, checkpoint=clf.path, dataset=dataset, train_split=train_split,
+                test_split=test_split, pp=pp, num_classes=num_classes,
+                pool_per_class=evaluator.pool_per_class, val_per_class=val_per_class,
+                seeds=list(evaluator.seeds), l2_regs=list(evaluator.kwargs['l2_regs']),
+                test_examples=evaluator.examples['test'])
+  step_dir = epath.Path(clf.path)
+  if write and step_dir.parent.name == 'checkpoints' and jax.process_index() == 0:
+    name = re.sub(r'[^\w.-]+', '_', dataset).strip('_')  # 'folder:/a/b' -> 'folder_a_b'
+    out = step_dir.parent.parent / f'fewshot_{name}.json'
+    out.write_text(json.dumps(result, indent=2))
+    result['written_to'] = str(out)
+  return result

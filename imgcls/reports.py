@@ -1,0 +1,419 @@
+"""Evaluation reports people read: per-class numbers, calibration, errors, figures.
+
+`single_label_report` (softmax classifiers) and `multi_label_report` (sigmoid
+classifiers) turn predictions gathered on the host into a `Report`;
+`write_report` puts it on disk as one JSON file and PNGs. Pure numpy and
+matplotlib (Agg, no pyplot state), so it runs anywhere after `jax.device_get`.
+Average precision and F1 are written here because sklearn is not a dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+from etils import epath
+from matplotlib import image as mpl_image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+MAX_TICK_LABELS = 40  # beyond this many classes the axes drop their class names
+
+
+@dataclasses.dataclass
+class Report:
+  """One evaluation, ready to log.
+
+  Attributes:
+    scalars: headline numbers for TensorBoard (`writer.write_scalars(step, scalars)`).
+    json: everything, JSON-serialisable (NaN is stored as None).
+    images: uint8 RGB [H, W, 3] renders of the figures. clu's `writer.write_images`
+      wants [N, H, W, C]: pass `{k: v[None] for k, v in images.items()}`.
+  """
+  scalars: dict[str, float]
+  json: dict[str, Any]
+  images: dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------ checks, helpers
+
+def _scores(name: str, a: Any, hint: str) -> np.ndarray:
+  """[N, C] finite scores in [0, 1], as float64."""
+  a = np.asarray(a)
+  if a.ndim != 2 or 0 in a.shape or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+    raise ValueError(f'{name} has shape {a.shape} and dtype {a.dtype}; expected numbers of '
+                     'shape [N, C] (examples, classes) with N > 0 and C > 0.')
+  a = a.astype(np.float64)
+  if not np.all(np.isfinite(a)):
+    raise ValueError(f'{name} has {np.sum(~np.isfinite(a))} NaN/inf values; expected finite.')
+  if a.min() < -1e-3 or a.max() > 1 + 1e-3:  # slack for low-precision softmax/sigmoid
+    raise ValueError(f'{name} lies in [{a.min():.3g}, {a.max():.3g}]; expected values in [0, 1] '
+                     f'(these look like logits: {hint}).')
+  return np.clip(a, 0.0, 1.0)
+
+
+def _names(label_names: Sequence[str] | None, c: int) -> list[str]:
+  if label_names is None:
+    return [str(i) for i in range(c)]
+  if len(label_names) != c:
+    raise ValueError(f'label_names has {len(label_names)} entries; expected one per class ({c}).')
+  return [str(n) for n in label_names]
+
+
+def _plain(x: Any) -> Any:
+  """numpy values to JSON ones; non-finite floats become None."""
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (np.ndarray, np.generic)):
+    x = x.tolist()
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _figure(w: float, h: float) -> Figure:
+  fig = Figure(figsize=(w, h), dpi=100, layout='constrained')
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _render(fig: Figure) -> np.ndarray:
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _class_ticks(ax, names: list[str], axes: str) -> None:
+  if len(names) > MAX_TICK_LABELS:
+    return  # 100+ names are unreadable; the JSON has the numbers
+  ticks, size = np.arange(len(names)), 8 if len(names) <= 15 else 6
+  if 'x' in axes:
+    ax.set_xticks(ticks, names, rotation=90, fontsize=size)
+  if 'y' in axes:
+    ax.set_yticks(ticks, names, fontsize=size)
+
+
+# ------------------------------------------------------------------ single-label
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
+                     num_bins: int) -> tuple[float, dict[str, np.ndarray]]:
+  """ECE over equal-width confidence bins (lo, hi]; returns (ece, per-bin arrays)."""
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  idx = np.searchsorted(edges[1:-1], confidence, side='left')  # 0 and edge values go left
+  count = np.bincount(idx, minlength=num_bins)
+  with np.errstate(invalid='ignore'):  # empty bins: NaN
+    acc = np.bincount(idx, weights=correct.astype(np.float64), minlength=num_bins) / count
+    conf = np.bincount(idx, weights=confidence, minlength=num_bins) / count
+  ece = float(np.nansum(np.abs(acc - conf) * count) / len(confidence))
+  return ece, {'edges': edges, 'count': count, 'accuracy': acc, 'confidence': conf}
+
+
+def single_label_report(probs: np.ndarray, labels: np.ndarray,
+                        label_names: Sequence[str] | None = None,
+                        images: np.ndarray | None = None,
+                        num_bins: int = 15, grid_size: int = 16) -> Report:
+  """Accuracy, per-class accuracy, confusion matrix, calibration and worst errors.
+
+  Args:
+    probs: [N, C] softmax probabilities.
+    labels: [N] integer class ids.
+    label_names: C display names (default: the ids).
+    images: optional [N, H, W, 1|3] (or [N, H, W]) inputs, any value range; when
+      given, a grid of the `grid_size` most confidently wrong examples is drawn. A mapping
+      {example index: image} works too (the training loop keeps only its worst errors);
+      the grid then shows those of the worst errors it holds.
+    num_bins: equal-width confidence bins for the ECE and reliability diagram.
+    grid_size: how many confidently wrong examples to list and draw.
+  """
+  probs = _scores('probs', probs, 'apply softmax first')
+  n, c = probs.shape
+  labels = np.asarray(labels)
+  if labels.shape != (n,):
+    raise ValueError(f'labels has shape {labels.shape}; expected [N] = ({n},) to match probs '
+                     f'{probs.shape} (class ids, not one-hot: use argmax(-1)).')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels has dtype {labels.dtype}; expected integer class ids.')
+  if labels.min() < 0 or labels.max() >= c:
+    raise ValueError(f'labels lie in [{labels.min()}, {labels.max()}]; expected class ids in '
+                     f'[0, {c - 1}] for probs with C = {c}.')
+  if num_bins < 1 or grid_size < 0:
+    raise ValueError(f'num_bins={num_bins}, grid_size={grid_size}; expected >= 1 and >= 0.')
+  names = _names(label_names, c)
+  if isinstance(images, Mapping):
+    images = {int(i): _image(x) for i, x in images.items()}
+  elif images is not None:
+    images = np.asarray(images, np.float64)
+    images = images[..., None] if images.ndim == 3 else images
+    if images.ndim != 4 or images.shape[0] != n or images.shape[-1] not in (1, 3):
+      raise ValueError(f'images has shape {images.shape}; expected [N, H, W, 1 or 3] with '
+                       f'N = {n} as in probs.')
+
+  pred = probs.argmax(-1)
+  correct = pred == labels
+  confidence = probs.max(-1)
+  count = np.bincount(labels, minlength=c)
+  with np.errstate(invalid='ignore'):
+    class_acc = np.bincount(labels, weights=correct, minlength=c) / count
+  confusion = np.bincount(labels * c + pred, minlength=c * c).reshape(c, c)
+  ece, bins = calibration_bins(confidence, correct, num_bins)
+  wrong = np.flatnonzero(~correct)
+  worst = wrong[np.argsort(-confidence[wrong], kind='stable')][:grid_size]
+
+  scalars = {'top1': float(correct.mean()), 'ece': ece,
+             'mean_class_accuracy': float(np.nanmean(class_acc))}
+  if c >= 5:  # stable sort: lower class id wins ties, as lax.top_k does
+    top5 = np.argsort(-probs, axis=1, kind='stable')[:, :5]
+    scalars['top5'] = float(np.mean(np.any(top5 == labels[:, None], axis=1)))
+  report_json = {
+      'kind': 'single_label', 'num_examples': n, 'num_classes': c, 'label_names': names,
+      'scalars': scalars,
+      'per_class': {'accuracy': class_acc, 'count': count},
+      'confusion_matrix': confusion,  # rows: true class, columns: predicted class
+      'calibration': bins,  # per bin (edges[i], edges[i + 1]]
+      'confident_errors': [{'index': i, 'true': labels[i], 'pred': pred[i],
+                            'prob': confidence[i]} for i in worst],
+  }
+  figures = {'confusion_matrix': _confusion_figure(confusion, names),
+             'reliability': _reliability_figure(bins, ece)}
+  shown = worst if not isinstance(images, dict) else [i for i in worst if i in images]
+  if images is not None and len(shown):
+    figures['confident_errors'] = _errors_figure(images, np.asarray(shown), labels, pred,
+                                                 confidence, names)
+  return Report(scalars, _plain(report_json), figures)
+
+
+def _image(x: Any) -> np.ndarray:
+  """One image as float [H, W, 1|3]."""
+  x = np.asarray(x, np.float64)
+  x = x[..., None] if x.ndim == 2 else x
+  if x.ndim != 3 or x.shape[-1] not in (1, 3):
+    raise ValueError(f'an image has shape {x.shape}; expected [H, W, 1 or 3].')
+  return x
+
+
+def _confusion_figure(confusion: np.ndarray, names: list[str]) -> np.ndarray:
+  c = len(names)
+  rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+  side = min(max(5.0, 0.35 * c + 2.5), 12.0)
+  fig = _figure(side + 1, side)
+  ax = fig.subplots()
+  im = ax.imshow(rows, cmap='Blues', vmin=0, vmax=1, interpolation='nearest')
+  fig.colorbar(im, ax=ax, shrink=0.8, label='fraction of the true class')
+  _class_ticks(ax, names, 'xy')
+  if c <= 12:  # cell values only where they fit
+    for (i, j), v in np.ndenumerate(rows):
+      if confusion[i, j]:
+        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=7,
+                color='white' if v > 0.5 else 'black')
+  ax.set(xlabel='predicted', ylabel='true', title='confusion matrix (row-normalised)')
+  return _render(fig)
+
+
+def _reliability_figure(bins: dict[str, np.ndarray], ece: float) -> np.ndarray:
+  lo, width = bins['edges'][:-1], np.diff(bins['edges'])
+  fig = _figure(5, 6)
+  ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+  ax.bar(lo, np.nan_to_num(bins['accuracy']), width, align='edge', edgecolor='k',
+         label='accuracy')
+  ax.plot(lo + width / 2, bins['confidence'], 'ro', label='mean confidence')
+  ax.plot([0, 1], [0, 1], 'k--', label='perfect calibration')
+  ax.set(ylabel='accuracy', xlim=(0, 1), ylim=(0, 1), title=f'reliability (ECE = {ece:.4f})')
+  ax.legend(loc='upper left', fontsize='small')
+  ax_n.bar(lo, bins['count'], width, align='edge', edgecolor='k', color='gray')
+  ax_n.set(xlabel='confidence (max probability)', ylabel='examples')
+  return _render(fig)
+
+
+def _errors_figure(images: np.ndarray, idx: np.ndarray, labels: np.ndarray, pred: np.ndarray,
+                   confidence: np.ndarray, names: list[str]) -> np.ndarray:
+  cols = math.ceil(math.sqrt(len(idx)))
+  rows = math.ceil(len(idx) / cols)
+  fig = _figure(2.2 * cols, 2.3 * rows)
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  for ax in axes[len(idx):]:
+    ax.axis('off')
+  for ax, i in zip(axes, idx):
+    ax.set(xticks=[], yticks=[])
+    x = images[i]
+    span = x.max() - x.min()  # per-image rescale: inputs come in any range
+    x = (x - x.min()) / span if span > 0 else np.zeros_like(x)
+    ax.imshow(x[..., 0] if x.shape[-1] == 1 else x, cmap='gray', vmin=0, vmax=1)
+    ax.set_title(f'true: {names[labels[i]]} / pred: {names[pred[i]]} (p={confidence[i]:.2f})',
+                 fontsize=7, wrap=True)
+  fig.suptitle('most confidently wrong')
+  return _render(fig)
+
+
+# ------------------------------------------------------------------ multi-label
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Per-column non-interpolated AP: mean over positives of the precision at their score.
+
+  Precision at score s counts everything scoring >= s, so tied scores count together
+  and the order of ties does not matter. Columns without positives: NaN.
+  """
+  ap = np.full(scores.shape[1], np.nan)
+  for k in range(scores.shape[1]):
+    pos = np.sort(scores[targets[:, k].astype(bool), k])
+    if len(pos):
+      n_above = len(scores) - np.searchsorted(np.sort(scores[:, k]), pos, 'left')
+      tp_above = len(pos) - np.searchsorted(pos, pos, 'left')
+      ap[k] = np.mean(tp_above / n_above)
+  return ap
+
+
+def f1_scores(pred: np.ndarray, targets: np.ndarray) -> tuple[float, float, np.ndarray]:
+  """(micro, macro, per-class) F1 of boolean [N, C] predictions.
+
+  A class with no positives and no predictions has no F1 (NaN) and is left out of macro.
+  """
+  tp = (pred & targets).sum(0)
+  denom = pred.sum(0) + targets.sum(0)  # 2TP + FP + FN
+  per_class = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+  micro = 2 * tp.sum() / denom.sum() if denom.sum() else math.nan
+  macro = float(np.nanmean(per_class)) if np.any(denom > 0) else math.nan
+  return float(micro), macro, per_class
+
+
+def micro_f1_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Micro F1 of `scores >= t` at every distinct score t (descending); exact, one sort."""
+  s, t = scores.ravel(), targets.ravel()
+  order = np.argsort(-s, kind='stable')
+  s, tp = s[order], np.cumsum(t[order])
+  end = np.flatnonzero(np.append(s[:-1] != s[1:], True))  # last index of each tie group
+  return s[end], 2 * tp[end] / (end + 1 + t.sum())
+
+
+def tune_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+  """(threshold, F1): the global threshold maximising micro F1 of `scores >= threshold`.
+
+  The midpoint below the best distinct score: same F1 here, less tied to these scores.
+  """
+  thresholds, f1 = micro_f1_curve(scores, targets)
+  k = int(np.argmax(f1))
+  best = thresholds[k]
+  if k + 1 < len(thresholds):
+    mid = (best + thresholds[k + 1]) / 2
+    best = mid if thresholds[k + 1] < mid <= best else best
+  return float(best), float(f1[k])
+
+
+def multi_label_report(scores: np.ndarray, targets: np.ndarray,
+                       label_names: Sequence[str] | None = None, threshold: float = 0.5,
+                       val_scores: np.ndarray | None = None,
+                       val_targets: np.ndarray | None = None) -> Report:
+  """Per-class AP, mAP, micro/macro F1 at `threshold`, and optionally a tuned threshold.
+
+  Args:
+    scores: [N, C] sigmoid scores.
+    targets: [N, C] multi-hot {0, 1}.
+    label_names: C display names (default: the ids).
+    threshold: a class is predicted when its score >= threshold.
+    val_scores, val_targets: [M, C] validation data; when given, the global threshold
+      maximising validation micro F1 is chosen, and F1 on (scores, targets) is
+      reported at it too (`*_tuned`).
+  """
+  scores = _scores('scores', scores, 'apply sigmoid first')
+  targets = _targets(targets, scores)
+  c = scores.shape[1]
+  names = _names(label_names, c)
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f'threshold is {threshold}; expected a score in [0, 1].')
+  if (val_scores is None) != (val_targets is None):
+    raise ValueError('pass both val_scores and val_targets, or neither.')
+  if val_scores is not None:
+    val_scores = _scores('val_scores', val_scores, 'apply sigmoid first')
+    if val_scores.shape[1] != c:
+      raise ValueError(f'val_scores has {val_scores.shape[1]} classes; expected C = {c} as in '
+                       'scores.')
+    val_targets = _targets(val_targets, val_scores, 'val_targets')
+  ap = average_precision(scores, targets)
+  mean_ap = float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else math.nan
+  micro, macro, per_class_f1 = f1_scores(scores >= threshold, targets)
+  scalars = {'map': mean_ap, 'f1_micro': micro, 'f1_macro': macro}
+  report_json = {
+      'kind': 'multi_label', 'num_examples': scores.shape[0], 'num_classes': c,
+      'label_names': names, 'threshold': threshold, 'scalars': scalars,
+      'ap_classes_excluded': int(np.isnan(ap).sum()),  # no positives: AP undefined
+      'per_class': {'ap': ap, 'f1': per_class_f1, 'positives': targets.sum(0)},
+  }
+  tuned = None
+  if val_scores is not None:
+    tuned, val_f1 = tune_threshold(val_scores, val_targets)
+    micro_t, macro_t, _ = f1_scores(scores >= tuned, targets)
+    scalars.update(threshold_tuned=tuned, f1_micro_tuned=micro_t, f1_macro_tuned=macro_t)
+    report_json['tuned'] = {'threshold': tuned, 'val_f1_micro': val_f1,
+                            'f1_micro': micro_t, 'f1_macro': macro_t}
+  figures = {'ap_per_class': _ap_figure(ap, names, mean_ap),
+             'f1_threshold': _f1_figure(scores, targets, threshold, val_scores, val_targets,
+                                        tuned)}
+  return Report(scalars, _plain(report_json), figures)
+
+
+def _targets(targets: Any, scores: np.ndarray, name: str = 'targets') -> np.ndarray:
+  targets = np.asarray(targets)
+  if targets.shape != scores.shape:
+    raise ValueError(f'{name} has shape {targets.shape}; expected {scores.shape}, the shape of '
+                     f'the scores (multi-hot [N, C]).')
+  if not np.all((targets == 0) | (targets == 1)):
+    raise ValueError(f'{name} holds values other than 0 and 1; expected multi-hot targets.')
+  return targets.astype(bool)
+
+
+def _ap_figure(ap: np.ndarray, names: list[str], mean_ap: float) -> np.ndarray:
+  c, few = len(names), len(names) <= MAX_TICK_LABELS
+  fig = _figure(min(max(5.0, 0.3 * c + 2), 14.0), 4)
+  ax = fig.subplots()  # many classes: sorted, so the shape of the distribution shows
+  ax.bar(np.arange(c), np.nan_to_num(ap if few else -np.sort(-ap)), width=0.8 if few else 1)
+  ax.axhline(np.nan_to_num(mean_ap), color='r', ls='--', label=f'mAP = {mean_ap:.4f}')
+  _class_ticks(ax, names, 'x')
+  ax.set(ylim=(0, 1), ylabel='average precision', xlabel='class' if few else 'classes, sorted',
+         title=f'AP per class ({int(np.isnan(ap).sum())} without positives excluded)')
+  ax.legend(fontsize='small')
+  return _render(fig)
+
+
+def _f1_figure(scores, targets, threshold, val_scores, val_targets, tuned) -> np.ndarray:
+  fig = _figure(6, 4)
+  ax = fig.subplots()
+  for label, s, t in [('eval', scores, targets), ('validation', val_scores, val_targets)]:
+    if s is None:
+      continue
+    x, y = micro_f1_curve(s, t)
+    keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), 2000)).astype(int))
+    ax.plot(x[keep], y[keep], drawstyle='steps-post', label=f'{label} micro F1')
+  ax.axvline(threshold, color='gray', ls=':', label=f'threshold {threshold:.3g}')
+  if tuned is not None:
+    ax.axvline(tuned, color='r', ls='--', label=f'tuned on validation {tuned:.3g}')
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='threshold', ylabel='micro F1',
+         title='F1 vs threshold')
+  ax.legend(fontsize='small')
+  return _render(fig)
+
+
+# ------------------------------------------------------------------ writing
+
+def write_report(report: Report, outdir: str | os.PathLike,
+                 step: int | None = None) -> dict[str, str]:
+  """Writes report[_STEP].json and NAME[_STEP].png into outdir; returns {name: path}.
+
+  The JSON's key is 'json'; it also records the step and the PNG file names.
+  """
+  outdir = epath.Path(outdir)  # local or cloud (gs://) workdirs alike
+  outdir.mkdir(parents=True, exist_ok=True)
+  suffix = '' if step is None else f'_{int(step)}'
+  paths = {name: outdir / f'{name}{suffix}.png' for name in report.images}
+  for name, img in report.images.items():
+    buffer = io.BytesIO()
+    mpl_image.imsave(buffer, img, format='png')
+    paths[name].write_bytes(buffer.getvalue())
+  record = dict(report.json, step=None if step is None else int(step),
+                images={k: p.name for k, p in paths.items()})
+  paths['json'] = outdir / f'report{suffix}.json'
+  # No indent: a 1000-class confusion matrix stays small.
+  paths['json'].write_text(json.dumps(record, allow_nan=False))
+  return {k: os.fspath(p) for k, p in paths.items()}
