@@ -28,7 +28,7 @@ from imgcls.checkpoints import CheckpointError
 from imgcls.data import preprocess
 
 # pp ops that work on labels or on the set of keys, not on the image: left out at inference.
-LABEL_OPS = frozenset({'onehot', 'keep'})
+LABEL_OPS = frozenset({'onehot', 'multihot', 'keep'})
 Prediction = list[tuple[str, float]]
 
 _WHERE = ('Pass a training workdir (the --workdir of `imgcls train`), its checkpoints/ '

@@ -8,6 +8,23 @@ Two layouts are read (class names = folder names, sorted; files may sit in subfo
 `val/` and `validation/` both become the split 'validation' (TFDS's name, as in
 imagenet2012), so a config can switch between a folder and a TFDS dataset unchanged.
 
+Multi-label: a file ROOT/labels.csv makes the folder a multi-label dataset, whose records
+hold 'labels' (a Sequence of ClassLabel, as in TFDS's voc; turn it into a vector with the
+`multihot` pp op) instead of 'label'. The CSV has a header row with the columns `filename`
+(relative to the root, '/'-separated) and `labels` (class names separated by ';' or spaces;
+may be empty: an image of no class); other columns are ignored:
+
+  filename,labels
+  beach/001.jpg,sea;sky;sand
+  street/002.png,car person
+  empty/003.jpg,
+
+Class names = the sorted union of all labels. Only listed files are read: other images
+under the root are ignored (and counted in the log), so a CSV may label a subset; a listed
+file that does not exist is an error. If every filename starts with a split folder
+(train/, val/, validation/, test/), those are the splits; if none does, the files are split
+by dataset.folder_split (seeded, as for the flat layout but not stratified).
+
 The folder is prepared once into data_dir/image_folder/<folder>_<path hash>_<fingerprint>/
 as an ordinary prepared TFDS dataset, so train_iterator and eval_data read it exactly like
 any other (sub-splits, process parts, exact eval). The fingerprint hashes the file list,
@@ -35,12 +52,15 @@ is the pp string's job):
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import dataclasses
 import hashlib
 import io
 import os
+import posixpath
 import re
-from typing import Iterator, Sequence
+import stat
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -58,6 +78,7 @@ EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 # Folder name -> split name. Any subset may be present.
 SPLIT_FOLDERS = {'train': 'train', 'val': 'validation', 'validation': 'validation',
                  'test': 'test'}
+CSV_NAME = 'labels.csv'  # At the root: makes the folder a multi-label dataset.
 DEFAULT_SPLIT = 'train=0.8,validation=0.1,test=0.1'
 # Bump when the conversion changes, so copies prepared by older code are not reused.
 _FORMAT = 1
@@ -161,7 +182,8 @@ def _list(root: str, name: str) -> _Listing:
   if not splits:
     if not top:
       raise DataError(f'Image folder {root} has no class folders: put the images in '
-                      'ROOT/CLASS/*.jpg (or ROOT/train/CLASS/*.jpg, ROOT/test/CLASS/*.jpg).')
+                      'ROOT/CLASS/*.jpg (or ROOT/train/CLASS/*.jpg, ROOT/test/CLASS/*.jpg), or '
+                      f'list them with their labels in ROOT/{CSV_NAME}.')
     files = {'': {c: _images(root, c, ignored) for c in top}}
     listing = _Listing(root, 'flat', top, files, ignored)
   else:
@@ -280,6 +302,128 @@ def _assign(listing: _Listing, split: dict[str, float], seed: int) -> dict[str, 
   return out
 
 
+# -------------------------------------------------------------- labels.csv
+
+@dataclasses.dataclass
+class _CsvListing:
+  """The files labels.csv lists, with their labels, per split ('': split by fractions)."""
+  root: str
+  classes: list[str]
+  files: dict[str, list[tuple[_File, tuple[str, ...]]]]
+  digest: str  # sha256 of labels.csv: a label edit alone must re-prepare.
+  unlisted: list[str]  # Images under the root that labels.csv does not list.
+
+
+def parse_labels(text: str) -> tuple[str, ...]:
+  """'cat; dog cat' -> ('cat', 'dog'): names split at ';' or whitespace, sorted, distinct."""
+  return tuple(sorted(set(re.split(r'[;\s]+', text.strip())) - {''}))
+
+
+def _read_csv(path: str) -> tuple[list[tuple[str, tuple[str, ...]]], bytes]:
+  """(filename, labels) of each row of labels.csv, checked, and the file's bytes."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    text = raw.decode('utf-8-sig')  # Spreadsheets often write a byte-order mark.
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path} is not UTF-8 text ({e}): save it as UTF-8 CSV.') from None
+  example = 'e.g.\n  filename,labels\n  images/001.jpg,cat;dog\n  images/002.jpg,'
+  reader = csv.reader(io.StringIO(text, newline=''))
+  header = [h.strip().lower() for h in next(reader, [])]
+  if 'filename' not in header or 'labels' not in header:
+    raise DataError(f'{path} needs a header row naming the columns filename and labels (found '
+                    f'{header or "an empty file"}), {example}')
+  name_col, labels_col = header.index('filename'), header.index('labels')
+  rows, lines = [], {}
+  for row in reader:
+    if not any(cell.strip() for cell in row):
+      continue
+    name = row[name_col].strip() if name_col < len(row) else ''
+    rel = posixpath.normpath(name.replace('\\', '/'))
+    if not name or rel.startswith('/') or rel == '..' or rel.startswith('../'):
+      raise DataError(f'{path} line {reader.line_num}: filename {name!r} must be a path relative '
+                      'to the folder holding labels.csv, and inside it.')
+    if rel in lines:
+      raise DataError(f'{path} lists {rel} twice (lines {lines[rel]} and {reader.line_num}): '
+                      'keep one row per image, with all its labels.')
+    lines[rel] = reader.line_num
+    rows.append((rel, parse_labels(row[labels_col]) if labels_col < len(row) else ()))
+  if not rows:
+    raise DataError(f'{path} lists no images: add one row per image, {example}')
+  return rows, raw
+
+
+def _list_csv(root: str) -> _CsvListing:
+  """The images labels.csv lists, checked; every problem found here is a DataError."""
+  path = os.path.join(root, CSV_NAME)
+  rows, raw = _read_csv(path)
+  files, missing = [], []
+  for rel, labels in rows:
+    try:
+      st = os.stat(os.path.join(root, rel))
+    except OSError:
+      st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+      missing.append(rel)
+    else:
+      files.append((_File(rel, st.st_size, st.st_mtime_ns), labels))
+  if missing:
+    more = f' and {len(missing) - _SHOWN} more' if len(missing) > _SHOWN else ''
+    raise DataError(f'{len(missing)} file(s) listed in {path} do not exist: '
+                    f'{", ".join(missing[:_SHOWN])}{more}. Fix the filename column (paths are '
+                    f'relative to {root}), or remove those rows.')
+  classes = sorted(set().union(*(labels for _, labels in rows)))
+  if not classes:
+    raise DataError(f'{path} gives no labels at all: fill the labels column (class names '
+                    "separated by ';' or spaces).")
+  in_split = [rel.split('/', 1)[0] in SPLIT_FOLDERS and '/' in rel for rel, _ in rows]
+  if all(in_split):
+    used = {rel.split('/', 1)[0] for rel, _ in rows}
+    if {'val', 'validation'} <= used:
+      raise DataError(f'{path} lists files under both val/ and validation/, which are the same '
+                      'split: use one.')
+    by_split: dict[str, list] = {}
+    for item in files:
+      by_split.setdefault(SPLIT_FOLDERS[item[0].path.split('/', 1)[0]], []).append(item)
+  elif any(in_split):
+    inside = [rel for (rel, _), s in zip(rows, in_split) if s][:2]
+    outside = [rel for (rel, _), s in zip(rows, in_split) if not s][:2]
+    raise DataError(f'{path} lists files in split folders ({", ".join(inside)}, ...) and files '
+                    f'outside them ({", ".join(outside)}, ...): put every file in train/, val/ '
+                    'or test/, or none to have them split by dataset.folder_split.')
+  else:
+    by_split = {'': files}
+  listed = {rel for rel, _ in rows}
+  unlisted = [f.path for f in _images(root, '', []) if f.path not in listed]
+  return _CsvListing(root, classes, by_split, hashlib.sha256(raw).hexdigest(), unlisted)
+
+
+def _csv_fingerprint(listing: _CsvListing, split: dict[str, float], seed: int) -> str:
+  """Hash of what the prepared copy depends on: the CSV, the files, the split settings."""
+  h = hashlib.sha256(f'{_FORMAT}|csv|{listing.digest}'.encode())
+  if '' in listing.files:
+    h.update(f'|{sorted(split.items())}|{seed}'.encode())
+  for split_name, items in sorted(listing.files.items()):
+    for f, _ in items:
+      h.update(f'\n{split_name}|{f.path}|{f.size}|{f.mtime_ns}'.encode())
+  return h.hexdigest()[:16]
+
+
+def _assign_csv(root: str, items: list, split: dict[str, float], seed: int) -> dict[str, list]:
+  """Listed files not in split folders, cut into the splits by fractions (hash order, as
+  `_assign`, but over all files at once: a multi-label set has no classes to stratify by)."""
+  names = list(split)
+  items = sorted(items, key=lambda it: hashlib.sha256(f'{seed}|{it[0].path}'.encode()).digest())
+  if len(items) < len(names):
+    raise DataError(f'Image folder {root} has {len(items)} usable image(s) in {CSV_NAME}, too '
+                    f'few to put one in each of the splits {", ".join(names)}: add images, or '
+                    "use fewer splits (dataset.folder_split, e.g. 'train=0.9,test=0.1').")
+  out, start = {}, 0
+  for s, n in zip(names, split_counts(len(items), [split[s] for s in names])):
+    out[s], start = items[start:start + n], start + n
+  return out
+
+
 # ------------------------------------------------------------- conversion
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -357,6 +501,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes a checked file plan ({split: {class: files}}) as a TFDS dataset."""
 
   name = BUILDER_NAME
+  LABEL_KEY = 'label'
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {str(VERSION): 'Images from a folder, RGB, JPEG or PNG, original sizes.'}
 
@@ -372,18 +517,25 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=f'Image classification dataset prepared from the folder {self._root}.',
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3)),
-            'label': tfds.features.ClassLabel(names=self._classes),
+            self.LABEL_KEY: self._label_feature(),
         }),
-        supervised_keys=('image', 'label'),
+        supervised_keys=('image', self.LABEL_KEY),
         # Saved with dataset_info.json, inside TFDS's atomic write of the copy.
         metadata=tfds.core.MetadataDict(self._metadata))
 
+  def _label_feature(self) -> tfds.features.FeatureConnector:
+    return tfds.features.ClassLabel(names=self._classes)
+
+  def _items(self, part) -> list[tuple[str, Any]]:
+    """(path, label) of each file in one split of the plan."""
+    return [(f.path, c) for c in sorted(part) for f in part[c]]
+
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(per_class) for split, per_class in self._plan.items()}
+    return {split: self._generate_examples(part) for split, part in self._plan.items()}
 
-  def _generate_examples(self, per_class: dict[str, list[_File]]) -> Iterator:
-    items = [(f.path, c) for c in sorted(per_class) for f in per_class[c]]
+  def _generate_examples(self, part) -> Iterator:
+    items = self._items(part)
     chunk = 256  # Bounds the encoded images held in memory at once.
     with _pool() as pool:
       for start in range(0, len(items), chunk):
@@ -391,7 +543,20 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         encoded = pool.map(_encode, [os.path.join(self._root, p) for p, _ in part])
         for (path, c), data in zip(part, encoded):
           # Key = the path: TFDS orders records by its hash, so classes come mixed.
-          yield path, {'image': data, 'label': c}
+          yield path, {'image': data, self.LABEL_KEY: c}
+
+
+class _MultiLabelBuilder(_Builder, skip_registration=True):
+  """Writes a checked plan ({split: [(file, label names)]}) with a multi-label 'labels'."""
+
+  name = BUILDER_NAME  # TFDS names each subclass after itself otherwise.
+  LABEL_KEY = 'labels'
+
+  def _label_feature(self) -> tfds.features.FeatureConnector:
+    return tfds.features.Sequence(tfds.features.ClassLabel(names=self._classes))
+
+  def _items(self, part) -> list[tuple[str, Any]]:
+    return [(f.path, list(labels)) for f, labels in part]
 
 
 # ------------------------------------------------------------------ public
@@ -410,26 +575,41 @@ def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True,
                 seed: int = 0) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for 'folder:/root'; prepares it first if the folder changed.
 
+  A ROOT/labels.csv makes it multi-label (see the module doc).
   skip_corrupt: leave out (and log) files that do not decode instead of failing.
-  split, seed: fractions and seed of the per-class split of a flat ROOT/CLASS/ folder.
+  split, seed: fractions and seed of the split of a flat ROOT/CLASS/ folder (per class), or
+    of the files a labels.csv lists outside split folders.
   """
   data_dir = sources.default_data_dir(data_dir)
   root = root_of(name)
-  listing = _list(root, name)
-  if listing.ignored:
-    more = ', ...' if len(listing.ignored) > _SHOWN else ''
-    logging.warning('Image folder %s: ignored %d file(s) without an image extension (%s): %s%s',
-                    root, len(listing.ignored), ', '.join(EXTENSIONS),
-                    ', '.join(listing.ignored[:_SHOWN]), more)
-  fractions = parse_split(split)
-  key = _key(root, _fingerprint(listing, fractions, seed))
+  prepare_fn: Callable[[], None]
+  if os.path.isfile(os.path.join(root, CSV_NAME)):
+    csv_listing = _list_csv(root)
+    if csv_listing.unlisted:
+      more = ', ...' if len(csv_listing.unlisted) > _SHOWN else ''
+      logging.warning('Image folder %s: ignored %d image(s) not listed in %s: %s%s', root,
+                      len(csv_listing.unlisted), CSV_NAME,
+                      ', '.join(csv_listing.unlisted[:_SHOWN]), more)
+    fractions = parse_split(split)
+    key = _key(root, _csv_fingerprint(csv_listing, fractions, seed))
+    prepare_fn = lambda: _prepare_csv(csv_listing, key, data_dir, skip_corrupt, fractions, seed)
+  else:
+    listing = _list(root, name)
+    if listing.ignored:
+      more = ', ...' if len(listing.ignored) > _SHOWN else ''
+      logging.warning('Image folder %s: ignored %d file(s) without an image extension (%s): '
+                      '%s%s', root, len(listing.ignored), ', '.join(EXTENSIONS),
+                      ', '.join(listing.ignored[:_SHOWN]), more)
+    fractions = parse_split(split)
+    key = _key(root, _fingerprint(listing, fractions, seed))
+    prepare_fn = lambda: _prepare(listing, key, data_dir, skip_corrupt, fractions, seed)
   builder_dir = epath.Path(data_dir) / BUILDER_NAME / key / VERSION
   if not (builder_dir / 'dataset_info.json').exists():
     if not prepare:
       raise DataError(
           f'Image folder {root} is not prepared in {data_dir} (or changed since it was): run '
           f'`imgcls prepare {PREFIX}{root} --data_dir={data_dir}`, or allow dataset.prepare.')
-    _prepare(listing, key, data_dir, skip_corrupt, fractions, seed)
+    prepare_fn()
   builder = tfds.builder_from_directory(builder_dir)
   skipped = skipped_files(builder)
   if skipped and not skip_corrupt:
@@ -459,8 +639,35 @@ def _prepare(listing: _Listing, key: str, data_dir: str, skip_corrupt: bool,
   metadata = {'root': root, 'layout': listing.layout, 'skipped': sorted(p for p, _ in bad)}
   if listing.layout == 'flat':
     metadata.update(split=fractions, seed=seed)
-  builder = _Builder(root=root, classes=listing.classes, plan=plan, key=key, data_dir=data_dir,
-                     metadata=metadata)
+  _write(_Builder(root=root, classes=listing.classes, plan=plan, key=key, data_dir=data_dir,
+                  metadata=metadata), root, key, data_dir)
+
+
+def _prepare_csv(listing: _CsvListing, key: str, data_dir: str, skip_corrupt: bool,
+                 fractions: dict[str, float], seed: int) -> None:
+  root = listing.root
+  everything = [f for items in listing.files.values() for f, _ in items]
+  logging.info('Preparing multi-label image folder %s (%d images listed in %s) into %s/%s/%s.',
+               root, len(everything), CSV_NAME, data_dir, BUILDER_NAME, key)
+  bad = _bad_files(root, everything)
+  if bad and not skip_corrupt:
+    raise _bad_error(root, bad)
+  bad_paths = {p for p, _ in bad}
+  files = {s: [it for it in items if it[0].path not in bad_paths]
+           for s, items in listing.files.items()}
+  empty = sorted(s or 'all' for s, items in files.items() if not items)
+  if empty:
+    raise DataError(f'Image folder {root}: no readable image left in split(s) {", ".join(empty)} '
+                    'once the unreadable files are skipped. Fix: replace the unreadable files.')
+  plan = _assign_csv(root, files[''], fractions, seed) if '' in files else files
+  metadata = {'root': root, 'layout': 'csv', 'skipped': sorted(bad_paths)}
+  if '' in files:
+    metadata.update(split=fractions, seed=seed)
+  _write(_MultiLabelBuilder(root=root, classes=listing.classes, plan=plan, key=key,
+                            data_dir=data_dir, metadata=metadata), root, key, data_dir)
+
+
+def _write(builder: _Builder, root: str, key: str, data_dir: str) -> None:
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   stale = _stale_copies(data_dir, key)

@@ -105,7 +105,8 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
 
   def one_epoch(epoch):
     to_skip = tf.where(epoch == first_epoch, tf.constant(first_window, tf.int64), 0)
-    windows = raw.batch(window).enumerate().skip(to_skip)
+    # ragged: multi-label records hold a variable-length 'labels' list.
+    windows = raw.ragged_batch(window).enumerate().skip(to_skip)
     return windows.map(lambda w, r: shuffle_window(epoch, w, r)).unbatch()
 
   ds = tf.data.Dataset.counter(first_epoch).flat_map(one_epoch)

@@ -107,6 +107,9 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: str,
   if base_name(name) == 'fashion_mnist':
     from imgcls.data import fashion_mnist  # pylint: disable=import-outside-toplevel
     fashion_mnist.prepare(data_dir, manual_dir=manual_dir)
+  elif base_name(name) == 'fashion_mnist_mosaic':  # built offline from fashion_mnist
+    from imgcls.data import mosaic  # pylint: disable=import-outside-toplevel
+    mosaic.prepare(data_dir, manual_dir=manual_dir, config=builder.builder_config)
   else:
     # Without network TFDS would retry its downloads for minutes: check first.
     online = network_available(download_hosts(builder))
@@ -117,19 +120,32 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: str,
   return _builder(name, data_dir)
 
 
+def class_label(builder: tfds.core.DatasetBuilder):
+  """('label', ClassLabel) of a single-label dataset, ('labels', ClassLabel) of a multi-label
+  one (a Sequence of ClassLabel, as TFDS's voc), or None."""
+  for key in ('label', 'labels'):
+    try:  # A FeaturesDict: [] works, .get does not.
+      feature = builder.info.features[key]
+    except (KeyError, TypeError):
+      continue
+    feature = getattr(feature, 'feature', feature)  # Sequence(ClassLabel) -> ClassLabel
+    if isinstance(feature, tfds.features.ClassLabel):
+      return key, feature
+  return None
+
+
 def check_num_classes(builder: tfds.core.DatasetBuilder, name: str, num_classes: int) -> None:
-  """DataError unless the dataset's 'label' ClassLabel has num_classes classes."""
-  try:  # A FeaturesDict: [] works, .get does not.
-    label = builder.info.features['label']
-  except (KeyError, TypeError):
+  """DataError unless the dataset's class label has num_classes classes."""
+  found = class_label(builder)
+  if found is None or found[1].num_classes == num_classes:
     return
-  if not isinstance(label, tfds.features.ClassLabel) or label.num_classes == num_classes:
-    return
+  key, label = found
+  op = 'onehot' if key == 'label' else 'multihot'
   names = list(label.names)
   shown = ', '.join(names[:10]) + (', ...' if len(names) > 10 else '')
   raise DataError(
       f'Dataset {name!r} has {label.num_classes} classes ({shown}), but dataset.num_classes is '
-      f'{num_classes}: set --config.dataset.num_classes={label.num_classes} (and onehot('
+      f'{num_classes}: set --config.dataset.num_classes={label.num_classes} (and {op}('
       f'{label.num_classes}) in the pp strings).')
 
 
