@@ -8,20 +8,17 @@ about 1-2 minutes per variant on a 2-core CPU (estimated from default.py, 4 epoc
 4.5 min). Longer: --config=configs/fashion_mnist_sweep.py:epochs=4
 """
 
-import importlib.util
 import os
 
+from imgcls import sweep
 from imgcls.config import parse_arg
 
 _PP_END = 'value_range(-1, 1)|onehot(10)'
 
 
 def _default_config(arg: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
-  spec = importlib.util.spec_from_file_location('imgcls_default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  here = os.path.dirname(os.path.abspath(__file__))
+  return sweep.config_from_file(f'{os.path.join(here, "default.py")}:{arg}')
 
 
 def get_config(arg=None):

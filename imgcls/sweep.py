@@ -46,6 +46,12 @@ def _call(fn: Callable, arg: str | None):
   return fn(arg) if arg is not None else fn()
 
 
+def config_from_file(config_string: str) -> ml_collections.ConfigDict:
+  """get_config(arg) of the file 'path.py[:arg]' (for configs that build on another)."""
+  module, arg = load_module(config_string)
+  return _call(module.get_config, arg)
+
+
 def format_value(value: Any) -> str:
   """A value as `--config.KEY=VALUE` parses it back (before shell quoting)."""
   if isinstance(value, bool):
@@ -82,6 +88,15 @@ def _apply(config: ml_collections.ConfigDict, key: str, value: Any) -> str | Non
   except (TypeError, ValueError) as e:
     return f"'{key}' = {value!r}: {str(e).splitlines()[0]}"
   return None
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ({'lr.base': 0.1}) in place, as a sweep variant does; returns config."""
+  errors = [e for k, v in overrides.items() if k != 'name' and (e := _apply(config, k, v))]
+  if errors:
+    raise config_lib.ConfigError('Invalid overrides:\n  - ' + '\n  - '.join(errors))
+  return config
 
 
 def variants(config_string: str, base: ml_collections.ConfigDict | None = None
