@@ -19,6 +19,8 @@ from imgcls import config as config_lib
 METRICS_FILE = 'metrics.jsonl'
 
 RESULT_COLUMNS = ('final_top1', 'best_top1', 'best_step', 'final_train_loss', 'steps')
+# Shown only when some run has them: the EMA weights' top-1 and the calibration error.
+OPTIONAL_COLUMNS = {'final_ema_top1': 'eval_ema_top1', 'final_ece': 'eval_ece'}
 
 
 class CompareError(ValueError):
@@ -57,9 +59,13 @@ def summarize(workdir: str) -> dict[str, Any]:
   evals = [(r['step'], r['eval_top1']) for r in records if 'eval_top1' in r]
   losses = [r['train_loss'] for r in records if 'train_loss' in r]
   best = max(evals, key=lambda e: (e[1], e[0])) if evals else (None, None)
-  return {'final_top1': evals[-1][1] if evals else None, 'best_top1': best[1],
-          'best_step': best[0], 'final_train_loss': losses[-1] if losses else None,
-          'steps': max((r['step'] for r in records), default=None)}
+  out = {'final_top1': evals[-1][1] if evals else None, 'best_top1': best[1],
+         'best_step': best[0], 'final_train_loss': losses[-1] if losses else None,
+         'steps': max((r['step'] for r in records), default=None)}
+  for column, key in OPTIONAL_COLUMNS.items():
+    values = [r[key] for r in records if key in r]
+    out[column] = values[-1] if values else None
+  return out
 
 
 def table(root: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -82,7 +88,8 @@ def table(root: str) -> tuple[list[str], list[dict[str, Any]]]:
     row.update({k: config.get(k) for k in differing})
     row.update(summarize(run))
     rows.append(row)
-  return ['run', *differing, *RESULT_COLUMNS], rows
+  optional = [c for c in OPTIONAL_COLUMNS if any(r[c] is not None for r in rows)]
+  return ['run', *differing, *RESULT_COLUMNS, *optional], rows
 
 
 def _cell(v: Any) -> str:

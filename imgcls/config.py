@@ -99,6 +99,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.mixup.prob = 1.0
   # Exponential moving average of the weights (0: off; e.g. 0.9999). Kept in the train state,
   # checkpointed, evaluated beside the raw weights (eval_ema_*) and preferred by imgcls.load.
+  # The decay warms up as min(ema_decay, (1 + t) / (10 + t)) (imgcls.step.ema_decay_at).
   c.ema_decay = 0.0
 
   # Loop and outputs.

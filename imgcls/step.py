@@ -92,6 +92,12 @@ def top1_hits(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return pred == labels
 
 
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """The EMA decay used for the update after `step` updates: min(decay, (1+t)/(10+t))."""
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
                loss: str = 'softmax_xent', mix: augment.MixConfig = augment.MixConfig(),
@@ -119,12 +125,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                             params=optax.apply_updates(state.params, opt_updates),
                             batch_stats=updates.get('batch_stats', state.batch_stats),
                             opt_state=opt_state)
-  if ema_decay:  # ema <- decay * ema + (1 - decay) * new
+  if ema_decay:
+    # ema <- d * ema + (1 - d) * new, with d warmed up as tf.train.ExponentialMovingAverage's
+    # num_updates (and timm's EMA warmup) do, so that short runs do not average in the init.
+    d = ema_decay_at(state.step, ema_decay)
     new_state = new_state.replace(
-        ema_params=optax.incremental_update(new_state.params, state.ema_params,
-                                            1.0 - ema_decay),
+        ema_params=optax.incremental_update(new_state.params, state.ema_params, 1.0 - d),
         ema_batch_stats=optax.incremental_update(new_state.batch_stats,
-                                                 state.ema_batch_stats, 1.0 - ema_decay))
+                                                 state.ema_batch_stats, 1.0 - d))
   grad_norm = optax.tree.norm(grads)
   correct = top1_hits(logits, labels)
   metrics = {

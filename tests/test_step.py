@@ -132,12 +132,17 @@ def test_ema_decay_matches_hand_computation():
   s1, _ = fn(state, parallel.shard_batch(batch, mesh))
   s2, _ = fn(s1, parallel.shard_batch(batch, mesh))
   p1, p2, ema = jax.device_get((s1.params, s2.params, s2.ema_params))
-  # ema_0 = p0; ema_1 = 0.9 p0 + 0.1 p1; ema_2 = 0.9 ema_1 + 0.1 p2.
+  # ema_0 = p0; ema_t+1 = d_t ema_t + (1 - d_t) p_t+1 with d_t = min(0.9, (1 + t) / (10 + t)).
+  d0, d1 = min(0.9, 1 / 10), min(0.9, 2 / 11)
   for a, b, c, e in zip(*(jax.tree.leaves(t) for t in (p0, p1, p2, ema))):
-    np.testing.assert_allclose(e, 0.9 * (0.9 * a + 0.1 * b) + 0.1 * c, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e, d1 * (d0 * a + (1 - d0) * b) + (1 - d1) * c,
+                               rtol=1e-5, atol=1e-7)
   stats = jax.device_get((state.batch_stats, s1.batch_stats, s1.ema_batch_stats))
   for a, b, e in zip(*(jax.tree.leaves(t) for t in stats)):
-    np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e, d0 * a + (1 - d0) * b, rtol=1e-5, atol=1e-7)
+  # Later the decay is the configured one.
+  np.testing.assert_allclose(step_lib.ema_decay_at(10_000, 0.9), 0.9)
+  np.testing.assert_allclose(step_lib.ema_decay_at(90, 0.999), 91 / 100)
   assert not np.allclose(jax.tree.leaves(ema)[0], jax.tree.leaves(p2)[0])
   ema_view = s2.ema()
   assert ema_view.params is s2.ema_params and ema_view.batch_stats is s2.ema_batch_stats

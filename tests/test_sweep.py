@@ -1,6 +1,7 @@
 """Sweeps from a config file's get_sweep(), and the comparison of their runs."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,18 @@ def test_compare_without_runs(tmp_path):
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 2
   assert 'imgcls: error: no runs under' in p.stderr
+
+
+def test_compare_adds_ema_and_ece_columns_when_runs_have_them(tmp_path):
+  for name, ema in (('a', 0.0), ('b', 0.99)):
+    run = tmp_path / name
+    run.mkdir()
+    (run / 'config.json').write_text(json.dumps({'ema_decay': ema}))
+    record = {'step': 5, 'eval_top1': 0.5, 'eval_ece': 0.1}
+    if ema:
+      record['eval_ema_top1'] = 0.75
+    (run / 'metrics.jsonl').write_text(json.dumps(record) + '\n')
+  columns, rows = compare.table(str(tmp_path))
+  assert columns[-2:] == ['final_ema_top1', 'final_ece']
+  assert [r['final_ema_top1'] for r in rows] == [None, 0.75]
+  assert [r['final_ece'] for r in rows] == [0.1, 0.1]
