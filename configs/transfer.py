@@ -22,7 +22,7 @@ BiT-HyperRule (Kolesnikov et al. 2020; google-research/big_transfer): SGD moment
 steps below 20k examples, 10k below 500k, else 20k; images under 96x96 px resized to 160 and
 randomly cropped to 128, larger ones to 448 and 384. The big_transfer README reports BiT-M
 R50x1 at CIFAR-10 97.3% and CIFAR-100 86.4%. BiT-HyperRule's MixUp (alpha 0.1 above 20k
-examples) is not in imgcls yet; expect a slightly lower score until it is.
+examples) is `mixup.mixup_alpha`.
 """
 
 from imgcls.config import ConfigError, defaults, parse_arg
@@ -80,6 +80,7 @@ def get_config(arg=None):
     resize, crop = (160, 128) if small else (448, 384)
     c.pp_train = f'decode(3)|resize({resize})|random_crop({crop})|flip_lr|{norm}'
     c.pp_eval = f'decode(3)|resize({crop})|{norm}'
+    c.mixup.mixup_alpha = 0.1 if examples >= 20_000 else 0.0
   else:
     raise ConfigError(f'configs/transfer.py has recipes for vit_* and bit_* models, not '
                       f'{arg.model!r}.')

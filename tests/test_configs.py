@@ -53,19 +53,20 @@ def test_image_folder_config_needs_root_and_classes():
     module.get_config(None)
 
 
-@pytest.mark.parametrize('arg,steps,lr', [
-    ('model=vit_b16,dataset=cifar10', 10_000, 0.03),
-    ('model=vit_b16,dataset=oxford_flowers102', 500, 0.03),
-    ('model=bit_r50x1,dataset=cifar100', 10_000, 0.003),
-    ('model=bit_r50x1,dataset=oxford_iiit_pet', 500, 0.003),
-    ('model=bit_r50x1,dataset=imagenet2012', 20_000, 0.003),
+@pytest.mark.parametrize('arg,steps,lr,mixup', [
+    ('model=vit_b16,dataset=cifar10', 10_000, 0.03, 0.0),
+    ('model=vit_b16,dataset=oxford_flowers102', 500, 0.03, 0.0),
+    ('model=bit_r50x1,dataset=cifar100', 10_000, 0.003, 0.1),  # HyperRule: MixUp above 20k
+    ('model=bit_r50x1,dataset=oxford_iiit_pet', 500, 0.003, 0.0),
+    ('model=bit_r50x1,dataset=imagenet2012', 20_000, 0.003, 0.1),
 ])
-def test_transfer_recipes(arg, steps, lr):
+def test_transfer_recipes(arg, steps, lr, mixup):
   spec = importlib.util.spec_from_file_location('t', CONFIGS[0].parent / 'transfer.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = config_lib.validate(module.get_config(arg))
   assert config.total_steps == steps and config.lr.base == lr and config.weight_decay == 0.0
   assert config.batch_size == 512 and config.grad_clip_norm == 1.0
+  assert config.mixup.mixup_alpha == mixup
   with pytest.raises(config_lib.ConfigError, match='mnist'):
     module.get_config('dataset=mnist')
