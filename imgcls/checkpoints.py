@@ -135,4 +135,10 @@ def check_compatible(workdir: str, config: dict[str, Any]) -> None:
         f'{old.get("dataset", {}).get("num_classes")} classes, but this config trains '
         f'{config.get("model")} with {config.get("dataset", {}).get("num_classes")} '
         'classes. Use a new --workdir, or the config that wrote this one.')
+  old_ema, new_ema = old.get('ema_decay', 0.0), config.get('ema_decay', 0.0)
+  if bool(old_ema) != bool(new_ema):  # the train state has (or lacks) the EMA copy
+    raise CheckpointError(
+        f'workdir {workdir} holds checkpoints {"with" if old_ema else "without"} an EMA of '
+        f'the weights (ema_decay={old_ema}), but this config sets ema_decay={new_ema}. '
+        f'Resume with --config.ema_decay={old_ema}, or use a new --workdir.')
   logging.info('workdir %s: resuming a run of the same model.', workdir)

@@ -67,6 +67,8 @@ def test_workdir_of_another_model(data_dir, tiny_config, tmp_path):
   c = tiny_config(data_dir, total_steps=2, eval_every_steps=2)
   c.model.width = 16
   _fails(c, workdir, checkpoints.CheckpointError, 'holds checkpoints of model')
+  with_ema = tiny_config(data_dir, total_steps=2, eval_every_steps=2, ema_decay=0.99)
+  _fails(with_ema, workdir, checkpoints.CheckpointError, 'without an EMA')
 
 
 def test_cli_reports_bad_override_and_exits_nonzero(tmp_path):
