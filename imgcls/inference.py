@@ -186,7 +186,7 @@ def _keep_tf_off_accelerators() -> None:
 # ----------------------------------------------------------------- inputs
 
 def image_pp(pp_eval: str) -> str:
-  """The eval pp string without the ops on labels (onehot, keep)."""
+  """The eval pp string without the ops on labels (LABEL_OPS: onehot, multihot, keep)."""
   ops = [op.strip() for op in pp_eval.split('|') if op.strip()]
   return '|'.join(op for op in ops if re.match(r'\w+', op).group() not in LABEL_OPS)
 

@@ -217,10 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return {}
 
   if last_eval is None:  # the run had already finished: score it again
-    last_eval, _ = evaluate.evaluate(eval_fn, state, eval_ds, mesh)
-    if state.ema_params is not None:
-      ema_eval, _ = evaluate.evaluate(eval_fn, state.ema(), eval_ds, mesh)
-      last_eval.update({f'ema_{k}': v for k, v in ema_eval.items() if k != 'examples'})
+    last_eval, _ = _score(eval_fn, state, eval_ds, mesh)
   writer.flush()
   ckpt.close()
   logging.info('final eval on %s at step %d: %s', ds.eval_split, total_steps, last_eval)
@@ -231,16 +228,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last_eval
 
 
+def _score(eval_fn, state, eval_ds, mesh, **collect):
+  """evaluate.evaluate of the raw weights, plus the EMA weights' numbers as ema_* when the
+  state keeps an EMA."""
+  result, outputs = evaluate.evaluate(eval_fn, state, eval_ds, mesh, **collect)
+  if state.ema_params is not None:
+    ema_eval, _ = evaluate.evaluate(eval_fn, state.ema(), eval_ds, mesh)
+    result.update({f'ema_{k}': v for k, v in ema_eval.items() if k != 'examples'})
+  return result, outputs
+
+
 def run_eval(config, eval_fn, state, eval_ds, mesh, workdir: str, step: int, writer,
              names: list[str] | None, val_ds=None) -> dict[str, float]:
   """Scores the raw weights (and the EMA ones, as ema_*) on every eval example and, with
   config.eval_reports, adds the report's numbers and writes its figures (imgcls.reports):
   to WORKDIR/reports/ as PNG + JSON and to TensorBoard as images."""
-  result, outputs = evaluate.evaluate(eval_fn, state, eval_ds, mesh,
-                                      collect=config.eval_reports, keep_images=16)
-  if state.ema_params is not None:
-    ema_eval, _ = evaluate.evaluate(eval_fn, state.ema(), eval_ds, mesh)
-    result.update({f'ema_{k}': v for k, v in ema_eval.items() if k != 'examples'})
+  result, outputs = _score(eval_fn, state, eval_ds, mesh, collect=config.eval_reports,
+                           keep_images=16)
   if outputs is None:
     return result
   if config.loss == 'sigmoid_xent':
