@@ -8,6 +8,7 @@ restores onto M.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -94,13 +95,31 @@ class Checkpointer:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))['state']
+      return self._restore(step, abstract)
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f'the checkpoint at step {step} in {self.directory} does not fit this model '
           f'({str(e).splitlines()[0][:300]}). It was written by a different model or '
           'config: use a new --workdir, or the config that wrote it.') from e
+
+  def _restore(self, step: int, abstract: Any) -> Any:
+    # Fields that are None in the target (the EMA copy when ema_decay is 0) are absent
+    # from checkpoints written before those fields existed; Orbax wants the trees equal,
+    # so such a checkpoint is restored as a dict without them, then put back in shape.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      on_disk = set(handler.metadata(self.directory / str(step) / 'state').tree)
+    finally:
+      handler.close()
+    fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
+    absent = {k for k, v in fields.items() if v is None and k not in on_disk}
+    if not absent:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))['state']
+    item = {k: v for k, v in fields.items() if k not in absent}
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(item)))['state']
+    return abstract.replace(**restored)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
