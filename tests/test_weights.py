@@ -19,24 +19,30 @@ def _vit(num_classes=5, **kw):
   return models.get_model('vit', num_classes=num_classes, **{**TINY_VIT, **kw})
 
 
-def _init(model, size=32, seed=0):
-  return model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+def _init(model, size=32):
+  """Zeros in the shapes of the model's variables. Abstract evaluation compiles nothing (a
+  jitted init takes seconds per model on 2 cores); _randomise draws values where they matter,
+  and a zero template also has the zero head a fresh init has."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
 
 
 def _randomise(variables, seed=1):
-  """Every leaf random (the zero head and cls would hide mistakes in the key maps)."""
+  """Every leaf random (the zero head and cls would hide mistakes in the key maps).
+
+  numpy draws them: jax.random per leaf shape compiles for most of a minute on 2 cores."""
+  rng = np.random.default_rng(seed)
   paths, tree = jax.tree_util.tree_flatten_with_path(variables)
-  keys = jax.random.split(jax.random.key(seed), len(paths))
   out = []
-  for k, (path, x) in zip(keys, paths):
-    noise = 0.5 * jax.random.normal(k, x.shape, x.dtype)
+  for path, x in paths:
+    noise = 0.5 * rng.standard_normal(x.shape).astype(x.dtype)
     is_var = jax.tree_util.keystr(path).endswith("['var']")
-    out.append(1.0 + jnp.abs(noise) if is_var else noise)  # BatchNorm variances stay positive
+    out.append(1.0 + np.abs(noise) if is_var else noise)  # BatchNorm variances stay positive
   return jax.tree.unflatten(tree, out)
 
 
 def _logits(model, variables, size=32):
-  out = np.asarray(model.apply(variables, _images(size)))
+  out = np.asarray(jax.jit(model.apply)(variables, _images(size)))
   assert np.all(np.isfinite(out)) and np.std(out) > 0
   return out
 
@@ -54,7 +60,7 @@ def test_vit_npz_round_trip_gives_the_same_logits(tmp_path, pool):
   keys = set(np.load(path).files)
   assert 'Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel' in keys
   assert 'pre_logits/kernel' in keys
-  loaded, report = weights.load_pretrained(path, _init(model, seed=3))
+  loaded, report = weights.load_pretrained(path, _init(model))
   assert report.ok() and not report.reshaped and report.fmt == 'vit_npz'
   np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
 
@@ -85,7 +91,7 @@ def test_big_vision_names_prefix_and_scan_are_read(scan):
   variables = _randomise(_init(model))
   bv = _as_big_vision(weights.from_imgcls(variables, 'vit_npz'), scan)
   assert weights.detect_format(bv) == 'vit_npz'
-  loaded, report = weights.load_pretrained(bv, _init(model, seed=3))
+  loaded, report = weights.load_pretrained(bv, _init(model))
   assert report.ok()
   np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
 
@@ -112,7 +118,7 @@ def test_new_class_count_and_resolution_reinit_head_and_resize_posemb(tmp_path):
   assert np.isclose(resized.min(), ramp.min(), atol=1.6) and resized.max() <= ramp.max() + 1e-5
   bicubic = weights.resize_posemb(ramp, 0, (8, 8), 'bicubic')
   assert not np.allclose(bicubic, resized)
-  out = dst_model.apply(loaded, _images(48))
+  out = jax.jit(dst_model.apply)(loaded, _images(48))
   assert out.shape == (2, 3) and np.all(out == 0)  # zero head: logits start at zero
   s = str(report)
   assert 'reinitialised (2)' in s and 'resized (1)' in s
@@ -151,7 +157,7 @@ def test_timm_vit_round_trip_reshapes_fused_attention():
   sd = weights.from_imgcls(variables, 'timm_vit')
   assert sd['blocks.0.attn.qkv.weight'].shape == (96, 32)
   assert weights.detect_format(sd) == 'timm_vit'
-  loaded, report = weights.load_pretrained(sd, _init(model, seed=3))
+  loaded, report = weights.load_pretrained(sd, _init(model))
   assert report.ok() and any('query/kernel' in r for r in report.reshaped)
   np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
   again = weights.from_imgcls(loaded, 'timm_vit')
@@ -168,7 +174,7 @@ def test_timm_resnet_round_trip_includes_batch_stats():
   assert sd['layer2.0.downsample.0.weight'].shape == (16, 8, 1, 1)
   assert {'bn1.running_mean', 'bn1.running_var', 'fc.weight'} <= set(sd)
   sd['bn1.num_batches_tracked'] = np.array(7)
-  loaded, report = weights.load_pretrained(sd, _init(model, seed=3))
+  loaded, report = weights.load_pretrained(sd, _init(model))
   assert report.ok() and report.fmt == 'timm_resnet'
   np.testing.assert_array_equal(_logits(model, loaded), _logits(model, variables))
 
@@ -197,10 +203,12 @@ def test_reset_head_and_features_for_every_family():
   for name, kw in (('vit', TINY_VIT), ('resnet10', {'width': 8})):
     model = models.get_model(name, num_classes=5, **kw)
     variables = _randomise(_init(model))
-    feats = weights.features(model, variables, _images())
+    new = models.get_model(name, num_classes=11, **kw)
+    feats = jax.jit(lambda v, x: weights.features(model, v, x))(variables, _images())
     assert feats.shape[0] == 2 and feats.dtype == jnp.float32
     fresh = weights.reset_head(variables, 11)
-    logits = models.get_model(name, num_classes=11, **kw).apply(fresh, _images())
+    logits = jax.jit(new.apply)(fresh, _images())
     assert logits.shape == (2, 11) and np.all(logits == 0)
-    np.testing.assert_array_equal(
-        weights.features(models.get_model(name, num_classes=11, **kw), fresh, _images()), feats)
+    np.testing.assert_allclose(
+        jax.jit(lambda v, x: weights.features(new, v, x))(fresh, _images()), feats,
+        rtol=1e-6, atol=1e-6)
