@@ -103,20 +103,16 @@ class Checkpointer:
           'config: use a new --workdir, or the config that wrote it.') from e
 
   def _restore(self, step: int, abstract: Any) -> Any:
-    # Fields that are None in the target (the EMA copy when ema_decay is 0) are absent
-    # from checkpoints written before those fields existed; Orbax wants the trees equal,
-    # so such a checkpoint is restored as a dict without them, then put back in shape.
+    # The state is restored field by field as a dict, so that a field that is None in the
+    # target (the EMA copy when ema_decay is 0) may be missing on disk: checkpoints written
+    # before TrainState had the EMA fields lack them, and Orbax wants the trees equal.
     handler = ocp.PyTreeCheckpointHandler()
     try:
       on_disk = set(handler.metadata(self.directory / str(step) / 'state').tree)
     finally:
       handler.close()
     fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
-    absent = {k for k, v in fields.items() if v is None and k not in on_disk}
-    if not absent:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))['state']
-    item = {k: v for k, v in fields.items() if k not in absent}
+    item = {k: v for k, v in fields.items() if v is not None or k in on_disk}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(item)))['state']
     return abstract.replace(**restored)
