@@ -2,31 +2,36 @@
 
 The 'simple ViT' choices of big_vision's plain-ViT baselines, which train fast on little data:
 fixed 2-D sin-cos position embeddings, global-average pooling, no dropout, a zero-init head;
-AdamW with warmup + cosine, label smoothing, random flips. 1.0M parameters. Flips alone
-beat padded crops + flips early (81.4% against 74.9% after epoch 2), so crops are off by
-default (`:aug=crop_flip` brings them back). Accuracy and wall time on the 2-core CPU are in
-the README's results table.
+AdamW with warmup + cosine, label smoothing, random flips and random erasing (p=0.25, noise
+fill). 1.0M parameters. Flips alone beat padded crops + flips early (81.4% against 74.9%
+after epoch 2), so crops are off by default (`:aug=crop_flip` brings them back). 15 epochs
+without erasing ended at 90.25% with the training top-1 5 points above the test's; 30 epochs
+with erasing close that gap. Accuracy and wall time on the 2-core CPU are in the README's
+results table.
 
 Compute is bfloat16 (parameters and logits stay float32). On a CPU run it with
 XLA_FLAGS=--xla_cpu_experimental_onednn_custom_call=true, which sends bf16 matmuls to oneDNN:
 1.8x the float32 step rate here; without the flag XLA:CPU computes bf16 slower than float32,
 so use :dtype=float32 then. On GPUs and TPUs bf16 needs no flag.
-Variants: --config=configs/fashion_mnist_vit.py:epochs=30,width=192,depth=8,heads=3,mlp=768
+Variants: --config=configs/fashion_mnist_vit.py:epochs=15,erase=0 (the 90.25% run),
+  :width=192,depth=8,heads=3,mlp=768 (wider)
 """
 
 from imgcls.config import defaults, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, epochs=15.0, width=128, depth=6, heads=4, mlp=384, patch=4,
-                  pool='gap', batch=128, lr=1e-3, dtype='bfloat16', aug='flip')
+  arg = parse_arg(arg, epochs=30.0, width=128, depth=6, heads=4, mlp=384, patch=4,
+                  pool='gap', batch=128, lr=1e-3, dtype='bfloat16', aug='flip',
+                  erase=0.25)
   c = defaults()
   c.dataset.name = 'fashion_mnist'
   c.dataset.num_classes = 10
   augs = {'none': '', 'flip': '|flip_lr', 'crop_flip': '|random_crop(28, pad=2)|flip_lr'}
   if arg.aug not in augs:
     raise ValueError(f'aug must be one of {sorted(augs)}, got {arg.aug!r}')
-  c.pp_train = f'decode{augs[arg.aug]}|value_range(-1, 1)|onehot(10)'
+  erase = f'|random_erasing({arg.erase}, value="normal")' if arg.erase else ''
+  c.pp_train = f'decode{augs[arg.aug]}|value_range(-1, 1){erase}|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
   c.model.name = 'vit'
   c.model.width = arg.width

@@ -260,5 +260,7 @@ def test_registry_and_config():
   model = models.get_model(c.model.name, num_classes=c.dataset.num_classes, **kwargs)
   _, logits = shapes(model, (2, 28, 28, 1))
   assert logits.shape == (2, 10)
+  assert 'random_erasing(0.25' in c.pp_train and c.num_epochs == 30
+  assert 'random_erasing' not in fashion_mnist_vit.get_config('erase=0').pp_train
   c = fashion_mnist_vit.get_config('width=64,depth=4,patch=7,dtype=float32')
   assert (c.model.width, c.model.depth, c.model.patch_size, c.model.dtype) == (64, 4, 7, 'float32')
