@@ -169,7 +169,7 @@ def prepare(data_dir: str | None = None, manual_dir: str | None = None,
 
 # --------------------------------------------------------------- pp op
 
-@preprocess.register('multihot')
+@preprocess.register('multihot', label_op=True)
 def get_multihot(num_classes: int, key: str = 'labels', key_result: str = 'labels',
                  on: float = 1.0, off: float = 0.0) -> preprocess.Op:
   """Class ids (a variable-length list, one int, or a ragged batch) -> float32 multi-hot.

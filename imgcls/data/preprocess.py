@@ -17,26 +17,41 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from imgcls.data.sources import DataError
+from imgcls.registry import Registry
 
 Features = dict[str, Any]
 Op = Callable[[Features], Features]
 RNG_KEY = '_rng'
-_REGISTRY: dict[str, Callable[..., Op]] = {}
+OPS: Registry[Callable[..., Op]] = Registry('pp op')
 
 
-def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
-  """Registers an op factory: `factory(*args, **kwargs)` returns the op (dict -> dict)."""
-  def wrap(factory: Callable[..., Op]) -> Callable[..., Op]:
-    if name in _REGISTRY:
-      raise ValueError(f'pp op {name!r} is registered twice')
-    _REGISTRY[name] = factory
-    return factory
-  return wrap
+def register(name: str, label_op: bool = False) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+  """Registers an op factory: `factory(*args, **kwargs)` returns the op (dict -> dict).
+
+  label_op=True marks an op on the labels (onehot, multihot, keep), which `image_only`
+  drops: inference runs the eval pp string without them.
+  """
+  return OPS.register(name, label_op=label_op)
 
 
 def list_ops() -> list[str]:
   """Names of all registered pp ops."""
-  return sorted(_REGISTRY)
+  return OPS.names()
+
+
+def image_only(pp: str) -> str:
+  """The pp string without its label ops (those registered with label_op=True).
+
+  Ops are split on '|' and stripped; unknown or unparsable ops are kept (get_pp_fn reports
+  them). 'decode|value_range(-1, 1)|onehot(10)' -> 'decode|value_range(-1, 1)'.
+  """
+  label_ops = set(OPS.names(label_op=True))
+  ops = [op.strip() for op in pp.split('|') if op.strip()]
+  return '|'.join(op for op in ops if _op_name(op) not in label_ops)
+
+
+def _op_name(text: str) -> str:
+  return text.split('(', 1)[0].strip()
 
 
 def _parse_op(text: str) -> tuple[str, tuple, dict]:
@@ -63,10 +78,10 @@ def get_pp_fn(spec: str) -> Op:
   ops = []
   for text in filter(str.strip, spec.split('|')):
     name, args, kwargs = _parse_op(text)
-    if name not in _REGISTRY:
+    if name not in OPS:
       raise DataError(f'Unknown pp op {name!r} in {spec!r}. Known ops: {", ".join(list_ops())}.')
     try:
-      ops.append(_REGISTRY[name](*args, **kwargs))
+      ops.append(OPS.get(name)(*args, **kwargs))
     except (TypeError, ValueError) as e:
       raise DataError(f'Bad arguments for pp op {text.strip()!r}: {e}') from None
 
@@ -306,7 +321,7 @@ def get_to_rgb(key: str = 'image') -> Op:
 register('grayscale_to_rgb')(get_to_rgb)
 
 
-@register('onehot')
+@register('onehot', label_op=True)
 def get_onehot(num_classes: int, key: str = 'label', key_result: str = 'labels',
                on: float = 1.0, off: float = 0.0) -> Op:
   """Integer label -> float32 one-hot [num_classes] under key_result."""
@@ -320,7 +335,7 @@ def get_onehot(num_classes: int, key: str = 'label', key_result: str = 'labels',
   return onehot
 
 
-@register('keep')
+@register('keep', label_op=True)
 def get_keep(*keys: str) -> Op:
   """Keeps only `keys` (and the internal '_' keys the pipeline needs)."""
   def keep(features: Features) -> Features:

@@ -182,15 +182,20 @@ def _tfds_builder(name: str, data_dir: str, prepare: bool) -> tfds.core.DatasetB
   return _prepare(builder, name, data_dir)
 
 
-def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
+            skip_corrupt: bool = False,
+            folder_split: str = 'train=0.8,validation=0.1,test=0.1',
+            folder_seed: int = 0) -> str:
   """Prepares `name` in data_dir (fashion_mnist offline; others by TFDS with manual_dir).
 
-  Returns the prepared dataset's folder. 'folder:/path' names prepare an image folder.
+  Returns the prepared dataset's folder. 'folder:/path' names prepare an image folder
+  (with skip_corrupt, folder_split and folder_seed as in get_builder).
   """
   data_dir = default_data_dir(data_dir)
   from imgcls.data import folder  # pylint: disable=import-outside-toplevel
   if folder.is_folder_name(name):
-    return str(folder.get_builder(name, data_dir).data_dir)
+    return str(folder.get_builder(name, data_dir, skip_corrupt=skip_corrupt, split=folder_split,
+                                  seed=folder_seed).data_dir)
   builder = _builder(name, data_dir)
   if not builder.is_prepared():
     builder = _prepare(builder, name, data_dir, manual_dir)
@@ -205,3 +210,58 @@ def num_examples(builder: tfds.core.DatasetBuilder, split) -> int:
     raise DataError(
         f'Bad split {split!r} for dataset {builder.name}: {e}. Available splits:'
         f' {sorted(builder.info.splits)}; slices look like "train[:90%]" or "test[10:]".') from e
+
+
+# ------------------------------------------------------------ from a config
+
+# The keys of a config's `dataset` group that choose and prepare the data, with the
+# defaults get_builder uses when a plain dict leaves one out.
+_DATASET_OPTIONS = {'data_dir': None, 'prepare': True, 'num_classes': None,
+                    'skip_corrupt': False, 'folder_split': 'train=0.8,validation=0.1,test=0.1',
+                    'folder_seed': 0}
+
+
+def _options(dataset_cfg, data_dir: str | None) -> tuple[str, dict]:
+  """(name, get_builder keyword arguments) from a `dataset` group (ConfigDict or dict)."""
+  get = dataset_cfg.get
+  name = get('name')
+  if not name:
+    raise DataError('The dataset group names no dataset: set --config.dataset.name.')
+  options = {k: get(k, default) for k, default in _DATASET_OPTIONS.items()}
+  options['data_dir'] = data_dir or options['data_dir']
+  return name, options
+
+
+def builder_for(dataset_cfg, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The prepared, class-count-checked builder for a config's `dataset` group.
+
+  dataset_cfg: an ml_collections ConfigDict or a dict with name and, optionally, data_dir,
+  prepare, num_classes, skip_corrupt, folder_split, folder_seed (missing: get_builder's
+  defaults). data_dir, if given, wins over dataset_cfg's.
+  """
+  name, options = _options(dataset_cfg, data_dir)
+  return get_builder(name, options.pop('data_dir'), **options)
+
+
+def prepare_for(dataset_cfg, data_dir: str | None = None, manual_dir: str | None = None) -> str:
+  """Prepares a config's dataset with the options training uses; returns its folder.
+
+  As builder_for (skip_corrupt, folder_split and folder_seed apply to image folders), but
+  always prepares, from manual_dir if given, and checks num_classes if the group sets it.
+  """
+  name, options = _options(dataset_cfg, data_dir)
+  path = prepare(name, options['data_dir'], manual_dir, skip_corrupt=options['skip_corrupt'],
+                 folder_split=options['folder_split'], folder_seed=options['folder_seed'])
+  if options['num_classes'] is not None:
+    check_num_classes(get_builder(name, options['data_dir'], prepare=False,
+                                  skip_corrupt=options['skip_corrupt'],
+                                  folder_split=options['folder_split'],
+                                  folder_seed=options['folder_seed']),
+                      name, options['num_classes'])
+  return path
+
+
+def label_names(builder: tfds.core.DatasetBuilder) -> list[str] | None:
+  """The class names of the dataset's 'label' (or multi-label 'labels') feature, or None."""
+  found = class_label(builder)
+  return list(found[1].names) or None if found else None
