@@ -153,3 +153,21 @@ def test_resnet50_forward_flops_match_the_published_4_1_gmacs():
   # of stage 4 a padded 3x3 conv touches real pixels in only (17/21)^2 of its taps.
   gmacs = _gmacs(models.get_model('resnet50'))
   assert abs(gmacs - 4.1) < 0.05 * 4.1, gmacs
+
+
+def test_from_config_reads_a_config_dict_or_its_json_metadata():
+  import json
+  import ml_collections
+  config = ml_collections.ConfigDict({
+      'model': {'name': 'bit', 'stage_sizes': (2, 1), 'width': 8, 'num_groups': 4},
+      'dataset': {'num_classes': 3}})
+  model = models.from_config(config)
+  assert model.num_classes == 3 and model.stage_sizes == (2, 1) and model.width == 8
+  # A checkpoint's metadata: the same config through JSON, where the tuple became a list.
+  meta = json.loads(json.dumps(config.to_dict()))
+  assert meta['model']['stage_sizes'] == [2, 1]
+  assert models.from_config(meta) == model
+  assert models.from_config(meta, width=16, num_classes=5).width == 16
+  assert models.from_config(meta, num_classes=5).num_classes == 5
+  with pytest.raises(ValueError, match=r"'widht'.*valid: .*width"):
+    models.from_config(meta, widht=16)

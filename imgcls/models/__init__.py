@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -58,6 +58,21 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     if key not in valid:
       raise ValueError(f'Model {name!r} has no argument {key!r}; valid: {", ".join(sorted(valid))}.')
   return _factory(name)(**kwargs)
+
+
+def from_config(config: Mapping[str, Any], **overrides: Any) -> nn.Module:
+  """The model a config names, with num_classes from its dataset: the one way to build it.
+
+  `config` is an ml_collections.ConfigDict or a plain dict as read back from a checkpoint's
+  JSON metadata, where tuples became lists (they are turned back into tuples here).
+  `overrides` replace model arguments (e.g. dtype for inference).
+  """
+  model = config['model']
+  model = model.to_dict() if hasattr(model, 'to_dict') else dict(model)
+  kwargs = {'num_classes': config['dataset']['num_classes'],
+            **{k: v for k, v in model.items() if k != 'name'}, **overrides}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return get_model(model['name'], **kwargs)
 
 
 register('resnet18')(resnet.ResNet18)
