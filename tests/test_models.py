@@ -133,7 +133,7 @@ def test_registry_errors():
   with pytest.raises(ValueError, match='stage_sizes'):
     models.get_model('resnet18', stage_sizes=(1, 1, 1, 1))
   with pytest.raises(ValueError, match='already registered'):
-    models.register('resnet18')(models.resnet.ResNet18)
+    models.MODELS.register('resnet18', models.resnet.ResNet18)
   with pytest.raises(ValueError, match='stem'):
     shapes(models.get_model('resnet18', stem='cifar'), (1, 32, 32, 3))
 

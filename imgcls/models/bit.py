@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from imgcls.models.layers import drop_path
-
+from imgcls.models.registry import MODELS
 from imgcls.models.resnet import conv_init
 
 # BiT depth -> units per stage; width = 64 * width factor (BiT's "x1", "x3", ...).
@@ -203,3 +203,11 @@ class ResNetV2(nn.Module):
       return logits, features
     return logits
 
+
+
+# 'bit' takes stage_sizes (a tuple) and width from the config; the released sizes fix both
+# (R50 = (3, 4, 6, 3), width = 64 * factor).
+MODELS.register('bit', ResNetV2, family='bit', generic=True)
+for _name, (_depth, _factor) in RELEASED.items():
+  MODELS.register(_name, functools.partial(ResNetV2, stage_sizes=STAGE_SIZES[_depth],
+                                           width=64 * _factor), family='bit')

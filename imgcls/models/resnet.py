@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imgcls.models.registry import MODELS
+
 ModuleDef = Callable[..., nn.Module]
 
 STEMS = ('imagenet', 'small', 'small_s2')
@@ -170,3 +172,10 @@ ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck)
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block=Bottleneck)
+
+for _name, _factory in (('resnet18', ResNet18), ('resnet34', ResNet34), ('resnet50', ResNet50),
+                        ('resnet101', ResNet101), ('resnet152', ResNet152)):
+  MODELS.register(_name, _factory, family='resnet')
+# One BasicBlock per stage (timm's resnet10t depth): tiny runs, tests, quick ablations.
+MODELS.register('resnet10', functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block=BasicBlock),
+                family='resnet')

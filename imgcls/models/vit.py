@@ -9,6 +9,7 @@ MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}, as b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgcls.models.layers import drop_path
+from imgcls.models.registry import MODELS
 
 # name: (width, depth, mlp_dim, num_heads), the paper's Table 1 plus DeiT's Ti/S and big_vision's M.
 VARIANTS = {
@@ -282,3 +284,10 @@ class ViT(nn.Module):
     if return_features:
       return logits, features
     return logits
+
+
+# 'vit' takes the variant ('NAME/PATCH', e.g. 'S/4') or explicit sizes from the config.
+MODELS.register('vit', ViT, family='vit', generic=True)
+for _name, _variant in (('vit_ti16', 'Ti/16'), ('vit_s16', 'S/16'), ('vit_b16', 'B/16'),
+                        ('vit_l16', 'L/16'), ('vit_b32', 'B/32')):
+  MODELS.register(_name, functools.partial(ViT, variant=_variant), family='vit')
