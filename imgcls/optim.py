@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from imgcls.config import ConfigError
+from imgcls.models import vit
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('warmup_cosine', 'warmup_linear', 'warmup_step', 'constant')
@@ -93,13 +94,8 @@ def _pairs(rules: Any, key: str) -> list[tuple[re.Pattern, float]]:
 
 def vit_layer_id(path: str, depth: int) -> int:
   """0 for the patch/position embeddings and class token, i + 1 for encoder block i,
-  depth + 1 for everything after the encoder (final norm, pooling head, pre-logits, head)."""
-  m = re.search(r'encoderblock_(\d+)/', path)
-  if m:
-    return int(m[1]) + 1
-  if re.match(r'(embedding|cls|Transformer/posembed_input)(/|$)', path):
-    return 0
-  return depth + 1
+  depth + 1 for everything after the encoder; the ViT family owns its parameter names."""
+  return vit.layer_index(path, depth)
 
 
 class Rules:

@@ -211,3 +211,54 @@ def test_reset_head_and_features_for_every_family():
     logits = jax.jit(new.apply)(fresh, _images())
     assert logits.shape == (2, 11) and np.all(logits == 0)
     np.testing.assert_array_equal(features(new, fresh, _images()), feats)
+
+
+def _assert_same(a, b):
+  fa, fb = weights.flatten(a), weights.flatten(b)
+  assert set(fa) == set(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_export_writes_each_familys_official_format_and_refuses_unknown_structures(tmp_path):
+  bit_model = models.get_model('bit', num_classes=3, stage_sizes=(1, 1), width=8, num_groups=4)
+  variables = _randomise(_init(bit_model))
+  # With no fmt BiT variables used to come out in ViT-style names no BiT loader reads.
+  assert weights.export(variables, tmp_path / 'bit.npz') == 'bit_npz'
+  assert 'resnet/root_block/standardized_conv2d/kernel' in np.load(tmp_path / 'bit.npz').files
+  loaded, report = weights.load_pretrained(tmp_path / 'bit.npz', _init(bit_model))
+  assert report.ok() and report.fmt == 'bit_npz'
+  _assert_same(loaded, variables)
+
+  resnet = models.get_model('resnet10', num_classes=4, width=8)
+  variables = _randomise(_init(resnet))
+  assert weights.export(variables, tmp_path / 'r.safetensors') == 'timm_resnet'
+  assert 'layer1.0.bn1.running_var' in weights.read_file(tmp_path / 'r.safetensors')
+  loaded, report = weights.load_pretrained(tmp_path / 'r.safetensors', _init(resnet))
+  assert report.ok() and report.fmt == 'timm_resnet'
+  _assert_same(loaded, variables)
+  assert weights.export(variables, tmp_path / 'r.npz', 'timm_resnet') == 'timm_resnet'  # explicit
+
+  with pytest.raises(weights.WeightsError, match=r'(?s)model family.*fmt=.*bit_npz \(bit\)'):
+    weights.export({'params': {'dense': {'kernel': np.ones((2, 2))}}}, tmp_path / 'x.npz')
+  with pytest.raises(weights.WeightsError, match=r'write \.npz or \.safetensors'):
+    weights.export(variables, tmp_path / 'r.pth')
+  assert not list(tmp_path.glob('x.npz'))
+
+
+def test_formats_come_from_the_families_converters():
+  assert set(weights.FORMATS) == {'vit_npz', 'bit_npz', 'timm_vit', 'timm_resnet', 'timm_bit'}
+  assert {n: weights.CONVERTERS.info(n)['family'] for n in weights.CONVERTERS.names(
+      official=True)} == {'vit_npz': 'vit', 'bit_npz': 'bit', 'timm_resnet': 'resnet'}
+
+
+def test_imgcls_variables_load_as_a_mapping_and_directories_are_refused(tmp_path):
+  model = models.get_model('resnet10', num_classes=4, width=8)
+  variables = _randomise(_init(model))
+  loaded, report = weights.load_pretrained(variables, _init(model))  # nested, as restored
+  assert report.ok() and report.fmt == weights.IMGCLS
+  _assert_same(loaded, variables)
+  loaded, report = weights.load_pretrained(weights.flatten(variables), _init(model))
+  assert report.ok() and report.fmt == weights.IMGCLS
+  with pytest.raises(weights.WeightsError, match=r'(?s)directory.*imgcls\.checkpoints.*mapping'):
+    weights.load_pretrained(tmp_path, _init(model))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,25 @@ VARIANTS = {
 POOLS = ('tok', 'gap', 'map')
 POSEMBS = ('learn', 'sincos2d')
 DIMS = ('width', 'depth', 'mlp_dim', 'num_heads', 'patch_size')
+POSEMB_KEY = 'params/Transformer/posembed_input/pos_embedding'  # resized by weights.merge
+
+
+def block_index(path: str) -> int | None:
+  """The encoder block a parameter path ('Transformer/encoderblock_3/...') is in, else None."""
+  m = re.search(r'encoderblock_(\d+)/', path)
+  return int(m[1]) if m else None
+
+
+def layer_index(path: str, depth: int) -> int:
+  """Layer of a parameter path (without 'params/') for layer-wise lr decay: 0 for the patch and
+  position embeddings and the class token, i + 1 for encoder block i, depth + 1 for everything
+  after the encoder (final norm, pooling head, pre-logits, head)."""
+  block = block_index(path)
+  if block is not None:
+    return block + 1
+  if re.match(r'(embedding|cls|Transformer/posembed_input)(/|$)', path):
+    return 0
+  return depth + 1
 
 
 def parse_variant(variant: str) -> dict[str, int]:

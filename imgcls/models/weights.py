@@ -1,14 +1,13 @@
-"""Pretrained weights: read and write the published checkpoint formats, merge them into a model.
+"""Pretrained weights: read and write checkpoint files, detect their format, merge them into a model.
 
-Formats (`FORMATS`), each converted to and from imgcls's own parameter names:
-  vit_npz      ViT .npz of google-research/vision_transformer (AugReg etc.) and big_vision
-               (its names, a 'params/' prefix, or a scanned `encoderblock` stack); written back
-               in the vision_transformer layout, the one timm's npz loader also reads.
-  bit_npz      BiT .npz of google-research/big_transfer.
-  timm_vit     timm VisionTransformer state dict.
-  timm_resnet  timm or torchvision ResNet state dict (the two share their key names).
-  timm_bit     timm ResNetV2 (BiT) state dict.
+Formats (`FORMATS`) are registered by the model families beside their code (convert.CONVERTERS):
+  vit_npz      ViT .npz of google-research/vision_transformer and big_vision (vit_weights.py).
+  timm_vit     timm VisionTransformer state dict (vit_weights.py).
+  bit_npz      BiT .npz of google-research/big_transfer (bit_weights.py).
+  timm_bit     timm ResNetV2 (BiT) state dict (bit_weights.py).
+  timm_resnet  timm or torchvision ResNet state dict (resnet_weights.py).
 Files may be .npz, .safetensors (numpy, no torch needed) or torch .pth/.pt/.bin (needs torch).
+`export` writes a family's official format (vit_npz, bit_npz, timm_resnet) unless told another.
 
 `load_pretrained` converts a checkpoint onto the variables of a freshly initialised model and
 returns a `MergeReport`: what was loaded, missing, unused, reshaped (same size, other layout, e.g.
@@ -17,7 +16,7 @@ timm's fused attention), re-initialised (the head, when the class count differs)
 an error naming the keys, unless `strict=False` or the keys match an `ignore` regex.
 
 Converters are hand-written key maps: no library covers these layouts for Flax (timm's own
-loaders only go into torch), and each map below is checked against timm in the tests.
+loaders only go into torch), and each map is checked against timm in the tests.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import dataclasses
 import io
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax
@@ -35,15 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-Flat = dict[str, np.ndarray]
+# Each family's converters register themselves on import.
+from imgcls.models import bit_weights, resnet_weights, vit_weights  # noqa: F401
+from imgcls.models.convert import CONVERTERS, Flat, WeightsError
+from imgcls.models.vit import POSEMB_KEY
 
-FORMATS = ('vit_npz', 'bit_npz', 'timm_vit', 'timm_resnet', 'timm_bit')
-POSEMB_KEY = 'params/Transformer/posembed_input/pos_embedding'
+FORMATS = tuple(CONVERTERS.names())
+IMGCLS = 'imgcls'  # imgcls's own names (e.g. a workdir's weights): nothing to convert
 HEAD_PREFIX = 'params/head/'
-
-
-class WeightsError(ValueError):
-  """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
+POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic')  # how a position embedding is resized
 
 
 # ----------------------------------------------------------------------------- files
@@ -90,6 +89,23 @@ def write_npz(path: str | epath.PathLike, arrays: Mapping[str, np.ndarray]) -> N
   tmp.rename(path)
 
 
+def write_file(path: str | epath.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes .safetensors for a path ending so, else .npz; torch files are refused (they are
+  read back with torch.load, which would not read what numpy writes)."""
+  path = epath.Path(path)
+  suffix = path.suffix.lower()
+  if suffix in ('.pth', '.pt', '.bin'):
+    raise WeightsError(f'Cannot write torch file {path}: write .npz or .safetensors, which '
+                       'torch users load with numpy or safetensors.torch.load_file.')
+  if suffix != '.safetensors':
+    write_npz(path, arrays)
+    return
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  tmp = path.parent / f'.{path.name}.tmp'
+  tmp.write_bytes(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+  tmp.rename(path)
+
+
 def flatten(variables: Mapping[str, Any]) -> Flat:
   """{'params': {'a': {'b': x}}} -> {'params/a/b': x}."""
   return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(dict(variables)).items()}
@@ -117,348 +133,26 @@ def detect_format(flat: Mapping[str, np.ndarray]) -> str:
                      f'fmt= one of {", ".join(FORMATS)}.')
 
 
-# ----------------------------------------------------------------------------- key maps
-
-# Layout helpers: torch stores convs OIHW and linear layers [out, in]; Flax HWIO and [in, out].
-def _conv_t2f(w: np.ndarray) -> np.ndarray:
-  return np.transpose(w, (2, 3, 1, 0))
-
-
-def _conv_f2t(w: np.ndarray) -> np.ndarray:
-  return np.transpose(w, (3, 2, 0, 1))
+def _family(flat: Mapping[str, Any]) -> str | None:
+  """The model family whose imgcls names `flat` has, or None."""
+  keys = set(flat)
+  found = {CONVERTERS.info(n)['family'] for n, c in CONVERTERS.items() if c.is_family(keys)}
+  return found.pop() if len(found) == 1 else None
 
 
-def _linear(w: np.ndarray) -> np.ndarray:  # its own inverse
-  return np.transpose(w)
-
-
-def _rename(flat: Mapping[str, np.ndarray],
-            rules: Sequence[tuple[str, Any]]) -> tuple[Flat, list[str]]:
-  """Applies the first matching (regex, replacement) rule to each key; returns (renamed, unknown).
-
-  A replacement is a string for re's `expand` or a callable of the match; values pass unchanged.
-  """
-  out, unknown = {}, []
-  for key, value in flat.items():
-    for pattern, repl in rules:
-      m = re.fullmatch(pattern, key)
-      if m:
-        out[repl(m) if callable(repl) else m.expand(repl)] = value
-        break
-    else:
-      unknown.append(key)
-  return out, unknown
-
-
-# ViT, vision_transformer layout <-> imgcls: the same names (imgcls follows that layout).
-# big_vision differs by block sub-module numbers, a top-level pos_embedding and optional scan.
-_BIG_VISION_RENAMES = (
-    (r'pos_embedding', 'Transformer/posembed_input/pos_embedding'),
-    (r'(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/(.*)',
-     r'\1/MultiHeadDotProductAttention_1/\2'),
-    (r'(Transformer/encoderblock_\d+)/LayerNorm_1/(.*)', r'\1/LayerNorm_2/\2'),
-    (r'(Transformer/encoderblock_\d+)/MlpBlock_0/(.*)', r'\1/MlpBlock_3/\2'),
-    (r'(.*)', r'\1'),
-)
-
-
-def _strip_prefix(flat: Mapping[str, np.ndarray], anchor: str) -> Flat:
-  """Drops whatever prefix ('params/', 'opt/target/', 'params/img/', ...) precedes `anchor`."""
-  hits = [k[:-len(anchor)] for k in flat if k == anchor or k.endswith('/' + anchor)]
-  if not hits:
-    return dict(flat)
-  prefix = min(hits, key=len)
-  return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-
-
-def _vit_npz_to_imgcls(flat: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  flat = _strip_prefix(flat, 'embedding/kernel')
-  big_vision = 'pos_embedding' in flat or any(
-      re.search(r'encoderblock(_\d+)?/MlpBlock_0/', k) for k in flat)
-  unscanned = {}
-  for key, value in flat.items():
-    m = re.fullmatch(r'Transformer/encoderblock/(.*)', key)
-    if m:  # big_vision's scan=True stacks the blocks on a leading axis
-      for i, block in enumerate(value):
-        unscanned[f'Transformer/encoderblock_{i}/{m[1]}'] = block
-    else:
-      unscanned[key] = value
-  if big_vision:
-    unscanned, _ = _rename(unscanned, _BIG_VISION_RENAMES)
-  return {'params/' + k: v for k, v in unscanned.items()}, []
-
-
-def _vit_npz_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
-  return {k.removeprefix('params/'): v for k, v in flat.items()}
-
-
-def _qkv_split(value: np.ndarray, which: int) -> np.ndarray:
-  return np.split(value, 3, axis=0)[which]
-
-
-def _timm_vit_to_imgcls(sd: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  """timm's fused qkv / proj become [in, out] matrices; the merge reshapes them to [D, H, Dh]."""
-  out, unknown = {}, []
-  blk = 'params/Transformer/encoderblock_{}/'
-  simple = {
-      'cls_token': ('params/cls', None),
-      'pos_embed': (POSEMB_KEY, None),
-      'patch_embed.proj.weight': ('params/embedding/kernel', _conv_t2f),
-      'patch_embed.proj.bias': ('params/embedding/bias', None),
-      'norm.weight': ('params/Transformer/encoder_norm/scale', None),
-      'norm.bias': ('params/Transformer/encoder_norm/bias', None),
-      'head.weight': ('params/head/kernel', _linear),
-      'head.bias': ('params/head/bias', None),
-  }
-  block_map = {
-      'norm1.weight': 'LayerNorm_0/scale', 'norm1.bias': 'LayerNorm_0/bias',
-      'norm2.weight': 'LayerNorm_2/scale', 'norm2.bias': 'LayerNorm_2/bias',
-      'mlp.fc1.weight': 'MlpBlock_3/Dense_0/kernel', 'mlp.fc1.bias': 'MlpBlock_3/Dense_0/bias',
-      'mlp.fc2.weight': 'MlpBlock_3/Dense_1/kernel', 'mlp.fc2.bias': 'MlpBlock_3/Dense_1/bias',
-      'attn.proj.weight': 'MultiHeadDotProductAttention_1/out/kernel',
-      'attn.proj.bias': 'MultiHeadDotProductAttention_1/out/bias',
-  }
-  for key, value in sd.items():
-    if key in simple:
-      name, fn = simple[key]
-      out[name] = fn(value) if fn else value
-      continue
-    m = re.fullmatch(r'blocks\.(\d+)\.(.*)', key)
-    if m and m[2] in block_map:
-      out[blk.format(m[1]) + block_map[m[2]]] = _linear(value) if m[2].endswith(
-          'weight') and value.ndim == 2 else value
-    elif m and m[2] in ('attn.qkv.weight', 'attn.qkv.bias'):
-      kind = m[2].rsplit('.', 1)[1]
-      for i, part in enumerate(('query', 'key', 'value')):
-        piece = _qkv_split(value, i)
-        out[blk.format(m[1]) + f'MultiHeadDotProductAttention_1/{part}/' + (
-            'kernel' if kind == 'weight' else 'bias')] = _linear(piece) if piece.ndim == 2 \
-            else piece
-    else:
-      unknown.append(key)
-  return out, unknown
-
-
-def _timm_vit_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
-  p = {k.removeprefix('params/'): v for k, v in flat.items()}
-  sd = {}
-  if 'cls' in p:
-    sd['cls_token'] = p['cls']
-  if 'Transformer/posembed_input/pos_embedding' in p:
-    sd['pos_embed'] = p['Transformer/posembed_input/pos_embedding']
-  sd['patch_embed.proj.weight'] = _conv_f2t(p['embedding/kernel'])
-  sd['patch_embed.proj.bias'] = p['embedding/bias']
-  depth = len({k.split('/')[1] for k in p if k.startswith('Transformer/encoderblock_')})
-  for i in range(depth):
-    b = f'Transformer/encoderblock_{i}/'
-    t = f'blocks.{i}.'
-    a = b + 'MultiHeadDotProductAttention_1/'
-    width = p[a + 'query/kernel'].shape[0]
-    sd[t + 'norm1.weight'], sd[t + 'norm1.bias'] = p[b + 'LayerNorm_0/scale'], p[
-        b + 'LayerNorm_0/bias']
-    sd[t + 'attn.qkv.weight'] = np.concatenate(
-        [p[a + f'{n}/kernel'].reshape(width, -1).T for n in ('query', 'key', 'value')])
-    sd[t + 'attn.qkv.bias'] = np.concatenate(
-        [p[a + f'{n}/bias'].reshape(-1) for n in ('query', 'key', 'value')])
-    sd[t + 'attn.proj.weight'] = p[a + 'out/kernel'].reshape(-1, width).T
-    sd[t + 'attn.proj.bias'] = p[a + 'out/bias']
-    sd[t + 'norm2.weight'], sd[t + 'norm2.bias'] = p[b + 'LayerNorm_2/scale'], p[
-        b + 'LayerNorm_2/bias']
-    for j in (0, 1):
-      sd[t + f'mlp.fc{j + 1}.weight'] = p[b + f'MlpBlock_3/Dense_{j}/kernel'].T
-      sd[t + f'mlp.fc{j + 1}.bias'] = p[b + f'MlpBlock_3/Dense_{j}/bias']
-  sd['norm.weight'] = p['Transformer/encoder_norm/scale']
-  sd['norm.bias'] = p['Transformer/encoder_norm/bias']
-  sd['head.weight'] = p['head/kernel'].T
-  sd['head.bias'] = p['head/bias']
-  left = set(p) - {k for k in p if k.startswith(('Transformer/', 'embedding/', 'head/'))} - {
-      'cls'}
-  if left:
-    raise WeightsError(f'timm_vit export does not cover {", ".join(sorted(left))} (timm names '
-                       "pre-logits and MAP heads differently); export to 'vit_npz' instead.")
-  return sd
-
-
-# ResNet (timm / torchvision) <-> imgcls resnet.py.
-_BN = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-       'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
-
-
-def _timm_resnet_to_imgcls(sd: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  out, unknown = {}, []
-  for key, value in sd.items():
-    if key.endswith('num_batches_tracked'):
-      continue  # a torch counter with no meaning for inference or fine-tuning
-    m = re.fullmatch(r'(conv1|bn1|fc)\.(\w+)', key) or re.fullmatch(
-        r'layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(\w+)', key)
-    if not m:
-      unknown.append(key)
-      continue
-    if m.re.groups == 2:
-      module, leaf = {'conv1': 'conv_init', 'bn1': 'bn_init', 'fc': 'head'}[m[1]], m[2]
-    else:
-      sub = {'downsample.0': 'proj_conv', 'downsample.1': 'proj_bn'}.get(m[3], m[3])
-      module, leaf = f'stage{m[1]}_block{int(m[2]) + 1}/{sub}', m[4]
-    if module.endswith(('conv_init', 'proj_conv')) or re.search(r'/conv\d$', module):
-      out[f'params/{module}/kernel'] = _conv_t2f(value)
-    elif module == 'head':
-      out[f'params/head/{"kernel" if leaf == "weight" else "bias"}'] = (
-          _linear(value) if leaf == 'weight' else value)
-    elif leaf in _BN:
-      collection, name = _BN[leaf]
-      out[f'{collection}/{module}/{name}'] = value
-    else:
-      unknown.append(key)
-  return out, unknown
-
-
-def _timm_resnet_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
-  sd = {}
-  inverse_bn = {v: k for k, v in _BN.items()}
-  for key, value in flat.items():
-    collection, *path, leaf = key.split('/')
-    module = '/'.join(path)
-    m = re.fullmatch(r'stage(\d)_block(\d+)/(\w+)', module)
-    if m:
-      sub = {'proj_conv': 'downsample.0', 'proj_bn': 'downsample.1'}.get(m[3], m[3])
-      tmod = f'layer{m[1]}.{int(m[2]) - 1}.{sub}'
-    else:
-      tmod = {'conv_init': 'conv1', 'bn_init': 'bn1', 'head': 'fc'}[module]
-    if leaf == 'kernel' and value.ndim == 4:
-      sd[f'{tmod}.weight'] = _conv_f2t(value)
-    elif module == 'head':
-      sd[f'fc.{"weight" if leaf == "kernel" else "bias"}'] = (
-          _linear(value) if leaf == 'kernel' else value)
-    else:
-      sd[f'{tmod}.{inverse_bn[(collection, leaf)]}'] = value
-  return sd
-
-
-# BiT: official .npz and timm ResNetV2 <-> imgcls bit.py.
-_BIT_NPZ_UNIT = {'a': ('norm1', 'conv1'), 'b': ('norm2', 'conv2'), 'c': ('norm3', 'conv3')}
-_GN = {'gamma': 'scale', 'beta': 'bias'}
-
-
-def _bit_npz_to_imgcls(flat: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  flat = _strip_prefix(flat, 'root_block/standardized_conv2d/kernel')
-  out, unknown = {}, []
-  for key, value in flat.items():
-    if key == 'root_block/standardized_conv2d/kernel':
-      out['params/root_conv/kernel'] = value
-    elif m := re.fullmatch(r'group_norm/(gamma|beta)', key):
-      out[f'params/norm/{_GN[m[1]]}'] = value.reshape(-1)
-    elif m := re.fullmatch(r'head/conv2d/(kernel|bias)', key):
-      out[f'params/head/{m[1]}'] = value.reshape(-1, value.shape[-1]) if m[1] == 'kernel' \
-          else value
-    elif m := re.fullmatch(r'block(\d)/unit(\d+)/([abc])/(.*)', key):
-      unit = f'params/stage{m[1]}_unit{int(m[2])}/'
-      norm, conv = _BIT_NPZ_UNIT[m[3]]
-      if m[4] == 'standardized_conv2d/kernel':
-        out[unit + conv + '/kernel'] = value
-      elif m[3] == 'a' and m[4] == 'proj/standardized_conv2d/kernel':
-        out[unit + 'proj/kernel'] = value
-      elif g := re.fullmatch(r'group_norm/(gamma|beta)', m[4]):
-        out[unit + f'{norm}/{_GN[g[1]]}'] = value.reshape(-1)
-      else:
-        unknown.append(key)
-    else:
-      unknown.append(key)
-  return out, unknown
-
-
-def _bit_npz_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
-  gn = {v: k for k, v in _GN.items()}
-  out = {}
-  for key, value in flat.items():
-    path = key.removeprefix('params/')
-    if path == 'root_conv/kernel':
-      out['resnet/root_block/standardized_conv2d/kernel'] = value
-    elif m := re.fullmatch(r'norm/(scale|bias)', path):
-      out[f'resnet/group_norm/{gn[m[1]]}'] = value
-    elif m := re.fullmatch(r'head/(kernel|bias)', path):
-      out[f'resnet/head/conv2d/{m[1]}'] = value.reshape(1, 1, *value.shape) if m[1] == 'kernel' \
-          else value
-    elif m := re.fullmatch(r'stage(\d)_unit(\d+)/(\w+)/(\w+)', path):
-      unit = f'resnet/block{m[1]}/unit{int(m[2]):02d}/'
-      if m[3] == 'proj':
-        out[unit + 'a/proj/standardized_conv2d/kernel'] = value
-        continue
-      letter = 'abc'[int(m[3][-1]) - 1]
-      if m[3].startswith('conv'):
-        out[unit + f'{letter}/standardized_conv2d/kernel'] = value
-      else:
-        out[unit + f'{letter}/group_norm/{gn[m[4]]}'] = value
-    else:
-      raise WeightsError(f'bit_npz export: no BiT name for {key}.')
-  return out
-
-
-def _timm_bit_to_imgcls(sd: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  out, unknown = {}, []
-  leaf = {'weight': 'scale', 'bias': 'bias'}
-  for key, value in sd.items():
-    if key == 'stem.conv.weight':
-      out['params/root_conv/kernel'] = _conv_t2f(value)
-    elif m := re.fullmatch(r'norm\.(weight|bias)', key):
-      out[f'params/norm/{leaf[m[1]]}'] = value
-    elif key == 'head.fc.weight':
-      out['params/head/kernel'] = _linear(value.reshape(value.shape[0], -1))
-    elif key == 'head.fc.bias':
-      out['params/head/bias'] = value
-    elif m := re.fullmatch(r'stages\.(\d)\.blocks\.(\d+)\.(norm\d|conv\d|downsample\.conv)\.'
-                           r'(weight|bias)', key):
-      unit = f'params/stage{int(m[1]) + 1}_unit{int(m[2]) + 1}/'
-      if m[3].startswith('norm'):
-        out[unit + f'{m[3]}/{leaf[m[4]]}'] = value
-      elif m[4] == 'weight':
-        out[unit + ('proj' if m[3] == 'downsample.conv' else m[3]) + '/kernel'] = \
-            _conv_t2f(value)
-      else:
-        unknown.append(key)
-    else:
-      unknown.append(key)
-  return out, unknown
-
-
-def _timm_bit_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
-  sd = {}
-  leaf = {'scale': 'weight', 'bias': 'bias'}
-  for key, value in flat.items():
-    path = key.removeprefix('params/')
-    if path == 'root_conv/kernel':
-      sd['stem.conv.weight'] = _conv_f2t(value)
-    elif m := re.fullmatch(r'norm/(scale|bias)', path):
-      sd[f'norm.{leaf[m[1]]}'] = value
-    elif path == 'head/kernel':
-      sd['head.fc.weight'] = _linear(value)[:, :, None, None]
-    elif path == 'head/bias':
-      sd['head.fc.bias'] = value
-    elif m := re.fullmatch(r'stage(\d)_unit(\d+)/(\w+)/(\w+)', path):
-      unit = f'stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}.'
-      if m[3].startswith('norm'):
-        sd[unit + f'{m[3]}.{leaf[m[4]]}'] = value
-      else:
-        name = 'downsample.conv' if m[3] == 'proj' else m[3]
-        sd[unit + f'{name}.weight'] = _conv_f2t(value)
-    else:
-      raise WeightsError(f'timm_bit export: no timm name for {key}.')
-  return sd
-
-
-_TO_IMGCLS: dict[str, Callable[[Mapping[str, np.ndarray]], tuple[Flat, list[str]]]] = {
-    'vit_npz': _vit_npz_to_imgcls,
-    'bit_npz': _bit_npz_to_imgcls,
-    'timm_vit': _timm_vit_to_imgcls,
-    'timm_resnet': _timm_resnet_to_imgcls,
-    'timm_bit': _timm_bit_to_imgcls,
-}
-_FROM_IMGCLS: dict[str, Callable[[Mapping[str, np.ndarray]], Flat]] = {
-    'vit_npz': _vit_npz_from_imgcls,
-    'bit_npz': _bit_npz_from_imgcls,
-    'timm_vit': _timm_vit_from_imgcls,
-    'timm_resnet': _timm_resnet_from_imgcls,
-    'timm_bit': _timm_bit_from_imgcls,
-}
+def detect_format(flat: Mapping[str, np.ndarray]) -> str:
+  """Which of FORMATS a flat checkpoint is in, from its key names (each converter's own test);
+  IMGCLS for a model's variables in imgcls's names that no format claims."""
+  keys = set(flat)
+  found = [name for name, c in CONVERTERS.items() if c.is_format(keys)]
+  if len(found) == 1:
+    return found[0]
+  if not found and _family(keys):
+    return IMGCLS
+  sample = ', '.join(sorted(keys)[:5])
+  what = f'looks like several formats ({", ".join(found)})' if found else 'has an unknown format'
+  raise WeightsError(f'Cannot tell the format of a checkpoint with keys like {sample}: it '
+                     f'{what}; pass fmt= one of {", ".join(FORMATS)}.')
 
 
 def _check_format(fmt: str) -> None:
@@ -469,21 +163,39 @@ def _check_format(fmt: str) -> None:
 def to_imgcls(flat: Mapping[str, np.ndarray], fmt: str | None = None) -> tuple[Flat, list[str]]:
   """(imgcls-named flat variables 'params/...', 'batch_stats/...'; keys no rule knows)."""
   fmt = fmt or detect_format(flat)
+  flat = {k: np.asarray(v) for k, v in flat.items()}
+  if fmt == IMGCLS:
+    return flat, []
   _check_format(fmt)
-  return _TO_IMGCLS[fmt]({k: np.asarray(v) for k, v in flat.items()})
+  return CONVERTERS.get(fmt).to_imgcls(flat)
 
 
 def from_imgcls(variables: Mapping[str, Any], fmt: str) -> Flat:
   """An imgcls model's variables in `fmt`'s names and layouts (float32 numpy)."""
   _check_format(fmt)
   flat = {k: np.asarray(v, np.float32) for k, v in flatten(variables).items()}
-  return _FROM_IMGCLS[fmt](flat)
+  return CONVERTERS.get(fmt).from_imgcls(flat)
 
 
-def export(variables: Mapping[str, Any], path: str | epath.PathLike, fmt: str = 'vit_npz') -> None:
-  """Writes `variables` as an .npz in `fmt` (e.g. the official ViT layout that timm can load)."""
-  write_npz(path, from_imgcls(variables, fmt))
+def export_format(variables: Mapping[str, Any]) -> str:
+  """The official format of the family the variables' structure belongs to."""
+  family = _family(flatten(variables))
+  if family is None:
+    official = ', '.join(f'{n} ({CONVERTERS.info(n)["family"]})'
+                         for n in CONVERTERS.names(official=True))
+    raise WeightsError('Cannot tell which model family these variables come from (their names '
+                       f'are not those of an imgcls ResNet, ViT or BiT); pass fmt= one of '
+                       f'{", ".join(FORMATS)}. Each family\'s own format: {official}.')
+  return CONVERTERS.names(family=family, official=True)[0]
 
+
+def export(variables: Mapping[str, Any], path: str | epath.PathLike,
+           fmt: str | None = None) -> str:
+  """Writes `variables` in `fmt` (default: their family's official format: vit_npz, bit_npz or
+  timm_resnet) as .npz, or .safetensors if the path says so; returns the format written."""
+  fmt = fmt or export_format(variables)
+  write_file(path, from_imgcls(variables, fmt))
+  return fmt
 
 # ----------------------------------------------------------------------------- merging
 
@@ -526,7 +238,7 @@ def resize_posemb(posemb: np.ndarray, num_prefix: int, new_grid: tuple[int, int]
 
   Bilinear is what the official ViT fine-tuning code uses; 'bicubic' is offered as in timm.
   """
-  if method not in ('bilinear', 'bicubic'):
+  if method not in POSEMB_RESIZE_METHODS:
     raise WeightsError(f"Unknown position-embedding resize {method!r}: use 'bilinear' or "
                        "'bicubic'.")
   prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
@@ -610,13 +322,13 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
   return unflatten(out), report
 
 
-def load_pretrained(source: str | epath.PathLike | Mapping[str, np.ndarray],
+def load_pretrained(source: str | epath.PathLike | Mapping[str, Any],
                     template: Mapping[str, Any], *, fmt: str | None = None,
                     strict: bool = True, ignore: Iterable[str] = (),
                     posemb_resize: str = 'bilinear', grid: tuple[int, int] | None = None,
                     ) -> tuple[dict[str, Any], MergeReport]:
-  """Loads a checkpoint onto a model's initialised variables: a weights file (FORMATS), a flat
-  {key: array} dict, or an imgcls workdir / Orbax checkpoint folder (its best step).
+  """Loads a checkpoint onto a model's initialised variables: a weights file (FORMATS), or a
+  {key: array} mapping, flat or nested (e.g. the weights of an imgcls workdir, in IMGCLS names).
 
   Example (an official AugReg ViT-B/16 fine-tuned to 10 classes at 384 px):
     model = imgcls.get_model('vit_b16', num_classes=10)
@@ -624,15 +336,17 @@ def load_pretrained(source: str | epath.PathLike | Mapping[str, np.ndarray],
     variables, report = imgcls.load_pretrained('B_16-i21k-....npz', variables)
     print(report)   # head re-initialised, pos_embedding resized 197 -> 577 tokens
   """
-  if not isinstance(source, Mapping) and epath.Path(source).is_dir():
-    # An imgcls workdir or Orbax checkpoint: its (best) weights, already in imgcls names.
-    from imgcls import inference  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-    variables, _ = inference.restore_weights(inference.find_checkpoint(source))
-    fmt, converted, unknown = 'imgcls', flatten(variables), []
+  if isinstance(source, Mapping):
+    flat = flatten(source) if any(isinstance(v, Mapping) for v in source.values()) \
+        else dict(source)
+  elif epath.Path(source).is_dir():
+    raise WeightsError(
+        f'{source} is a directory, not a weights file. An imgcls workdir is read with '
+        'imgcls.checkpoints: pass its weights as a mapping; config.model_init accepts workdirs.')
   else:
-    flat = read_file(source) if not isinstance(source, Mapping) else dict(source)
-    fmt = fmt or detect_format(flat)
-    converted, unknown = to_imgcls(flat, fmt)
+    flat = read_file(source)
+  fmt = fmt or detect_format(flat)
+  converted, unknown = to_imgcls(flat, fmt)
   report = MergeReport(source=str(source) if not isinstance(source, Mapping) else 'a dict',
                        fmt=fmt)
   report.unused.extend(k for k in unknown if not any(re.search(p, k) for p in ignore))
