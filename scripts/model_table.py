@@ -13,16 +13,17 @@ import jax
 import jax.numpy as jnp
 
 import imgcls
+from imgcls.models import MODELS, weights
 
 _MODELS = flags.DEFINE_list('models', None, 'Registered names (default: all with fixed sizes).')
 _SIZE = flags.DEFINE_integer('size', 224, 'Input height and width.')
 
-# Formats load_pretrained / export read and write for each family (imgcls.models.weights).
-FORMATS = {
-    'resnet': 'timm / torchvision state dict (.safetensors, .pth, .npz)',
-    'vit': 'official ViT .npz (vision_transformer, big_vision) read + written; timm state dict',
-    'bit': 'BiT .npz read + written; timm state dict',
-}
+
+def formats(family: str) -> str:
+  """What load_pretrained / export read and write for a family, from the converter registry."""
+  names = weights.CONVERTERS.names(family=family, official=True) + weights.CONVERTERS.names(
+      family=family, official=False)
+  return '; '.join(weights.CONVERTERS.info(n)['describe'] for n in names)
 
 
 def measure(name: str, size: int) -> tuple[int, float]:
@@ -37,13 +38,13 @@ def measure(name: str, size: int) -> tuple[int, float]:
 
 def main(argv):
   del argv
-  names = _MODELS.value or [n for n in imgcls.list_models() if n not in ('vit', 'bit')]
+  names = _MODELS.value or [n for n in MODELS.names() if not MODELS.info(n).get('generic')]
   print(f'| model | params | GMACs ({_SIZE.value} px) | pretrained formats |')
   print('|---|---:|---:|---|')
   for name in names:
     params, gmacs = measure(name, _SIZE.value)
-    family = next(f for f in FORMATS if name.startswith(f))
-    print(f'| `{name}` | {params / 1e6:.2f} M | {gmacs:.2f} | {FORMATS[family]} |', flush=True)
+    family = MODELS.info(name)['family']
+    print(f'| `{name}` | {params / 1e6:.2f} M | {gmacs:.2f} | {formats(family)} |', flush=True)
 
 
 if __name__ == '__main__':

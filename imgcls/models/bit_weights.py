@@ -133,8 +133,8 @@ def timm_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
 CONVERTERS.register('bit_npz', Converter(
     is_format=lambda keys: any(k.endswith(_ROOT) for k in keys),
     is_family=is_bit, to_imgcls=npz_to_imgcls, from_imgcls=npz_from_imgcls),
-    family='bit', official=True)
+    family='bit', official=True, describe='BiT .npz read + written')
 CONVERTERS.register('timm_bit', Converter(
     is_format=lambda keys: 'stem.conv.weight' in keys,
     is_family=is_bit, to_imgcls=timm_to_imgcls, from_imgcls=timm_from_imgcls),
-    family='bit', official=False)
+    family='bit', official=False, describe='timm state dict')

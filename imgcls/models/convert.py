@@ -2,8 +2,9 @@
 
 Each model family defines its converters beside itself (vit_weights.py, bit_weights.py,
 resnet_weights.py; timm's `checkpoint_filter_fn`) and registers them in CONVERTERS under the
-format name, with info `family=` (the imgcls family whose names it maps to) and `official=True`
-for the format `weights.export` writes for that family by default. `imgcls.models.weights`
+format name, with info `family=` (the imgcls family whose names it maps to), `official=True`
+for the format `weights.export` writes for that family by default, and `describe=` (a few
+words for tables such as the README's). `imgcls.models.weights`
 reads and writes files, detects formats and merges; it knows no family's names.
 """
 

@@ -76,4 +76,5 @@ def timm_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
 CONVERTERS.register('timm_resnet', Converter(
     is_format=lambda keys: 'conv1.weight' in keys and 'fc.weight' in keys,
     is_family=is_resnet, to_imgcls=timm_to_imgcls, from_imgcls=timm_from_imgcls),
-    family='resnet', official=True)
+    family='resnet', official=True,
+    describe='timm / torchvision state dict (.safetensors, .pth, .npz)')

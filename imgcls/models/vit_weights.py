@@ -155,8 +155,9 @@ def timm_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
 CONVERTERS.register('vit_npz', Converter(
     is_format=lambda keys: any(k.endswith('embedding/kernel') for k in keys),
     is_family=is_vit, to_imgcls=npz_to_imgcls, from_imgcls=npz_from_imgcls),
-    family='vit', official=True)
+    family='vit', official=True,
+    describe='official ViT .npz (vision_transformer, big_vision) read + written')
 CONVERTERS.register('timm_vit', Converter(
     is_format=lambda keys: 'patch_embed.proj.weight' in keys,
     is_family=is_vit, to_imgcls=timm_to_imgcls, from_imgcls=timm_from_imgcls),
-    family='vit', official=False)
+    family='vit', official=False, describe='timm state dict')
