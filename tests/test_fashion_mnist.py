@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from imgcls import data
-from imgcls.data import fashion_mnist, sources
+from imgcls.data import fashion_mnist
 
 FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
          't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
@@ -31,7 +31,7 @@ def debian_dir():
 @pytest.fixture
 def offline(monkeypatch):
   """No network for TFDS."""
-  monkeypatch.setattr(sources, 'network_available', lambda *a, **k: False)
+  monkeypatch.setattr(fashion_mnist, 'network_available', lambda *a, **k: False)
 
 
 def test_restored_headers_match_tfds_checksums(debian_dir):

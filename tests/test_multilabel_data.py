@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from imgcls import data
-from imgcls.data import folder, mosaic, preprocess
+from imgcls.data import folder, mosaic, mosaic_builder, ops_label, preprocess
 
 TINY = dict(num_train=48, num_test=16, empty_prob=0.25, seed=3)
 
@@ -21,7 +21,7 @@ def _fake_fashion_mnist(data_dir: str, num_train: int = 30, num_test: int = 20) 
   rng = np.random.default_rng(0)
   features = tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(28, 28, 1)),
-      'label': tfds.features.ClassLabel(names=mosaic.CLASS_NAMES),
+      'label': tfds.features.ClassLabel(names=mosaic_builder.CLASS_NAMES),
   })
 
   def examples(n):  # Pixels >= 1, so no item looks like a blank tile.
@@ -46,7 +46,7 @@ def source_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tiny_mosaic(source_dir):
-  mosaic.prepare(source_dir, config=mosaic.MosaicConfig(name='tiny', **TINY))
+  mosaic.prepare(source_dir, config=mosaic_builder.MosaicConfig(name='tiny', **TINY))
   # Found by name like any TFDS dataset (a custom config is read back from its files).
   return data.get_builder('fashion_mnist_mosaic/tiny', source_dir, prepare=False), source_dir
 
@@ -58,7 +58,7 @@ def test_mosaic_tiles_are_source_items_and_labels_their_classes(tiny_mosaic, spl
   builder, source_dir = tiny_mosaic
   labels_feature = builder.info.features['labels']
   assert isinstance(labels_feature, tfds.features.Sequence)
-  assert tuple(labels_feature.feature.names) == mosaic.CLASS_NAMES
+  assert tuple(labels_feature.feature.names) == mosaic_builder.CLASS_NAMES
   assert 'label' not in builder.info.features
   assert builder.info.metadata['seed'] == TINY['seed']
 
@@ -82,7 +82,7 @@ def test_mosaic_tiles_are_source_items_and_labels_their_classes(tiny_mosaic, spl
     assert list(ex['labels']) == sorted(set(source['label'][row[row >= 0]].tolist()))
     found.append(tuple(row))
   # The same tiles, in the same places, as the plan re-derived from the seed.
-  plan = mosaic.tile_plan(len(records), len(source['image']), empty_prob=TINY['empty_prob'],
+  plan = mosaic_builder.tile_plan(len(records), len(source['image']), empty_prob=TINY['empty_prob'],
                           seed=TINY['seed'], split=split)
   assert collections.Counter(found) == collections.Counter(map(tuple, plan))
 
@@ -91,8 +91,9 @@ def test_mosaic_is_deterministic_and_seeded(tiny_mosaic, tmp_path):
   builder, source_dir = tiny_mosaic
   other = str(tmp_path / 'other')
   shutil.copytree(os.path.join(source_dir, 'fashion_mnist'), os.path.join(other, 'fashion_mnist'))
-  again = mosaic.prepare(other, config=mosaic.MosaicConfig(name='tiny', **TINY))
-  reseeded = mosaic.prepare(other, config=mosaic.MosaicConfig(name='seed4', **{**TINY, 'seed': 4}))
+  again = mosaic.prepare(other, config=mosaic_builder.MosaicConfig(name='tiny', **TINY))
+  reseeded = mosaic.prepare(
+      other, config=mosaic_builder.MosaicConfig(name='seed4', **{**TINY, 'seed': 4}))
 
   def content(b):
     return [(ex['image'].tobytes(), tuple(ex['labels'])) for ex in _records(b, 'train')]
@@ -102,7 +103,7 @@ def test_mosaic_is_deterministic_and_seeded(tiny_mosaic, tmp_path):
 
 def test_label_count_distribution_is_as_documented():
   n, num_source = 200_000, 60_000
-  plan = mosaic.tile_plan(n, num_source, empty_prob=0.25, seed=0, split='train')
+  plan = mosaic_builder.tile_plan(n, num_source, empty_prob=0.25, seed=0, split='train')
   assert plan.min() >= -1 and plan.max() < num_source
   assert (plan >= 0).any(axis=1).all()  # At least one item per mosaic.
   classes = np.where(plan >= 0, plan % 10, -1)  # Balanced classes, as in Fashion-MNIST.
@@ -110,22 +111,22 @@ def test_label_count_distribution_is_as_documented():
   freq = np.bincount(counts, minlength=5)[1:] / len(counts)
   np.testing.assert_allclose(freq, [0.0764, 0.3237, 0.4404, 0.1595], atol=0.01)
   # Splits draw differently; the same arguments draw the same.
-  assert not np.array_equal(plan[:100], mosaic.tile_plan(100, num_source, empty_prob=0.25,
-                                                         seed=0, split='test'))
-  np.testing.assert_array_equal(plan[:100], mosaic.tile_plan(100, num_source, empty_prob=0.25,
-                                                             seed=0, split='train'))
+  first = lambda split: mosaic_builder.tile_plan(100, num_source, empty_prob=0.25, seed=0,
+                                                 split=split)
+  assert not np.array_equal(plan[:100], first('test'))
+  np.testing.assert_array_equal(plan[:100], first('train'))
 
 
 def test_compose_places_tiles_row_major():
   items = np.arange(1, 4, dtype=np.uint8)[:, None, None, None] * np.ones((3, 2, 2, 1), np.uint8)
-  out = mosaic.compose(items, np.array([[2, -1, 0, 1]]))
+  out = mosaic_builder.compose(items, np.array([[2, -1, 0, 1]]))
   np.testing.assert_array_equal(out[0, :, :, 0], [[3, 3, 0, 0], [3, 3, 0, 0],
                                                   [1, 1, 2, 2], [1, 1, 2, 2]])
 
 
 def test_mosaic_config_errors(source_dir):
   with pytest.raises(data.DataError, match='empty_prob'):
-    mosaic.prepare(source_dir, config=mosaic.MosaicConfig(name='bad', empty_prob=1.0))
+    mosaic.prepare(source_dir, config=mosaic_builder.MosaicConfig(name='bad', empty_prob=1.0))
   with pytest.raises(data.DataError, match='Built-in configs: default, small'):
     mosaic.prepare(source_dir, config='nope')
 
@@ -147,7 +148,7 @@ def test_mosaic_through_the_eval_pipeline(tiny_mosaic):
 
 def test_multihot_op():
   assert 'multihot' in data.list_ops()
-  op = mosaic.get_multihot(5)
+  op = ops_label.get_multihot(5)
   np.testing.assert_array_equal(op({'labels': tf.constant([3, 0, 3])})['labels'], [1, 0, 0, 1, 0])
   empty = op({'labels': tf.constant([], tf.int64)})['labels']
   assert empty.dtype == tf.float32
@@ -155,7 +156,7 @@ def test_multihot_op():
   np.testing.assert_array_equal(op({'labels': tf.constant(2)})['labels'], [0, 0, 1, 0, 0])
   ragged = op({'labels': tf.ragged.constant([[1, 4], [], [0]])})['labels']
   np.testing.assert_array_equal(ragged, [[0, 1, 0, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
-  out = mosaic.get_multihot(3, key='tags', key_result='y', on=0.9, off=0.05)({'tags': [2]})
+  out = ops_label.get_multihot(3, key='tags', key_result='y', on=0.9, off=0.05)({'tags': [2]})
   np.testing.assert_allclose(out['y'], [0.05, 0.05, 0.9])
   assert 'tags' in out
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'multihot\(5\).*>= 5'):
@@ -284,9 +285,9 @@ def test_multi_label_training_on_the_mosaic(tiny_mosaic, tiny_config, tmp_path):
   for key in ('map', 'f1_micro', 'f1_macro', 'threshold_tuned', 'f1_micro_tuned'):
     assert 0.0 <= result[key] <= 1.0, key
   report = json.loads((tmp_path / 'ml' / 'reports' / 'report_4.json').read_text())
-  assert report['label_names'] == list(mosaic.CLASS_NAMES)
+  assert report['label_names'] == list(mosaic_builder.CLASS_NAMES)
   assert (tmp_path / 'ml' / 'reports' / 'ap_per_class_4.png').exists()
   clf = inference.load(str(tmp_path / 'ml'))
-  assert clf.multilabel and clf.label_names == list(mosaic.CLASS_NAMES)
+  assert clf.multilabel and clf.label_names == list(mosaic_builder.CLASS_NAMES)
   scores = clf.probabilities(np.zeros((2, 56, 56, 1), np.uint8))
   assert scores.shape == (2, 10) and not np.allclose(scores.sum(-1), 1.0)  # sigmoid, not softmax

@@ -182,7 +182,8 @@ def test_random_erasing_rectangle_area_fill_and_determinism():
 
 from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
-from imgcls.data.preprocess import NORMALIZE_PRESETS, RANDAUGMENT_OPS  # noqa: E402
+from imgcls.data.ops_image import NORMALIZE_PRESETS  # noqa: E402
+from imgcls.data.randaugment import RANDAUGMENT_OPS  # noqa: E402
 
 _GEOMETRIC = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
 

@@ -4,6 +4,8 @@ Debian's `dataset-fashion-mnist` ships the four original `.gz` files with rewrit
 headers (file name dropped, MTIME changed; the deflate streams are untouched). Restoring the
 original headers gives byte-identical originals that pass TFDS's checksums, so TFDS's own
 builder prepares the standard dataset from them through `manual_dir`.
+
+Registers the dataset source 'fashion_mnist': TFDS's builder, prepared by `prepare` here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import struct
 import subprocess
 import tempfile
 
-import tensorflow_datasets as tfds
 from etils import epath
 
-from imgcls.data import sources
-from imgcls.data.sources import DataError
+from imgcls.data import tfds_source
+from imgcls.data.base import (SOURCES, DataError, default_data_dir, download_hosts,
+                              network_available)
+from imgcls.registry import lazy_import
+
+tfds = lazy_import('tensorflow_datasets')
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ _HOWTO = (
     '`imgcls prepare fashion_mnist --manual_dir=FOLDER`; (3) run where the network is available.')
 
 
-def _expected(builder: tfds.core.DatasetBuilder) -> dict[str, tuple[int, str]]:
+def _expected(builder) -> dict[str, tuple[int, str]]:
   """{file name: (size, sha256)} from TFDS's registered checksums."""
   return {i.filename: (int(i.size), i.checksum) for i in type(builder).url_infos.values()}
 
@@ -106,14 +111,14 @@ def _apt_install() -> None:
 def prepare(data_dir: str | None = None, manual_dir: str | None = None,
             allow_apt: bool = True) -> None:
   """Leaves TFDS's standard prepared `fashion_mnist` in data_dir, offline if need be."""
-  data_dir = sources.default_data_dir(data_dir)
+  data_dir = default_data_dir(data_dir)
   builder = tfds.builder(NAME, data_dir=data_dir)
   if builder.is_prepared():
     return
   expected = _expected(builder)
   folder = epath.Path(manual_dir or DEBIAN_DIR)
   if not manual_dir and not any((folder / f).exists() for f in expected):
-    if sources.network_available(sources.download_hosts(builder)):
+    if network_available(download_hosts(builder)):
       log.warning('Downloading and preparing %s into %s.', NAME, data_dir)
       builder.download_and_prepare()
       return
@@ -134,3 +139,18 @@ def prepare(data_dir: str | None = None, manual_dir: str | None = None,
     config = tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
     builder.download_and_prepare(download_dir=os.path.join(tmp, 'downloads'),
                                  download_config=config)
+
+
+class FashionMnistSource(tfds_source.TfdsSource):
+  """TFDS's fashion_mnist, prepared offline when need be (see `prepare`)."""
+
+  names = (NAME,)
+  fallback = False
+
+  def prepare_files(self, builder, name: str, data_dir: str,
+                    manual_dir: str | None = None) -> None:
+    del builder, name
+    prepare(data_dir, manual_dir=manual_dir)
+
+
+SOURCES.register(NAME, FashionMnistSource())

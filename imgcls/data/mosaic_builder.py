@@ -1,4 +1,7 @@
-"""Multi-label data: the offline demo dataset `fashion_mnist_mosaic` and the `multihot` pp op.
+"""The TFDS builder of the offline multi-label demo dataset `fashion_mnist_mosaic`.
+
+Defining the builder imports TensorFlow, so the dataset's source (mosaic.py, which config
+validation imports) loads this module only when the dataset is built or prepared.
 
 `fashion_mnist_mosaic` shows 2x2 mosaics of Fashion-MNIST items (56x56x1 uint8) and labels
 each with the SET of classes it shows. Its features follow TFDS's own multi-label datasets
@@ -22,7 +25,8 @@ through `prepare(config=MosaicConfig(name=..., num_train=...))`. Preparation nee
 network when `fashion_mnist` can be prepared offline (imgcls/data/fashion_mnist.py), which
 prepare() does first; 'small' took 43 s on 2 busy CPU cores, most of it decoding the source.
 
-A config for it: dataset.name = 'fashion_mnist_mosaic', dataset.num_classes = 10,
+Its labels become a vector with the `multihot` pp op (ops_label.py). A config for it:
+dataset.name = 'fashion_mnist_mosaic', dataset.num_classes = 10,
 pp_train = 'decode|flip_lr|value_range(-1, 1)|multihot(10)',
 pp_eval = 'decode|value_range(-1, 1)|multihot(10)' (flips and shifts keep the label set).
 """
@@ -33,13 +37,11 @@ import dataclasses
 from typing import Iterator
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from imgcls.data import fashion_mnist, preprocess, sources
-from imgcls.data.sources import DataError
+from imgcls.data import fashion_mnist
+from imgcls.data.base import DataError, default_data_dir
 
-NAME = 'fashion_mnist_mosaic'
 GRID = 2  # Tiles per side.
 TILE = 28  # Fashion-MNIST's image side.
 SPLITS = ('train', 'test')  # Each built from the fashion_mnist split of the same name.
@@ -152,11 +154,11 @@ def prepare(data_dir: str | None = None, manual_dir: str | None = None,
 
   Returns the prepared builder; a config already prepared in data_dir is left as it is.
   """
-  data_dir = sources.default_data_dir(data_dir)
+  data_dir = default_data_dir(data_dir)
   try:
     builder = FashionMnistMosaic(data_dir=data_dir, config=config)
   except ValueError as e:  # Unknown config name, or a custom config named like a built-in.
-    raise DataError(f'Bad {NAME} config {config!r}: {e}. Built-in configs: '
+    raise DataError(f'Bad {FashionMnistMosaic.name} config {config!r}: {e}. Built-in configs: '
                     f'{", ".join(FashionMnistMosaic.builder_configs)}.') from None
   if builder.is_prepared():
     return builder
@@ -165,41 +167,3 @@ def prepare(data_dir: str | None = None, manual_dir: str | None = None,
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
-
-
-# --------------------------------------------------------------- pp op
-
-@preprocess.register('multihot', label_op=True)
-def get_multihot(num_classes: int, key: str = 'labels', key_result: str = 'labels',
-                 on: float = 1.0, off: float = 0.0) -> preprocess.Op:
-  """Class ids (a variable-length list, one int, or a ragged batch) -> float32 multi-hot.
-
-  A list [k] gives [num_classes], a scalar id its one-hot, a ragged [B, None] batch
-  [B, num_classes]; repeated ids count once and an empty list gives all `off`. An id outside
-  [0, num_classes) fails instead of being dropped (tf.one_hot would drop it silently).
-  """
-  if not (isinstance(num_classes, int) and num_classes > 0):
-    raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
-
-  def multihot(features: preprocess.Features) -> preprocess.Features:
-    features = dict(features)
-    ids = features[key]
-    if not isinstance(ids, tf.RaggedTensor):
-      ids = tf.convert_to_tensor(ids)
-    values = tf.cast(ids.flat_values if isinstance(ids, tf.RaggedTensor) else ids, tf.int64)
-    checks = [tf.debugging.assert_non_negative(
-                  values, message=f'multihot: a class id in {key!r} is negative'),
-              tf.debugging.assert_less(
-                  values, tf.constant(num_classes, tf.int64),
-                  message=f'multihot({num_classes}): a class id in {key!r} is >= '
-                  f'{num_classes}; set num_classes to the dataset\'s number of classes')]
-    if isinstance(ids, tf.RaggedTensor):
-      ids = ids.to_tensor(default_value=-1)  # tf.one_hot(-1) is all zeros: padding adds nothing.
-    elif ids.shape.rank == 0:
-      ids = ids[None]
-    with tf.control_dependencies(checks):
-      hot = tf.one_hot(tf.cast(ids, tf.int64), num_classes, dtype=tf.float32)
-      hot = tf.minimum(tf.reduce_sum(hot, axis=-2), 1.0)  # Repeated ids count once.
-    features[key_result] = off + (on - off) * hot
-    return features
-  return multihot

@@ -22,7 +22,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from imgcls.data import preprocess
-from imgcls.data.sources import DataError, num_examples
+from imgcls.data.base import DataError
+from imgcls.data.sources import num_examples
 
 Batch = dict[str, np.ndarray]
 

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from imgcls.data import sources
-from imgcls.data.sources import DataError
+from imgcls.data.base import DataError
 
 
 def _sides(image_size: int, num_classes: int) -> list[int]:

@@ -1,0 +1,102 @@
+"""Image files -> RGB, with PIL: one decode path for folder preparation and inference.
+
+  load(path_or_bytes)  -> uint8 [H, W, 3]   (any format PIL reads; EXIF rotation applied)
+  open_rgb(...)        -> PIL RGB image      (the same, as a PIL image)
+  to_rgb(image)        -> PIL RGB image      (any mode; transparency composited on white)
+  for_dataset(path)    -> bytes              (what an image folder stores: JPEG/PNG, RGB)
+  problem(path)        -> None or why the file does not decode
+
+Conversion rules: grayscale, palette, CMYK and 16-bit images become RGB (16-bit keeps its
+top 8 bits); transparent images (RGBA, LA, palette with transparency) are composited on
+white, since dropping alpha would show whatever colour the transparent pixels store (often
+black); EXIF rotation is applied because TF's decoders ignore it; animated GIF/WebP keep
+their first frame. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imgcls.data.base import DataError
+
+Source = Union[str, os.PathLike, bytes]
+_ORIENTATION = 0x0112  # EXIF tag.
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """PIL image of any mode -> RGB; transparency composited on white."""
+  if image.mode == 'P':
+    image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
+  if image.mode.startswith('I'):  # 16-bit grayscale PNG: keep the top 8 bits, not clip.
+    image = Image.fromarray((np.asarray(image, np.uint32) >> 8).astype(np.uint8))
+  if image.mode in ('RGBA', 'LA', 'PA'):
+    rgba = image.convert('RGBA')
+    background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert('RGB')
+  return image.convert('RGB')
+
+
+def _rotated(image: Image.Image) -> bool:
+  return image.getexif().get(_ORIENTATION, 1) not in (0, 1)
+
+
+def _read(source: Source) -> tuple[bytes, str]:
+  """(bytes, a name for messages) of a path or of bytes."""
+  if isinstance(source, (bytes, bytearray)):
+    return bytes(source), 'the image bytes'
+  with open(source, 'rb') as f:
+    return f.read(), str(source)
+
+
+def open_rgb(source: Source) -> Image.Image:
+  """The image of a file or of bytes, upright (EXIF) and RGB; DataError if it does not decode."""
+  data, what = _read(source)
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()  # Decodes everything: corrupt and truncated files fail here.
+      return to_rgb(ImageOps.exif_transpose(image) if _rotated(image) else image)
+  except Image.DecompressionBombError as e:
+    raise DataError(f'{what} is too large for PIL\'s safety limit ({e}): downscale it.') from None
+  except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError.
+    raise DataError(f'{what} is not a readable image (corrupt, truncated or not an image: '
+                    f'{e or type(e).__name__}).') from None
+
+
+def load(source: Source) -> np.ndarray:
+  """The image of a file or of bytes as uint8 [H, W, 3] (see open_rgb)."""
+  return np.asarray(open_rgb(source), np.uint8)
+
+
+def for_dataset(path: str) -> bytes:
+  """The image's bytes for a prepared dataset: RGB JPEG and PNG as they are (no generation
+  loss, no work), everything else converted by the rules above and stored as lossless PNG."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  with Image.open(io.BytesIO(data)) as image:
+    image.load()
+    rotated = _rotated(image)
+    # An RGB PNG with a transparent colour (tRNS) may decode to 4 channels in TF: convert it.
+    if (image.format in ('JPEG', 'PNG') and image.mode == 'RGB' and not rotated and
+        'transparency' not in image.info):
+      return data
+    image = to_rgb(ImageOps.exif_transpose(image) if rotated else image)
+  out = io.BytesIO()
+  image.save(out, format='PNG')
+  return out.getvalue()
+
+
+def problem(path: str) -> str | None:
+  """None if the file decodes fully, else why not."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+  except Image.DecompressionBombError as e:
+    return f'too large for PIL\'s safety limit ({e}); downscale it'
+  except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+    return str(e) or type(e).__name__
+  return None

@@ -1,0 +1,9 @@
+"""Importing this registers every built-in pp op in preprocess.OPS (imgcls.data does it).
+
+The registry and the parser are in preprocess.py; the ops in ops_image.py, ops_label.py and
+randaugment.py import it, so preprocess.py cannot import them back: this module does.
+"""
+
+from imgcls.data import ops_image, ops_label, randaugment
+
+__all__ = ['ops_image', 'ops_label', 'randaugment']
