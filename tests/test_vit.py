@@ -264,3 +264,13 @@ def test_registry_and_config():
   assert 'random_erasing' not in fashion_mnist_vit.get_config('erase=0').pp_train
   c = fashion_mnist_vit.get_config('width=64,depth=4,patch=7,dtype=float32')
   assert (c.model.width, c.model.depth, c.model.patch_size, c.model.dtype) == (64, 4, 7, 'float32')
+
+
+def test_layer_index_for_layer_decay():
+  assert vit.block_index('Transformer/encoderblock_11/LayerNorm_0/scale') == 11
+  assert vit.block_index('Transformer/encoder_norm/scale') is None
+  assert [vit.layer_index(p, depth=12) for p in (
+      'embedding/kernel', 'cls', 'Transformer/posembed_input/pos_embedding',
+      'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel',
+      'Transformer/encoderblock_11/LayerNorm_2/bias', 'Transformer/encoder_norm/scale',
+      'MAPHead_0/probe', 'head/kernel')] == [0, 0, 0, 1, 12, 13, 13, 13]

@@ -1,6 +1,9 @@
 """Models by name: configs name a model and set its constructor arguments.
 
-Each family registers its names in its own module; importing them here fills MODELS.
+  registry.py    MODELS, filled by each family in its own module (info: family=, generic=)
+  resnet.py, vit.py, bit.py        the families; layers.py what they share
+  *_weights.py   each family's checkpoint converters, registered in convert.CONVERTERS
+  weights.py     files, format detection, merge, export (imgcls.models.weights)
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pre-activation bottlenecks with weight-standardised convs and GroupNorm: no batch statistics,
 so the model behaves the same at any batch size and `init` returns only 'params'.
 
-Name map (timm -> here), for weight conversion:
+Name map (timm -> here), for weight conversion (bit_weights.py):
   stem.conv                                -> root_conv
   stages.{i}.blocks.{j}.norm{k} / conv{k}  -> stage{i+1}_unit{j+1}/norm{k} / conv{k}  (k = 1, 2, 3)
   stages.{i}.blocks.0.downsample.conv      -> stage{i+1}_unit1/proj

@@ -1,7 +1,8 @@
 """ResNet v1.5 in Flax Linen, laid out like torchvision's so its weights map one to one.
 
 Name map (torchvision -> here): conv1/bn1 -> conv_init/bn_init; layer{i}.{j}.conv{k}/bn{k} ->
-stage{i}_block{j+1}/conv{k}/bn{k}; layer{i}.{j}.downsample.0/1 -> .../proj_conv/proj_bn; fc -> head.
+stage{i}_block{j+1}/conv{k}/bn{k}; layer{i}.{j}.downsample.0/1 -> .../proj_conv/proj_bn; fc -> head
+(the converter: resnet_weights.py).
 Convolutions pad symmetrically by kernel // 2, as torch does, so strided outputs line up too.
 """
 

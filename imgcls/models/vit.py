@@ -5,6 +5,7 @@ to one: embedding (patch conv), cls, Transformer/posembed_input/pos_embedding,
 Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
 MlpBlock_3/Dense_{0,1}}, Transformer/encoder_norm, pre_logits, head. The 'map' pool adds
 MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}, as big_vision names it.
+Converters to and from other checkpoint layouts: vit_weights.py.
 """
 
 from __future__ import annotations

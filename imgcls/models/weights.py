@@ -115,22 +115,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def detect_format(flat: Mapping[str, np.ndarray]) -> str:
-  """Guesses which of FORMATS a flat checkpoint is in, from its key names."""
-  keys = set(flat)
-  if any(k.endswith('embedding/kernel') for k in keys):
-    return 'vit_npz'
-  if any(k.endswith('root_block/standardized_conv2d/kernel') for k in keys):
-    return 'bit_npz'
-  if 'patch_embed.proj.weight' in keys:
-    return 'timm_vit'
-  if 'stem.conv.weight' in keys:
-    return 'timm_bit'
-  if 'conv1.weight' in keys and 'fc.weight' in keys:
-    return 'timm_resnet'
-  sample = ', '.join(sorted(keys)[:5])
-  raise WeightsError(f'Cannot tell the format of a checkpoint with keys like {sample}; pass '
-                     f'fmt= one of {", ".join(FORMATS)}.')
+# ----------------------------------------------------------------------------- formats
 
 
 def _family(flat: Mapping[str, Any]) -> str | None:
@@ -196,6 +181,7 @@ def export(variables: Mapping[str, Any], path: str | epath.PathLike,
   fmt = fmt or export_format(variables)
   write_file(path, from_imgcls(variables, fmt))
   return fmt
+
 
 # ----------------------------------------------------------------------------- merging
 
