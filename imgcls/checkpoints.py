@@ -1,52 +1,282 @@
-"""Orbax checkpoints of the train state: save, resume, keep the latest and the best.
+"""Every read and write of a workdir's checkpoints, in one place.
 
-Each checkpoint holds the state (params, batch_stats, opt_state, step, rng) and a
-JSON `meta` item: the config that wrote it and the eval metrics. Restoring uses an
-abstract target carrying the current shardings, so a checkpoint written on N devices
-restores onto M.
+A workdir holds `config.json` (the config of the run) and `checkpoints/STEP/` folders
+written by Orbax, each with two items: `state` (the train state: params, batch_stats,
+opt_state, step, rng and, with an EMA, ema_params / ema_batch_stats) and `meta` (JSON:
+the config, the image shape, the label names, the eval metrics and the metric that ranks
+them).
+
+Two kinds of reader:
+- `find(path, step)` -> `Checkpoint`: a saved step resolved from a workdir, its
+  checkpoints/ folder or a step folder ('best' | 'latest' | N), with its metadata and
+  `weights(which)`: params and BatchNorm statistics (raw or EMA) as host numpy arrays,
+  no optimizer, so a checkpoint written on N devices loads anywhere (imgcls.load,
+  `imgcls eval`, few-shot, model_init, sweeps).
+- `Checkpointer`: the training run's Orbax CheckpointManager (save asynchronously, keep
+  the latest and the best, restore the whole train state onto the current shardings).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be used with this run; the message says what to do."""
+  """A checkpoint that cannot be used; the message says what to do."""
 
 
-BEST_METRIC = 'top1'
+DEFAULT_BEST_METRIC = 'eval_top1'
+_LEGACY_BEST_METRIC = 'top1'  # checkpoints written before evaluators had prefixes
+WEIGHTS = ('auto', 'raw', 'ema')
+_WHERE = ('Pass a training workdir (the --workdir of `imgcls train`), its checkpoints/ '
+          'folder, or one step folder such as WORKDIR/checkpoints/1000.')
 
 
-def absolute(path: str) -> epath.Path:
+def absolute(path: str | os.PathLike) -> epath.Path:
   """Orbax needs absolute paths (a relative one fails at save time, not set-up)."""
   p = epath.Path(path)
-  return p if '://' in str(path) else epath.Path(p.expanduser().resolve())
+  return p if '://' in os.fspath(path) else epath.Path(p.expanduser().resolve())
 
 
-def checkpoint_dir(workdir: str) -> epath.Path:
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   return absolute(workdir) / 'checkpoints'
 
 
-class Checkpointer:
-  """An orbax CheckpointManager keeping the latest checkpoint and the best by eval top-1."""
+def ranking_value(metrics: dict[str, Any] | None, best_metric: str) -> float | None:
+  """The number that ranks a checkpoint (higher is better); None when it has none.
 
-  def __init__(self, workdir: str, *, asynchronous: bool = True, read_only: bool = False):
+  A non-finite value never ranks: a diverged eval must not become the best checkpoint.
+  """
+  if not metrics:
+    return None
+  value = metrics.get(best_metric, metrics.get(_LEGACY_BEST_METRIC))
+  if value is None:
+    return None
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+# ------------------------------------------------------------------ reading
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return path.name.isdigit() and (path / 'state').is_dir() and (path / 'meta').is_dir()
+
+
+def step_dirs(path: str | os.PathLike) -> dict[int, epath.Path]:
+  """{step: folder} of the finished checkpoints under a workdir or its checkpoints/ folder
+  (Orbax's unfinished `*.orbax-checkpoint-tmp` folders are not steps); {} when none."""
+  root = absolute(path)
+  directory = root / 'checkpoints' if (root / 'checkpoints').is_dir() else root
+  if not directory.is_dir():
+    return {}
+  return {int(d.name): d for d in directory.iterdir() if _is_step_dir(d)}
+
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+  """Whether WORKDIR/checkpoints holds a saved step (without creating anything)."""
+  return bool(step_dirs(checkpoint_dir(workdir)))
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+  steps = step_dirs(checkpoint_dir(workdir))
+  return max(steps) if steps else None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e)
+  return f'{type(e).__name__}: {text.splitlines()[0][:200] if text else ""}'
+
+
+def read_meta(step_dir: epath.Path) -> dict[str, Any]:
+  """A step's JSON metadata, checked for what every reader needs (config, image shape)."""
+  try:
+    meta = ocp.JsonCheckpointHandler().restore(step_dir / 'meta')
+    config = meta['config']
+    _ = (config['model']['name'], config['dataset']['num_classes'], config['pp_eval'],
+         meta['image_shape'])
+  except Exception as e:  # corrupt JSON, missing file or key: all mean "unusable"
+    raise CheckpointError(
+        f'cannot read the metadata of the checkpoint {step_dir} ({_first_line(e)}). The '
+        'checkpoint is incomplete or corrupt: use another step (--step / step=...).') from e
+  return meta
+
+
+def _best(steps: dict[int, epath.Path]) -> int:
+  """The step whose eval ranks highest (ties: the later); the latest when none was ranked."""
+  scored = []
+  for step, path in steps.items():
+    meta = read_meta(path)
+    value = ranking_value(meta.get('metrics'), meta.get('best_metric', DEFAULT_BEST_METRIC))
+    if value is not None:
+      scored.append((value, step))
+  return max(scored)[1] if scored else max(steps)
+
+
+def check_step_arg(step: Any) -> str | int:
+  """'best', 'latest' or a step number (as int); anything else is a CheckpointError."""
+  if isinstance(step, bool) or not (step in ('best', 'latest') or str(step).isdigit()):
+    raise CheckpointError(f"the step must be 'best', 'latest' or a step number, got {step!r}.")
+  return step if step in ('best', 'latest') else int(step)
+
+
+def resolve(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
+  """The step folder for a workdir, a checkpoints folder or a step folder."""
+  step = check_step_arg(step)
+  root = absolute(path)
+  if not root.exists():
+    raise CheckpointError(f'{path} does not exist. {_WHERE}')
+  if not root.is_dir():
+    raise CheckpointError(f'{path} is a file, not a checkpoint folder. {_WHERE}')
+  if _is_step_dir(root):
+    if isinstance(step, int) and step != int(root.name):
+      raise CheckpointError(f'{path} is the checkpoint of step {root.name}, not {step}: pass '
+                            f'its parent folder {root.parent} to choose a step.')
+    return root
+  steps = step_dirs(root)
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {path}. {_WHERE} Train first if it is empty.')
+  if step == 'latest':
+    return steps[max(steps)]
+  if step == 'best':
+    return steps[_best(steps)]
+  if step not in steps:
+    raise CheckpointError(f'no checkpoint at step {step} in {path}; saved steps: '
+                          f'{sorted(steps)}.')
+  return steps[step]
+
+
+def _state_tree(step_dir: epath.Path) -> dict[str, Any]:
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return dict(handler.metadata(step_dir / 'state').tree)
+  finally:
+    handler.close()
+
+
+def restore_arrays(step_dir: epath.Path, names: list[str]) -> dict[str, Any]:
+  """The named fields of a saved state (and its step) as host numpy arrays."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = _state_tree(step_dir)
+    item = {name: tree[name] for name in names + ['step']}
+    return handler.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+  finally:
+    handler.close()
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """One saved step: its folder, step number and metadata; weights are read on demand."""
+  path: epath.Path
+  step: int
+  meta: dict[str, Any]
+
+  @property
+  def config(self) -> dict[str, Any]:
+    return self.meta['config']
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(int(d) for d in self.meta['image_shape'])
+
+  @property
+  def label_names(self) -> list[str]:
+    """The class names saved with the run, or '0', '1', ... when it had none."""
+    n = self.config['dataset']['num_classes']
+    names = self.meta.get('label_names')
+    return list(names) if names and len(names) == n else [str(i) for i in range(n)]
+
+  @property
+  def workdir(self) -> epath.Path | None:
+    """The training workdir this step lies in (None for a step folder moved elsewhere)."""
+    return self.path.parent.parent if self.path.parent.name == 'checkpoints' else None
+
+  def has_ema(self) -> bool:
+    return bool(self.fields().get('ema_params'))
+
+  def fields(self) -> dict[str, Any]:
+    try:
+      return _state_tree(self.path)
+    except Exception as e:
+      raise self._unreadable(e) from e
+
+  def weights(self, which: str = 'auto') -> dict[str, Any]:
+    """{'params', 'batch_stats'?} as host numpy arrays; the optimizer state is not read.
+
+    which: 'raw' (the trained weights), 'ema' (the exponential moving average, an error if
+    the run kept none) or 'auto' (the EMA when the run kept one, else the raw weights).
+    """
+    if which not in WEIGHTS:
+      raise CheckpointError(f'weights must be one of {", ".join(WEIGHTS)}, got {which!r}.')
+    tree = self.fields()
+    if which == 'ema' and not tree.get('ema_params'):
+      raise CheckpointError(f'the checkpoint {self.path} keeps no EMA of the weights (its run '
+                            "had ema_decay=0): use weights='raw'.")
+    use_ema = which == 'ema' or (which == 'auto' and bool(tree.get('ema_params')))
+    names = {n: f'ema_{n}' if use_ema else n for n in ('params', 'batch_stats')
+             if tree.get(f'ema_{n}' if use_ema else n)}
+    if 'params' not in names:
+      raise self._unreadable(KeyError(f'no params in the saved state (it holds {sorted(tree)})'))
+    try:
+      restored = restore_arrays(self.path, sorted(names.values()))
+    except Exception as e:
+      raise self._unreadable(e) from e
+    return {name: restored[source] for name, source in names.items()}
+
+  def all_weights(self) -> dict[str, Any]:
+    """Raw and (when kept) EMA weights, for scoring both; no optimizer state."""
+    tree = self.fields()
+    names = [n for n in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats')
+             if tree.get(n)]
+    try:
+      return {k: v for k, v in restore_arrays(self.path, names).items() if k != 'step'}
+    except Exception as e:
+      raise self._unreadable(e) from e
+
+  def _unreadable(self, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f'cannot read the weights of the checkpoint {self.path} ({_first_line(e)}). The '
+        'checkpoint is incomplete or corrupt: use another step (--step / step=...).')
+
+
+def find(path: str | os.PathLike, step: str | int = 'best') -> Checkpoint:
+  """The checkpoint at `path` (workdir, checkpoints folder or step folder) and `step`."""
+  step_dir = resolve(path, step)
+  return Checkpoint(path=step_dir, step=int(step_dir.name), meta=read_meta(step_dir))
+
+
+# ------------------------------------------------------------------ training
+
+class Checkpointer:
+  """An Orbax CheckpointManager keeping the latest checkpoint and the best by `best_metric`."""
+
+  def __init__(self, workdir: str, *, asynchronous: bool = True, read_only: bool = False,
+               best_metric: str = DEFAULT_BEST_METRIC):
+    self.best_metric = best_metric
+
+    def rank(metrics):  # Orbax keeps the largest; unranked steps (None) are never "best"
+      value = ranking_value(metrics, best_metric)
+      return -math.inf if value is None else value
+
     options = ocp.CheckpointManagerOptions(
-        best_fn=lambda m: m[BEST_METRIC], best_mode='max',
+        best_fn=rank, best_mode='max',
         # best_fn with max_to_keep would delete the latest checkpoint: keep both.
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=1),
-            policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                           keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False),
         ]),
         enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only,
         read_only=read_only, create=not read_only)
@@ -65,33 +295,13 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
            metrics: dict[str, float] | None = None, force: bool = True) -> None:
-    meta = dict(meta, metrics=metrics)
+    meta = dict(meta, metrics=metrics, best_metric=self.best_metric)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       metrics=metrics, force=force)
 
-  def resolve(self, which: str | int) -> int:
-    """'latest', 'best' or a step number -> a step that exists."""
-    steps = self.all_steps()
-    if not steps:
-      raise CheckpointError(f'no checkpoint in {self.directory}. Train first, or pass '
-                            'the workdir of a finished run.')
-    if which == 'latest':
-      return self.latest_step()
-    if which == 'best':
-      return self.best_step() or self.latest_step()
-    step = int(which)
-    if step not in steps:
-      raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; '
-                            f'saved steps: {sorted(steps)}.')
-    return step
-
-  def restore_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-
   def restore(self, step: int, target: Any) -> Any:
-    """Restores the state at `step` onto the shapes and shardings of `target`."""
+    """Restores the whole state at `step` onto the shapes and shardings of `target`."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     try:
@@ -106,11 +316,7 @@ class Checkpointer:
     # The state is restored field by field as a dict, so that a field that is None in the
     # target (the EMA copy when ema_decay is 0) may be missing on disk: checkpoints written
     # before TrainState had the EMA fields lack them, and Orbax wants the trees equal.
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      on_disk = set(handler.metadata(self.directory / str(step) / 'state').tree)
-    finally:
-      handler.close()
+    on_disk = set(_state_tree(self.directory / str(step)))
     fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
     item = {k: v for k, v in fields.items() if v is not None or k in on_disk}
     restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -125,16 +331,16 @@ class Checkpointer:
     self.manager.close()
 
 
-def has_checkpoints(workdir: str) -> bool:
-  """Whether WORKDIR/checkpoints holds a saved step (without creating anything)."""
-  directory = checkpoint_dir(workdir)
-  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
-
+# ------------------------------------------------------------- run config
 
 def read_workdir_config(workdir: str) -> dict[str, Any] | None:
   """The config.json a previous run left in the workdir, if any."""
   path = absolute(workdir) / 'config.json'
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_workdir_config(workdir: str, config: dict[str, Any]) -> None:
+  (absolute(workdir) / 'config.json').write_text(json.dumps(config, indent=2))
 
 
 def check_compatible(workdir: str, config: dict[str, Any]) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 from typing import Any
+
 import ml_collections
 
+from imgcls.errors import ConfigError
 
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the key and the fix."""
+__all__ = ['ConfigError', 'defaults', 'flatten_dict', 'parse_arg', 'upgrade', 'validate']
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -111,6 +112,14 @@ def defaults() -> ml_collections.ConfigDict:
   # and TensorBoard: confusion matrix, per-class accuracy, calibration (ECE + reliability
   # diagram), the most confidently wrong images; for sigmoid_xent per-class AP, mAP and F1.
   c.eval_reports = True
+  # Evaluators (imgcls/evaluators/): {name: dict(type=..., options)}, e.g.
+  #   c.evals.val = dict(type='classification', split='validation')
+  #   c.evals.fewshot = dict(type='fewshot', shots=(1, 5, 10))
+  # Metrics are written as NAME_KEY (val_top1). Empty: built from eval_split, eval_reports,
+  # dataset.val_split and fewshot.* below (one evaluator `eval`, plus eval_fewshot_*).
+  c.evals = ml_collections.ConfigDict()
+  # The metric that ranks checkpoints ('best' keeps the highest); one an evaluator writes.
+  c.best_metric = 'eval_top1'
   # Few-shot linear evaluation of the frozen pre-logits at each eval (imgcls/fewshot.py):
   # closed-form ridge regression on `shots` examples per class, averaged over `seeds`, l2
   # chosen on held-out train examples. () turns it off; '' splits mean the dataset's own.
@@ -141,7 +150,7 @@ def _check_tree(cfg, ref, prefix: str, errors: list[str]) -> None:
     if isinstance(expected, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         errors.append(f"'{path}' must be a group of settings, got {value!r}.")
-      elif path != 'model':
+      elif path not in ('model', 'evals'):
         _check_tree(value, expected, path + '.', errors)
       continue
     want = ref.get_type(key) if hasattr(ref, 'get_type') else type(expected)
@@ -161,10 +170,8 @@ def _get(cfg, dotted: str):
   return cfg
 
 
-def _check_values(cfg, errors: list[str]) -> None:
-  from imgcls import models  # pylint: disable=g-import-not-at-top
-  from imgcls.data import preprocess  # pylint: disable=g-import-not-at-top
-
+def _check_numbers(cfg, errors: list[str]) -> None:
+  """Values that need nothing but the config."""
   positive = ['batch_size', 'eval_batch_size', 'log_every_steps', 'dataset.num_classes']
   for key in positive:
     if _get(cfg, key) <= 0:
@@ -174,34 +181,48 @@ def _check_values(cfg, errors: list[str]) -> None:
   for key in ('eval_every_steps', 'checkpoint_every_steps', 'total_steps', 'lr.warmup_steps'):
     if _get(cfg, key) < 0:
       errors.append(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
-  if cfg.optimizer.name not in ('sgd', 'adamw'):
-    errors.append(f"optimizer.name must be 'sgd' or 'adamw', got {cfg.optimizer.name!r}.")
   if not 0.0 <= cfg.optimizer.layer_decay <= 1.0:
     errors.append(f'optimizer.layer_decay must be in [0, 1] (0: off), got '
                   f'{cfg.optimizer.layer_decay}.')
-  if cfg.lr.schedule not in ('warmup_cosine', 'warmup_linear', 'warmup_step', 'constant'):
-    errors.append(f'lr.schedule must be warmup_cosine, warmup_linear, warmup_step or constant, '
-                  f'got {cfg.lr.schedule!r}.')
-  if cfg.weight_decay_mask not in ('no_bias_norm', 'all'):
-    errors.append(f"weight_decay_mask must be 'no_bias_norm' or 'all', got {cfg.weight_decay_mask!r}.")
   if not 0.0 <= cfg.label_smoothing < 1.0:
     errors.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}.")
-  if cfg.loss not in ('softmax_xent', 'sigmoid_xent'):
-    errors.append(f"loss must be 'softmax_xent' or 'sigmoid_xent', got {cfg.loss!r}.")
   for key in ('mixup.mixup_alpha', 'mixup.cutmix_alpha'):
     if _get(cfg, key) < 0:
       errors.append(f"'{key}' must be >= 0 (0: off), got {_get(cfg, key)}.")
   for key in ('mixup.switch_prob', 'mixup.prob'):
     if not 0.0 <= _get(cfg, key) <= 1.0:
       errors.append(f"'{key}' must be a probability in [0, 1], got {_get(cfg, key)}.")
-  if any(not isinstance(k, int) or k < 1 for k in cfg.fewshot.shots):
-    errors.append(f'fewshot.shots must be positive ints, e.g. (1, 5, 10, 25), got '
-                  f'{cfg.fewshot.shots}.')
-  if cfg.fewshot.shots and cfg.loss != 'softmax_xent':
-    errors.append('fewshot.shots needs a single-label dataset (loss softmax_xent).')
   if not 0.0 <= cfg.ema_decay < 1.0:
     errors.append(f'ema_decay must be in [0, 1) (0: off, e.g. 0.9999), got {cfg.ema_decay}.')
 
+
+def _one_of(errors: list[str], key: str, value: Any, names) -> None:
+  if value not in names:
+    errors.append(f"{key} must be one of {', '.join(map(str, names))}, got {value!r}."
+                  f"{_suggest(str(value), names)}")
+
+
+def _check_pp(cfg, errors: list[str]) -> None:
+  """pp strings: op names and arguments (the op registry loads no TensorFlow)."""
+  from imgcls.data import preprocess  # pylint: disable=g-import-not-at-top  (fast path)
+  for key in ('pp_train', 'pp_eval'):
+    try:
+      preprocess.get_pp_fn(cfg[key])
+    except ValueError as e:
+      errors.append(f"'{key}': {e}")
+
+
+def _check_names(cfg, errors: list[str]) -> None:
+  """Names each owner exports (optimizers, schedules, losses, models, weight formats,
+  evaluators): these imports load JAX, never TensorFlow."""
+  # pylint: disable=g-import-not-at-top
+  from imgcls import evaluators, models, optim, step
+  from imgcls.models import weights
+  # pylint: enable=g-import-not-at-top
+  _one_of(errors, 'optimizer.name', cfg.optimizer.name, optim.OPTIMIZERS)
+  _one_of(errors, 'lr.schedule', cfg.lr.schedule, optim.SCHEDULES)
+  _one_of(errors, 'weight_decay_mask', cfg.weight_decay_mask, optim.DECAY_MASKS)
+  _one_of(errors, 'loss', cfg.loss, step.LOSSES)
   name = cfg.model.get('name')
   if name not in models.list_models():
     errors.append(
@@ -214,29 +235,40 @@ def _check_values(cfg, errors: list[str]) -> None:
         errors.append(
             f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
             f" Valid keys: {', '.join(sorted(allowed))}.")
-  from imgcls.models import weights  # pylint: disable=g-import-not-at-top
-  if cfg.model_load.format and cfg.model_load.format not in weights.FORMATS:
-    errors.append(f"model_load.format must be one of {', '.join(weights.FORMATS)} or '' "
-                  f"(guess), got {cfg.model_load.format!r}.")
-  if cfg.model_load.posemb_resize not in ('bilinear', 'bicubic'):
-    errors.append("model_load.posemb_resize must be 'bilinear' or 'bicubic', got "
-                  f'{cfg.model_load.posemb_resize!r}.')
-  for key in ('pp_train', 'pp_eval'):
-    try:
-      preprocess.get_pp_fn(cfg[key])
-    except ValueError as e:
-      errors.append(f"'{key}': {e}")
+  if cfg.model_load.format:
+    _one_of(errors, 'model_load.format', cfg.model_load.format, weights.FORMATS)
+  _one_of(errors, 'model_load.posemb_resize', cfg.model_load.posemb_resize,
+          weights.POSEMB_RESIZE_METHODS)
+  errors.extend(evaluators.check(cfg))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError listing every problem; returns the config unchanged."""
   errors: list[str] = []
-  _check_tree(cfg, defaults(), '', errors)
+  _check_tree(cfg, defaults(), '', errors)  # keys and types: instant
   if not errors:
-    _check_values(cfg, errors)
+    _check_numbers(cfg, errors)
+    _check_pp(cfg, errors)  # no TensorFlow
+  if not errors:
+    _check_names(cfg, errors)  # imports JAX (a few seconds), only for a config that got here
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors) +
                       '\nFix the config file or the --config.KEY=VALUE override.')
+  return cfg
+
+
+def upgrade(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds, in place, the fields a config written by an older imgcls lacks (a checkpoint's
+  config), with their defaults; returns it."""
+  def fill(node, ref):
+    for key in ref.keys():
+      if key not in node:
+        with node.ignore_type():
+          node[key] = ref[key]
+      elif isinstance(ref[key], ml_collections.ConfigDict) and key not in ('model', 'evals') \
+          and isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], ref[key])
+  fill(cfg, defaults())
   return cfg
 
 

@@ -38,8 +38,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from imgcls import parallel
-from imgcls.data import pipeline, sources
+from imgcls import data, parallel
 from imgcls.models import weights
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -57,7 +56,7 @@ class FewShotError(ValueError):
 
 # ------------------------------------------------------------------ sampling
 
-def _check_ints(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
+def check_ints(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
   values = tuple(values)
   if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
                        for v in values):
@@ -89,9 +88,9 @@ def sample_shots(labels: np.ndarray, shots: int, seed: int, *, num_classes: int 
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise FewShotError(f'labels must be a 1-D integer array, got {labels.dtype} '
                        f'{labels.shape}.')
-  (shots,), (holdout,), (seed,) = (_check_ints('shots', [shots], 1),
-                                   _check_ints('holdout', [holdout], 0),
-                                   _check_ints('seed', [seed], 0))
+  (shots,), (holdout,), (seed,) = (check_ints('shots', [shots], 1),
+                                   check_ints('holdout', [holdout], 0),
+                                   check_ints('seed', [seed], 0))
   num_classes = _num_classes(labels, num_classes)
   need = shots + holdout
   drawn, held, short = [], [], []
@@ -195,9 +194,9 @@ def ridge_fewshot(train_feats: np.ndarray, train_labels: np.ndarray, test_feats:
                        f'D={test_feats.shape[1]}: extract both with the same model.')
   if not len(test_labels):
     raise FewShotError('no test examples: pass a non-empty test split.')
-  shots = _check_ints('shots', shots, 1)
-  seeds = _check_ints('seeds', seeds, 0)
-  (val_per_class,) = _check_ints('val_per_class', [val_per_class], 0)
+  shots = check_ints('shots', shots, 1)
+  seeds = check_ints('seeds', seeds, 0)
+  (val_per_class,) = check_ints('val_per_class', [val_per_class], 0)
   l2_regs = tuple(float(v) for v in l2_regs)
   if val_per_class == 0 and len(l2_regs) > 1:
     raise FewShotError(f'choosing among {len(l2_regs)} l2 values needs held-out examples: '
@@ -236,13 +235,13 @@ def ridge_fewshot(train_feats: np.ndarray, train_labels: np.ndarray, test_feats:
 Batch = tuple[np.ndarray | None, np.ndarray, np.ndarray]  # images, int labels, bool mask
 
 
-def _stream(builder, split: str, pp: str, batch_size: int, label_key: str) -> Iterator[Batch]:
+def stream_split(builder, split: str, pp: str, batch_size: int, label_key: str) -> Iterator[Batch]:
   """The whole split in file order, as padded batches from the exact eval pipeline.
 
   Read as one process (process_count=1): every process of a multi-host run reads the whole
   split and computes the same few-shot result, with no gather.
   """
-  data = pipeline.eval_data(builder, split=split, pp=pp, global_batch_size=batch_size,
+  data = data.eval_data(builder, split=split, pp=pp, global_batch_size=batch_size,
                             process_index=0, process_count=1)
   for batch in data:
     if label_key not in batch:
@@ -253,7 +252,7 @@ def _stream(builder, split: str, pp: str, batch_size: int, label_key: str) -> It
            np.asarray(batch['mask']) > 0)
 
 
-def _apply(apply_features: ApplyFeatures, images: np.ndarray) -> np.ndarray:
+def apply_checked(apply_features: ApplyFeatures, images: np.ndarray) -> np.ndarray:
   feats = np.asarray(apply_features(images), np.float32)
   if feats.ndim != 2 or len(feats) != len(images):
     raise FewShotError(f'apply_features must map images [B, ...] to features [B, D]; for '
@@ -261,7 +260,7 @@ def _apply(apply_features: ApplyFeatures, images: np.ndarray) -> np.ndarray:
   return feats
 
 
-def _collect(batches: Iterable[Batch], apply_features: ApplyFeatures | None = None, *,
+def collect(batches: Iterable[Batch], apply_features: ApplyFeatures | None = None, *,
              max_examples: int | None = None, max_per_class: int | None = None,
              num_classes: int | None = None, cache_bytes: int = 0):
   """(labels, features, images) of the real examples in order; stops reading when enough.
@@ -287,7 +286,7 @@ def _collect(batches: Iterable[Batch], apply_features: ApplyFeatures | None = No
     if keep.any():
       labels.append(y[keep])
       if apply_features is not None:
-        feats.append(_apply(apply_features, x)[keep])
+        feats.append(apply_checked(apply_features, x)[keep])
       if images is not None and cache_bytes:
         images.append(np.asarray(x)[keep])
         nbytes += images[-1].nbytes
@@ -314,7 +313,7 @@ def extract_features(apply_features: ApplyFeatures, builder, split: str, pp: str
   """
   if max_per_class is not None and not num_classes:
     raise FewShotError('max_per_class needs num_classes (the classes to fill).')
-  labels, feats, _ = _collect(_stream(builder, split, pp, batch_size, label_key), apply_features,
+  labels, feats, _ = collect(stream_split(builder, split, pp, batch_size, label_key), apply_features,
                               max_examples=max_examples, max_per_class=max_per_class,
                               num_classes=num_classes)
   return feats, labels
@@ -341,169 +340,3 @@ def make_features_fn(model, mesh=None) -> Callable[[Any, np.ndarray], np.ndarray
     x = jax.make_array_from_callback(images.shape, in_sharding, lambda idx: images[idx])
     return np.asarray(parallel.to_host(jitted(variables, x)), np.float32)
   return fn
-
-
-# ----------------------------------------------------------------- evaluator
-
-class _Split:
-  """A split's examples for the probe: streamed through tf.data, or, once the first pass
-  showed that its preprocessed images fit in cache_bytes, kept in memory."""
-
-  def __init__(self, stream: Callable[[], Iterator[Batch]], batch_size: int, cache_bytes: int,
-               **limits):
-    self.stream, self.batch_size, self.cache_bytes, self.limits = (
-        stream, batch_size, cache_bytes, limits)
-    self.images = self.labels = None
-
-  def features(self, apply_features: ApplyFeatures) -> tuple[np.ndarray, np.ndarray]:
-    if self.images is not None:
-      return self._from_cache(apply_features), self.labels
-    labels, feats, images = _collect(self.stream(), apply_features,
-                                     cache_bytes=self.cache_bytes, **self.limits)
-    if images is not None:
-      self.images, self.labels = images, labels
-    return feats, labels
-
-  def _from_cache(self, apply_features: ApplyFeatures) -> np.ndarray:
-    out, b = [], self.batch_size
-    for start in range(0, len(self.images), b):
-      x = self.images[start:start + b]
-      pad = np.zeros((b - len(x), *x.shape[1:]), x.dtype)  # one shape: one compilation
-      out.append(_apply(apply_features, np.concatenate([x, pad]))[:len(x)])
-    return np.concatenate(out)
-
-
-class FewShotEvaluator:
-  """Few-shot ridge top-1 of a model's frozen features, cheap enough for every eval.
-
-  Construction reads the train split's labels (no image is decoded) to check that every class
-  has pool_per_class examples (default max(shots) + val_per_class): a bad setting fails before
-  training starts. Each call extracts the features of that pool (the first pool_per_class
-  examples of each class in file order) and of the test split (its first max_test_examples,
-  default all), then runs `ridge_fewshot`. pp's label ops (onehot, keep) are dropped. A
-  split's preprocessed images stay in host memory between calls when they fit in cache_bytes
-  (0: never cache).
-  """
-
-  def __init__(self, builder, train_split: str, test_split: str, pp: str, num_classes: int, *,
-               shots: Sequence[int] = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS,
-               l2_regs: Sequence[float] = DEFAULT_L2_REGS, batch_size: int = 64,
-               pool_per_class: int | None = None, val_per_class: int = DEFAULT_VAL_PER_CLASS,
-               max_test_examples: int | None = None, label_key: str = 'label',
-               cache_bytes: int = DEFAULT_CACHE_BYTES, prefix: str = 'fewshot'):
-    from imgcls import inference  # pylint: disable=g-import-not-at-top  (imports orbax)
-    self.shots = _check_ints('shots', shots, 1)
-    self.seeds = _check_ints('seeds', seeds, 0)
-    _check_ints('num_classes and batch_size', [num_classes, batch_size], 1)
-    _check_ints('val_per_class', [val_per_class], 0)
-    need = max(self.shots) + val_per_class
-    self.pool_per_class = need if pool_per_class is None else pool_per_class
-    if self.pool_per_class < need:
-      raise FewShotError(f'pool_per_class={pool_per_class} is below max(shots) + val_per_class '
-                         f'= {need}: raise it or leave it unset.')
-    if max_test_examples is not None:
-      _check_ints('max_test_examples', [max_test_examples], 1)
-    self.num_classes = num_classes
-    self.kwargs = dict(shots=self.shots, seeds=self.seeds, l2_regs=tuple(l2_regs),
-                       val_per_class=val_per_class, num_classes=num_classes, prefix=prefix)
-    self.pp = inference.image_pp(pp)
-    sources.num_examples(builder, test_split)  # a bad split name fails here
-    self._check_pool(builder, train_split, label_key)
-    stream = functools.partial(_stream, builder, pp=self.pp, batch_size=batch_size,
-                               label_key=label_key)
-    self.train = _Split(functools.partial(stream, train_split), batch_size, cache_bytes,
-                        max_per_class=self.pool_per_class, num_classes=num_classes)
-    self.test = _Split(functools.partial(stream, test_split), batch_size, cache_bytes,
-                       max_examples=max_test_examples)
-    self.examples: dict[str, int] = {}
-    logging.info('few-shot: pool of %d per class of %s %s (%d classes), test %s%s, shots %s, '
-                 'seeds %s', self.pool_per_class, builder.name, train_split, num_classes,
-                 test_split, f'[:{max_test_examples}]' if max_test_examples else '',
-                 self.shots, self.seeds)
-
-  def _check_pool(self, builder, split: str, label_key: str) -> None:
-    stream = _stream(builder, split, f'keep({label_key!r})', 1024, label_key)
-    labels, _, _ = _collect(stream, max_per_class=self.pool_per_class,
-                            num_classes=self.num_classes)
-    counts = np.bincount(labels, minlength=self.num_classes)
-    short = np.flatnonzero(counts < self.pool_per_class)
-    if short.size:
-      shown = ', '.join(f'{c} ({counts[c]})' for c in short[:10])
-      raise FewShotError(
-          f'the few-shot pool needs {self.pool_per_class} examples of every class in '
-          f'{builder.name} {split} (max(shots) + val_per_class, or pool_per_class), but '
-          f'class(es) {shown}{" ..." if short.size > 10 else ""} have fewer. Lower the shots '
-          'or val_per_class, or use a larger train split.')
-
-  def __call__(self, apply_features: ApplyFeatures) -> dict[str, float]:
-    """The probe on apply_features(images [batch_size, ...]) -> features [batch_size, D]."""
-    train_feats, train_labels = self.train.features(apply_features)
-    test_feats, test_labels = self.test.features(apply_features)
-    self.examples = {'pool': len(train_labels), 'test': len(test_labels)}
-    return ridge_fewshot(train_feats, train_labels, test_feats, test_labels, **self.kwargs)
-
-
-# ---------------------------------------------------------------- checkpoint
-
-def run_on_checkpoint(path: str, dataset: str | None = None, train_split: str | None = None,
-                      test_split: str | None = None, *, data_dir: str | None = None,
-                      step: str | int = 'best', shots: Sequence[int] = DEFAULT_SHOTS,
-                      seeds: Sequence[int] = DEFAULT_SEEDS,
-                      l2_regs: Sequence[float] = DEFAULT_L2_REGS, pp: str | None = None,
-                      batch_size: int = 64, pool_per_class: int | None = None,
-                      val_per_class: int = DEFAULT_VAL_PER_CLASS,
-                      max_test_examples: int | None = None, num_classes: int | None = None,
-                      write: bool = True) -> dict[str, Any]:
-  """Few-shot top-1 of a saved checkpoint's features on `dataset` (protocol: module doc).
-
-  path: a workdir, its checkpoints folder or a step folder, as for imgcls.load. dataset: a
-  TFDS name or 'folder:/path'; None takes the checkpoint's own dataset, data_dir and splits
-  (train_split, eval_split). pp defaults to the checkpoint's pp_eval (image ops only): pass
-  one that resizes (and to_rgb) when the dataset's images differ from the model's. When the
-  checkpoint lies in a workdir, the result is also written to WORKDIR/fewshot_{dataset}.json.
-  """
-  from imgcls import inference  # pylint: disable=g-import-not-at-top
-  clf = inference.load(path, step)
-  own = clf.config['dataset']
-  if dataset is None:
-    dataset, data_dir = own['name'], data_dir or own.get('data_dir')
-    train_split = train_split or own.get('train_split') or 'train'
-    test_split = test_split or own.get('eval_split') or 'test'
-    folder_args = {k: own[k] for k in ('folder_split', 'folder_seed', 'skip_corrupt') if k in own}
-  else:
-    train_split, test_split, folder_args = train_split or 'train', test_split or 'test', {}
-  builder = sources.get_builder(dataset, data_dir, **folder_args)
-  if num_classes is None:
-    label = builder.info.features['label'] if 'label' in builder.info.features else None
-    num_classes = getattr(label, 'num_classes', None)
-    if not num_classes:
-      raise FewShotError(f'{dataset} has no ClassLabel feature "label": pass num_classes=.')
-  pp = inference.image_pp(pp or clf.config['pp_eval'])
-  features_fn = make_features_fn(clf.model)
-
-  def apply_features(images):
-    if images.shape[1:] != clf.image_shape:
-      raise FewShotError(
-          f'the pp {pp!r} makes {dataset} images {images.shape[1:]}, but the model takes '
-          f'{clf.image_shape}: pass pp= with resize({clf.image_shape[0]}, {clf.image_shape[1]})'
-          f'{" and to_rgb" if clf.image_shape[-1] == 3 else ""} before the value ops.')
-    return features_fn(clf.variables, images)
-
-  # No cache: each split is read once.
-  evaluator = FewShotEvaluator(builder, train_split, test_split, pp, num_classes, shots=shots,
-                               seeds=seeds, l2_regs=l2_regs, batch_size=batch_size,
-                               pool_per_class=pool_per_class, val_per_class=val_per_class,
-                               max_test_examples=max_test_examples, cache_bytes=0)
-  result: dict[str, Any] = evaluator(apply_features)
-  result.update(step=clf.step, checkpoint=clf.path, dataset=dataset, train_split=train_split,
-                test_split=test_split, pp=pp, num_classes=num_classes,
-                pool_per_class=evaluator.pool_per_class, val_per_class=val_per_class,
-                seeds=list(evaluator.seeds), l2_regs=list(evaluator.kwargs['l2_regs']),
-                test_examples=evaluator.examples['test'])
-  step_dir = epath.Path(clf.path)
-  if write and step_dir.parent.name == 'checkpoints' and jax.process_index() == 0:
-    name = re.sub(r'[^\w.-]+', '_', dataset).strip('_')  # 'folder:/a/b' -> 'folder_a_b'
-    out = step_dir.parent.parent / f'fewshot_{name}.json'
-    out.write_text(json.dumps(result, indent=2))
-    result['written_to'] = str(out)
-  return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,119 +19,19 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-import tensorflow as tf
 
-from imgcls import checkpoints, models
+from imgcls import checkpoints, models, step as step_lib
 from imgcls.checkpoints import CheckpointError
 from imgcls.data import preprocess
+from imgcls.models import weights
+from imgcls.registry import lazy_import
 
-# pp ops that work on labels or on the set of keys, not on the image: left out at inference.
-LABEL_OPS = frozenset({'onehot', 'multihot', 'keep'})
+tf = lazy_import('tensorflow')  # the pp ops run in TF; importing imgcls.inference stays cheap
+
 Prediction = list[tuple[str, float]]
-
-_WHERE = ('Pass a training workdir (the --workdir of `imgcls train`), its checkpoints/ '
-          'folder, or one step folder such as WORKDIR/checkpoints/1000.')
 
 
 # ------------------------------------------------------------- checkpoint
-
-def _is_step_dir(path: epath.Path) -> bool:
-  return (path / 'state').is_dir() and (path / 'meta').is_dir()
-
-
-def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
-  """The checkpoint's JSON metadata, checked for what inference needs."""
-  try:
-    meta = ocp.JsonCheckpointHandler().restore(step_dir / 'meta')
-    config = meta['config']
-    _ = (config['model']['name'], config['dataset']['num_classes'], config['pp_eval'],
-         meta['image_shape'])
-  except Exception as e:  # corrupt JSON, missing file or key: all mean "unusable"
-    raise CheckpointError(
-        f'cannot read the metadata of the checkpoint {step_dir} ({type(e).__name__}: '
-        f'{str(e).splitlines()[0][:200] if str(e) else ""}). The checkpoint is incomplete '
-        'or corrupt: load another step (step=...), or evaluate/re-save it with the '
-        'training code.') from e
-  return meta
-
-
-def _best_step(steps: dict[int, epath.Path]) -> int:
-  """The step with the highest eval top-1 (ties: the later), as the Checkpointer picks it."""
-  scored = []
-  for step, path in steps.items():
-    metrics = _read_meta(path).get('metrics')
-    if metrics and checkpoints.BEST_METRIC in metrics:
-      scored.append((metrics[checkpoints.BEST_METRIC], step))
-  return max(scored)[1] if scored else max(steps)
-
-
-def find_checkpoint(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
-  """The step folder for a workdir, a checkpoints folder or a step folder."""
-  if isinstance(step, bool) or not (step in ('best', 'latest') or str(step).isdigit()):
-    raise ValueError(f"step must be 'best', 'latest' or a step number, got {step!r}.")
-  root = checkpoints.absolute(os.fspath(path))
-  if not root.exists():
-    raise CheckpointError(f'{path} does not exist. {_WHERE}')
-  if not root.is_dir():
-    raise CheckpointError(f'{path} is a file, not a checkpoint folder. {_WHERE}')
-  if _is_step_dir(root):
-    if step not in ('best', 'latest') and root.name.isdigit() and int(step) != int(root.name):
-      raise CheckpointError(f'{path} is the checkpoint of step {root.name}, not {step}: pass '
-                            f'its parent folder {root.parent} to choose a step.')
-    return root
-  directory = root / 'checkpoints' if (root / 'checkpoints').is_dir() else root
-  steps = {int(d.name): d for d in directory.iterdir() if d.name.isdigit() and _is_step_dir(d)}
-  if not steps:
-    raise CheckpointError(f'no checkpoint in {path}. {_WHERE} Train first if it is empty.')
-  if step == 'latest':
-    return steps[max(steps)]
-  if step == 'best':
-    return steps[_best_step(steps)]
-  if int(step) not in steps:
-    raise CheckpointError(f'no checkpoint at step {step} in {directory}; saved steps: '
-                          f'{sorted(steps)}.')
-  return steps[int(step)]
-
-
-def restore_weights(step_dir: epath.Path) -> tuple[dict[str, Any], int]:
-  """{'params', 'batch_stats'?} as host numpy arrays, and the step; opt_state is not read.
-
-  Every array is restored as np.ndarray, so the shardings it was saved with (N devices)
-  play no part. EMA weights, when the state has them, take the place of the raw ones.
-  """
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    tree = handler.metadata(step_dir / 'state').tree
-    names = {}
-    for name in ('params', 'batch_stats'):
-      source = f'ema_{name}' if tree.get(f'ema_{name}') else name
-      if tree.get(source):
-        names[name] = source
-    if 'params' not in names:
-      raise KeyError(f'no params in the saved state (it holds {sorted(tree)})')
-    item = {source: tree[source] for source in names.values()}
-    item['step'] = tree['step']
-    restored = handler.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-        item=item, partial_restore=True,
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
-  except Exception as e:
-    raise CheckpointError(
-        f'cannot read the weights of the checkpoint {step_dir} ({type(e).__name__}: '
-        f'{str(e).splitlines()[0][:200] if str(e) else ""}). The checkpoint is incomplete '
-        'or corrupt: load another step (step=...).') from e
-  finally:
-    handler.close()
-  return {name: restored[source] for name, source in names.items()}, int(restored['step'])
-
-
-def build_model(config: dict[str, Any]):
-  """The model the checkpoint's config names (as imgcls.train.build_model builds it)."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in config['model'].items() if k != 'name'}
-  return models.get_model(config['model']['name'],
-                          num_classes=config['dataset']['num_classes'], **kwargs)
-
 
 def _check_shapes(model, variables: dict[str, Any], image_shape: tuple[int, ...],
                   where: epath.Path) -> None:
@@ -156,23 +55,17 @@ def _check_shapes(model, variables: dict[str, Any], image_shape: tuple[int, ...]
 def load(path: str | os.PathLike, step: str | int = 'best') -> Classifier:
   """A Classifier for the checkpoint at `path` (workdir, checkpoints folder or step folder).
 
-  step: 'best' (highest eval top-1, the default), 'latest' or a step number. Reads only the
-  checkpoint: no config file, no dataset. Raises CheckpointError naming the problem.
+  step: 'best' (highest eval metric, the default), 'latest' or a step number. Reads only the
+  checkpoint (imgcls.checkpoints.find): no config file, no dataset. The EMA weights are used
+  when the run kept them. Raises CheckpointError naming the problem.
   """
   _keep_tf_off_accelerators()
-  step_dir = find_checkpoint(path, step)
-  meta = _read_meta(step_dir)
-  config = meta['config']
-  image_shape = tuple(int(d) for d in meta['image_shape'])
-  variables, saved_step = restore_weights(step_dir)
-  model = build_model(config)
-  _check_shapes(model, variables, image_shape, step_dir)
-  num_classes = config['dataset']['num_classes']
-  names = meta.get('label_names')
-  if not names or len(names) != num_classes:
-    names = [str(i) for i in range(num_classes)]
-  return Classifier(model, variables, config=config, image_shape=image_shape,
-                    label_names=list(names), step=saved_step, path=str(step_dir))
+  ckpt = checkpoints.find(path, step)
+  variables = ckpt.weights('auto')
+  model = models.from_config(ckpt.config)
+  _check_shapes(model, variables, ckpt.image_shape, ckpt.path)
+  return Classifier(model, variables, config=ckpt.config, image_shape=ckpt.image_shape,
+                    label_names=ckpt.label_names, step=ckpt.step, path=str(ckpt.path))
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -184,12 +77,6 @@ def _keep_tf_off_accelerators() -> None:
 
 
 # ----------------------------------------------------------------- inputs
-
-def image_pp(pp_eval: str) -> str:
-  """The eval pp string without the ops on labels (LABEL_OPS: onehot, multihot, keep)."""
-  ops = [op.strip() for op in pp_eval.split('|') if op.strip()]
-  return '|'.join(op for op in ops if re.match(r'\w+', op).group() not in LABEL_OPS)
-
 
 def _decode(data: bytes, what: str) -> np.ndarray:
   try:  # as the pp op `decode` does (channels as in the file)
@@ -284,17 +171,15 @@ class Classifier:
     self.label_names = label_names
     self.step = step
     self.path = path
-    self.pp = image_pp(config['pp_eval'])
+    self.pp = preprocess.image_only(config['pp_eval'])
     self._pp_fn = preprocess.get_pp_fn(self.pp)
     self.multilabel = config.get('loss') == 'sigmoid_xent'
-    multilabel = self.multilabel
+    loss = config.get('loss', 'softmax_xent')
 
     def scores(v, x):
-      logits = model.apply(v, x, train=False).astype(jnp.float32)
-      return jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, axis=-1)
+      return step_lib.probabilities(model.apply(v, x, train=False), loss)
     self._scores = jax.jit(scores)
-    self._features = jax.jit(lambda v, x: model.apply(v, x, train=False,
-                                                      return_features=True)[1])
+    self._features = jax.jit(functools.partial(weights.features, model))
 
   @property
   def name(self) -> str:

@@ -3,6 +3,7 @@
   imgcls train   --config=configs/default.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
   imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test]
   imgcls prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
+  imgcls prepare --config=configs/image_folder.py:root=DIR,classes=N [--config.dataset.KEY=V]
   imgcls fewshot --workdir=DIR [--dataset=NAME] [--shots=1,5,10,25] [--step=best]
   imgcls sweep   --config=configs/fashion_mnist_sweep.py[:ARG] --workdir=ROOT [--dry_run]
   imgcls compare ROOT [--out=DIR]
@@ -65,8 +66,8 @@ def main(argv: list[str]) -> None:
   if command not in COMMANDS:
     _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)}.')
 
-  from imgcls import compare  # pylint: disable=g-import-not-at-top
-  if command == 'compare':  # before the imports below: it needs neither JAX nor TF
+  if command == 'compare':  # needs neither JAX nor TF
+    from imgcls import compare  # pylint: disable=g-import-not-at-top
     if len(rest) != 1:
       _fail('usage: imgcls compare ROOT [--out=DIR]')
     try:
@@ -74,53 +75,87 @@ def main(argv: list[str]) -> None:
     except compare.CompareError as e:
       _fail(str(e))
     return
-
-  # Imported here so `imgcls --help` and bad flags answer at once.
-  from imgcls import checkpoints, config as config_lib, data, parallel, train  # pylint: disable=g-import-not-at-top
-  from imgcls import fewshot  # pylint: disable=g-import-not-at-top
-  user_errors = (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
-                 compare.CompareError, fewshot.FewShotError)
   try:
-    if command == 'prepare':
-      if len(rest) != 1:
-        _fail('usage: imgcls prepare DATASET_NAME [--data_dir=DIR] [--manual_dir=DIR]')
-      path = data.prepare(rest[0], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
-      print(f'{rest[0]} is prepared in {path}')
-      return
+    _run(command, rest)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, _user_errors()):  # imported only now: the error path only
+      raise
+    logging.error('%s', e)
+    _fail(str(e))
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """The errors that mean bad input (a message for a person, no traceback)."""
+  # pylint: disable=g-import-not-at-top
+  from imgcls import checkpoints, compare, fewshot
+  from imgcls.data import base as data_base
+  from imgcls.errors import ConfigError
+  from imgcls.models import weights
+  # pylint: enable=g-import-not-at-top
+  return (ConfigError, data_base.DataError, checkpoints.CheckpointError, compare.CompareError,
+          fewshot.FewShotError, weights.WeightsError)
+
+
+def _print_result(result: dict) -> None:
+  print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                 for k, v in result.items()))
+
+
+def _run(command: str, rest: list[str]) -> None:
+  """One subcommand. Configs are validated before TensorFlow or the trainer is imported,
+  so a bad key, value, model or op name is reported in seconds."""
+  # pylint: disable=g-import-not-at-top
+  from imgcls import config as config_lib
+  config = _CONFIG.value
+  if config is not None and _DATA_DIR.value:
+    with config.unlocked():
+      config.dataset.data_dir = _DATA_DIR.value
+  if command == 'prepare':
+    from imgcls import data
+    if len(rest) > 1 or (not rest and config is None):
+      _fail('usage: imgcls prepare DATASET_NAME [--data_dir=DIR] [--manual_dir=DIR], or '
+            'imgcls prepare --config=CONFIG [--config.dataset.KEY=VALUE ...] (the dataset a '
+            'training config names, with the same options)')
     if rest:
-      _fail(f'unexpected arguments {rest}.')
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                    _PROCESS_ID.value)
-    workdir = _require(_WORKDIR, 'workdir', command)
-    if command == 'eval':
-      result = train.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value, _DATA_DIR.value)
-      print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                     for k, v in result.items()))
-      return
-    if command == 'fewshot':
-      try:
-        shots = [int(k) for k in _SHOTS.value]
-      except ValueError:
-        _fail(f'--shots must be integers, e.g. --shots=1,5,10,25; got {_SHOTS.value}.')
-      result = fewshot.run_on_checkpoint(workdir, _DATASET.value, data_dir=_DATA_DIR.value,
-                                         step=_STEP.value, shots=shots)
-      print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                     for k, v in result.items()))
-      return
-    config = _CONFIG.value
+      path = data.prepare(rest[0], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
+    else:
+      config_lib.validate(config)
+      path = data.prepare_for(config.dataset, data_dir=_DATA_DIR.value,
+                              manual_dir=_MANUAL_DIR.value)
+    print(f'{rest[0] if rest else config.dataset.name} is prepared in {path}')
+    return
+  if rest:
+    _fail(f'unexpected arguments {rest}.')
+  workdir = _require(_WORKDIR, 'workdir', command)
+  if command in ('train', 'sweep'):
     if config is None:
       _fail(f'`imgcls {command}` needs --config, e.g. --config=configs/'
             f'{"fashion_mnist_sweep" if command == "sweep" else "default"}.py')
-    if _DATA_DIR.value:
-      with config.unlocked():
-        config.dataset.data_dir = _DATA_DIR.value
     if command == 'sweep':
       _sweep(config, workdir)
       return
+    config_lib.validate(config)
+  from imgcls import checkpoints, parallel
+  if command in ('eval', 'fewshot'):
+    checkpoints.check_step_arg(_STEP.value)
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
+  if command == 'eval':
+    from imgcls import train
+    _print_result(train.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value,
+                                            _DATA_DIR.value))
+  elif command == 'fewshot':
+    from imgcls.evaluators import fewshot
+    try:
+      shots = [int(k) for k in _SHOTS.value]
+    except ValueError:
+      _fail(f'--shots must be integers, e.g. --shots=1,5,10,25; got {_SHOTS.value}.')
+    _print_result(fewshot.run_on_checkpoint(workdir, _DATASET.value, data_dir=_DATA_DIR.value,
+                                            step=_STEP.value, shots=shots))
+  else:
+    from imgcls import train
     train.train_and_evaluate(config, workdir)
-  except user_errors as e:
-    logging.error('%s', e)
-    _fail(str(e))
+  # pylint: enable=g-import-not-at-top
 
 
 def _sweep(base, root: str) -> None:

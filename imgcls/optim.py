@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from imgcls.config import ConfigError
+from imgcls.errors import ConfigError
 from imgcls.models import vit
 
 OPTIMIZERS = ('sgd', 'adamw')

@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from imgcls.config import ConfigError
+from imgcls.errors import ConfigError
 
 AXIS = 'batch'
 

@@ -31,6 +31,16 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any = None
   ema_batch_stats: Any = None
 
+  @classmethod
+  def for_eval(cls, weights: dict[str, Any], step: int = 0) -> 'TrainState':
+    """A state holding only weights (params, batch_stats and, if given, the EMA ones), for
+    evaluation: no optimizer state, no rng."""
+    return cls(step=jnp.asarray(step, jnp.int32), params=weights['params'],
+               batch_stats=weights.get('batch_stats', {}), opt_state=None, rng=None,
+               ema_params=weights.get('ema_params'),
+               ema_batch_stats=weights.get('ema_batch_stats',
+                                           {} if 'ema_params' in weights else None))
+
   def ema(self) -> 'TrainState':
     """This state with the EMA weights in place of the raw ones (for evaluation)."""
     if self.ema_params is None:
@@ -80,6 +90,13 @@ def loss_fn_for(name: str):
   if name not in LOSSES:
     raise ValueError(f'loss must be one of {LOSSES}, got {name!r}')
   return softmax_xent if name == 'softmax_xent' else sigmoid_xent
+
+
+def probabilities(logits: jax.Array, loss: str = 'softmax_xent') -> jax.Array:
+  """Class probabilities for the loss the model was trained with: softmax, or per-class
+  sigmoid scores for the multi-label sigmoid_xent (computed in float32)."""
+  logits = logits.astype(jnp.float32)
+  return jax.nn.sigmoid(logits) if loss == 'sigmoid_xent' else jax.nn.softmax(logits, axis=-1)
 
 
 def top1_hits(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -165,6 +182,4 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
       'top5': jnp.sum(top5),
       'count': jnp.sum(mask),
   }
-  logits = logits.astype(jnp.float32)
-  probs = jax.nn.softmax(logits) if loss == 'softmax_xent' else jax.nn.sigmoid(logits)
-  return lax.psum(sums, axis_name), {'probs': probs, 'labels': labels, 'mask': mask}
+  return lax.psum(sums, axis_name), {'probs': probabilities(logits, loss), 'labels': labels, 'mask': mask}

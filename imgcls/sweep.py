@@ -153,25 +153,12 @@ def command_line(config_string: str, workdir: str, overrides: dict[str, Any]) ->
   return ' '.join(shlex.quote(a) for a in args)
 
 
-def total_steps(config: ml_collections.ConfigDict) -> int:
-  """The run's step count, as train_and_evaluate computes it."""
-  if config.total_steps:
-    return config.total_steps
-  from imgcls import data  # pylint: disable=import-outside-toplevel
-  ds = config.dataset
-  builder = data.get_builder(ds.name, ds.data_dir, prepare=ds.prepare,
-                             folder_split=ds.folder_split, folder_seed=ds.folder_seed)
-  steps_per_epoch = max(1, data.num_examples(builder, ds.train_split) // config.batch_size)
-  return int(round(config.num_epochs * steps_per_epoch))
-
-
 def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether the workdir's last checkpoint is the run's last step."""
-  if not checkpoints.has_checkpoints(workdir):
-    return False
-  steps = [int(p.name) for p in checkpoints.checkpoint_dir(workdir).iterdir()
-           if p.name.isdigit()]
-  return max(steps) >= total_steps(config)
+  from imgcls import data, train  # pylint: disable=import-outside-toplevel  (TF: not for --dry_run)
+  latest = checkpoints.latest_step(workdir)
+  return latest is not None and latest >= train.total_steps(
+      config, data.builder_for(config.dataset))[1]
 
 
 def run(config_string: str, root: str, *, base: ml_collections.ConfigDict | None = None,
@@ -182,7 +169,7 @@ def run(config_string: str, root: str, *, base: ml_collections.ConfigDict | None
   extra_overrides: the --config.KEY=VALUE given to `imgcls sweep` (already in `base`),
   repeated in each printed command. Returns the variants; compare with imgcls.compare.
   """
-  from imgcls import train  # pylint: disable=import-outside-toplevel
+  from imgcls import train  # pylint: disable=import-outside-toplevel  (TF: not for --dry_run)
   found = variants(config_string, base)
   echo(f'# {len(found)} variants of {config_string} in {root}:')
   for v in found:

@@ -18,25 +18,9 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from imgcls import augment, checkpoints, config as config_lib, data, evaluate, fewshot, models
-from imgcls import optim
-from imgcls import parallel, reports, step as step_lib, writers
+from imgcls import augment, checkpoints, config as config_lib, data, evaluate, evaluators
+from imgcls import models, optim, parallel, step as step_lib, writers
 from imgcls.models import weights
-
-
-def build_model(config: ml_collections.ConfigDict, **overrides: Any):
-  """The model the config names, with num_classes from the dataset."""
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-  kwargs.update(overrides)
-  return models.get_model(config.model.name, num_classes=config.dataset.num_classes,
-                          **kwargs)
-
-
-def make_eval_fn(model, mesh, loss: str = 'softmax_xent'):
-  """The data-parallel eval step: (global sums, batch-sharded per-example outputs)."""
-  return parallel.data_parallel(
-      functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
 
 
 def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bool = False):
@@ -47,21 +31,38 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bo
       jax.random.PRNGKey(seed))
 
 
+def total_steps(config: ml_collections.ConfigDict, builder) -> tuple[int, int]:
+  """(steps per epoch, steps in all) of a run: total_steps, or num_epochs of the train split."""
+  n_train = data.num_examples(builder, config.dataset.train_split)
+  steps_per_epoch = max(1, n_train // config.batch_size)
+  return steps_per_epoch, config.total_steps or int(round(config.num_epochs * steps_per_epoch))
+
+
+def _pretrained(source: str, template: dict[str, Any], load: ml_collections.ConfigDict):
+  """(variables, report) of config.model_init merged onto the template: an imgcls workdir
+  or checkpoint folder (its best step, EMA weights when kept), or a weights file."""
+  ignore = [p for p in load.ignore.split(',') if p]
+  if checkpoints.absolute(source).is_dir():
+    ckpt = checkpoints.find(source, 'best')
+    report = weights.MergeReport(source=str(ckpt.path), fmt='imgcls')
+    return weights.merge(template, weights.flatten(ckpt.weights('auto')), strict=load.strict,
+                         ignore=ignore, posemb_resize=load.posemb_resize, report=report)
+  return weights.load_pretrained(source, template, fmt=load.format or None, strict=load.strict,
+                                 ignore=ignore, posemb_resize=load.posemb_resize)
+
+
 def load_model_init(config: ml_collections.ConfigDict, state, mesh):
   """The state with params (and BatchNorm statistics) from config.model_init, and the report.
 
   The head keeps its zero init when the class count differs and the position embedding is
   resized to the model's patch grid (imgcls.models.weights). Nothing is written here.
   """
-  load = config.model_load
   template = {'params': state.params}
   if state.batch_stats:
     template['batch_stats'] = state.batch_stats
   try:
-    variables, report = weights.load_pretrained(
-        config.model_init, parallel.to_host(template), fmt=load.format or None,
-        strict=load.strict, ignore=[p for p in load.ignore.split(',') if p],
-        posemb_resize=load.posemb_resize)
+    variables, report = _pretrained(config.model_init, parallel.to_host(template),
+                                    config.model_load)
   except weights.WeightsError as e:
     raise checkpoints.CheckpointError(
         f'model_init {config.model_init}: {e}\nSet model_load.ignore / model_load.strict in '
@@ -72,25 +73,26 @@ def load_model_init(config: ml_collections.ConfigDict, state, mesh):
                        batch_stats=variables.get('batch_stats', state.batch_stats)), report
 
 
-def eval_input(config: ml_collections.ConfigDict, split: str, data_dir: str | None = None):
-  """The dataset's builder, its exact eval pipeline on `split`, and the image shape."""
-  ds = config.dataset
-  builder = data.get_builder(ds.name, data_dir or ds.data_dir, prepare=ds.prepare,
-                             num_classes=ds.num_classes, skip_corrupt=ds.skip_corrupt,
-                             folder_split=ds.folder_split, folder_seed=ds.folder_seed)
-  eval_ds = data.eval_data(builder, split=split, pp=config.pp_eval,
-                           global_batch_size=config.eval_batch_size)
-  return builder, eval_ds, next(iter(eval_ds))['image'].shape[1:]
+def make_evaluators(config: ml_collections.ConfigDict, model, mesh, builder
+                    ) -> tuple[evaluators.Context, list[evaluators.Evaluator]]:
+  """The evaluators' shared context and the config's evaluators (bad splits and too-small
+  few-shot pools fail here, before anything is written)."""
+  context = evaluators.Context(config, model, mesh, builder, data.label_names(builder))
+  return context, evaluators.build(config, context)
 
 
-def label_names(builder) -> list[str] | None:
-  """The class names of the dataset's label (or multi-label 'labels') feature."""
-  found = data.sources.class_label(builder)
-  return list(found[1].names) or None if found else None
+def _as_result(metrics: dict[str, Any]) -> dict[str, Any]:
+  """The metrics under their written names, and the default `eval_` ones also without it."""
+  return {**metrics, **{k[len('eval_'):]: v for k, v in metrics.items()
+                        if k.startswith('eval_')}}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains, evaluates and checkpoints; resumes from WORKDIR's latest checkpoint."""
+  """Trains, evaluates and checkpoints; resumes from WORKDIR's latest checkpoint.
+
+  Returns the last eval's metrics under their written names (`eval_top1`, `val_top1`, ...),
+  with the default evaluator's also without prefix (`top1`, `loss`, ...).
+  """
   # ----------------------------------------------------------------- config
   config_lib.validate(config)
   cfg = config.to_dict()
@@ -105,19 +107,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ------------------------------------------------------------------ input
   ds = config.dataset
-  builder, eval_ds, image_shape = eval_input(config, ds.eval_split)
-  n_train = data.num_examples(builder, ds.train_split)
-  steps_per_epoch = max(1, n_train // config.batch_size)
-  total_steps = config.total_steps or int(round(config.num_epochs * steps_per_epoch))
+  builder = data.builder_for(ds)
+  steps_per_epoch, num_steps = total_steps(config, builder)
   eval_every = config.eval_every_steps or steps_per_epoch
-  logging.info('data: %s %s (%d examples, %d steps/epoch), eval %s (%d examples), '
-               'image %s; %d steps in all', ds.name, ds.train_split, n_train,
-               steps_per_epoch, ds.eval_split, eval_ds.num_examples, image_shape,
-               total_steps)
 
-  # ---------------------------------------------------- model and optimizer
-  model = build_model(config)
-  tx, schedule = optim.make_optimizer(config, total_steps)
+  # ------------------------------------------------- model and evaluators
+  model = models.from_config(config)
+  context, evals = make_evaluators(config, model, mesh, builder)
+  image_shape = context.image_shape()
+  logging.info('data: %s %s (%d steps/epoch), image %s; %d steps in all; evaluators: %s',
+               ds.name, ds.train_split, steps_per_epoch, image_shape, num_steps,
+               ', '.join(f'{e.name} ({type(e).__name__})' for e in evals))
+
+  # -------------------------------------------------------------- optimizer
+  tx, schedule = optim.make_optimizer(config, num_steps)
   state = init_state(model, tx, config.seed, image_shape, mesh, ema=config.ema_decay > 0)
   rules = optim.Rules(config.optimizer)
   rules.check(state.params)  # a typo'd rule fails here, before anything is written
@@ -139,24 +142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         mix=augment.MixConfig(**config.mixup.to_dict()),
                         ema_decay=config.ema_decay, axis_name=parallel.AXIS),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
-  eval_fn = make_eval_fn(model, mesh, config.loss)
-  fewshot_eval = None
-  if config.fewshot.shots:  # reads the labels now: a class too small fails before any write
-    fs = config.fewshot
-    fewshot_eval = fewshot.FewShotEvaluator(
-        builder, fs.train_split or ds.train_split, fs.test_split or ds.eval_split,
-        config.pp_eval, ds.num_classes, shots=fs.shots, seeds=fs.seeds,
-        batch_size=config.eval_batch_size, max_test_examples=fs.max_test_examples or None)
-    features_fn = fewshot.make_features_fn(model, mesh)
-  val_ds = None
-  if ds.val_split:  # multi-label: where the reports choose the F1 threshold
-    val_ds = data.eval_data(builder, split=ds.val_split, pp=config.pp_eval,
-                            global_batch_size=config.eval_batch_size)
 
   # ------------------------------------------------------------- checkpoint
-  ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints)
+  ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,
+                                  best_metric=config.best_metric)
   if jax.process_index() == 0:
-    (checkpoints.absolute(workdir) / 'config.json').write_text(json.dumps(cfg, indent=2))
+    checkpoints.write_workdir_config(workdir, cfg)
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore(start, state)
@@ -164,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif init_report is not None and jax.process_index() == 0:
     (checkpoints.absolute(workdir) / 'model_init_report.json').write_text(
         json.dumps(init_report.to_dict(), indent=2))
-  meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': label_names(builder)}
+  meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': context.label_names}
   writer, jsonl = writers.create(workdir)
   if jsonl is not None:
     jsonl.truncate_after(start)
@@ -177,11 +168,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       builder, split=ds.train_split, pp=config.pp_train,
       global_batch_size=config.batch_size, seed=config.seed, start_step=start,
       shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_secs=30)
+  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)
   pending: list[dict[str, Any]] = []
-  last_eval: dict[str, float] | None = None
+  last_eval: dict[str, Any] | None = None
   t0, steps_timed = time.perf_counter(), 0
-  for step in range(start, total_steps):
+  for step in range(start, num_steps):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, m = train_fn(state, parallel.shard_batch(next(train_iter), mesh))
     pending.append(m)
@@ -189,22 +180,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     done = step + 1
     progress(done)
 
-    if done % config.log_every_steps == 0 or done == total_steps:
+    if done % config.log_every_steps == 0 or done == num_steps:
       summary = _train_summary(pending, done)
       dt = time.perf_counter() - t0
       rate = steps_timed / dt if dt > 0 else float('nan')
       summary.update(learning_rate=float(schedule(done - 1)), steps_per_sec=rate,
-                     eta_min=(total_steps - done) / rate / 60 if rate else float('nan'))
+                     eta_min=(num_steps - done) / rate / 60 if rate else float('nan'))
       writer.write_scalars(done, summary)
       pending = []
 
-    if done % eval_every == 0 or done == total_steps:
-      last_eval = run_eval(config, eval_fn, state, eval_ds, mesh, workdir, done, writer,
-                           label_names(builder), val_ds)
-      if fewshot_eval is not None:
-        last_eval.update(fewshot_eval(functools.partial(
-            features_fn, {'params': state.params, 'batch_stats': state.batch_stats})))
-      writer.write_scalars(done, {f'eval_{k}': v for k, v in last_eval.items()})
+    if done % eval_every == 0 or done == num_steps:
+      last_eval = evaluators.run(evals, state)
+      evaluators.write(evals, workdir, done, writer)
+      writer.write_scalars(done, last_eval)
       ckpt.save(done, state, meta, metrics=last_eval)
       t0, steps_timed = time.perf_counter(), 0
     elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
@@ -217,51 +205,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return {}
 
   if last_eval is None:  # the run had already finished: score it again
-    last_eval, _ = _score(eval_fn, state, eval_ds, mesh)
+    last_eval = evaluators.run(evals, state)
   writer.flush()
   ckpt.close()
-  logging.info('final eval on %s at step %d: %s', ds.eval_split, total_steps, last_eval)
+  result = _as_result(last_eval)
+  logging.info('final eval at step %d: %s', num_steps, result)
   if jax.process_index() == 0:
-    print(f'Final {ds.name} {ds.eval_split} top-1: {last_eval["top1"]:.4f} '
-          f'(top-5 {last_eval["top5"]:.4f}, loss {last_eval["loss"]:.4f}, '
-          f'{last_eval["examples"]} examples) at step {total_steps}', flush=True)
-  return last_eval
-
-
-def _score(eval_fn, state, eval_ds, mesh, **collect):
-  """evaluate.evaluate of the raw weights, plus the EMA weights' numbers as ema_* when the
-  state keeps an EMA."""
-  result, outputs = evaluate.evaluate(eval_fn, state, eval_ds, mesh, **collect)
-  if state.ema_params is not None:
-    ema_eval, _ = evaluate.evaluate(eval_fn, state.ema(), eval_ds, mesh)
-    result.update({f'ema_{k}': v for k, v in ema_eval.items() if k != 'examples'})
-  return result, outputs
-
-
-def run_eval(config, eval_fn, state, eval_ds, mesh, workdir: str, step: int, writer,
-             names: list[str] | None, val_ds=None) -> dict[str, float]:
-  """Scores the raw weights (and the EMA ones, as ema_*) on every eval example and, with
-  config.eval_reports, adds the report's numbers and writes its figures (imgcls.reports):
-  to WORKDIR/reports/ as PNG + JSON and to TensorBoard as images."""
-  result, outputs = _score(eval_fn, state, eval_ds, mesh, collect=config.eval_reports,
-                           keep_images=16)
-  if outputs is None:
-    return result
-  if config.loss == 'sigmoid_xent':
-    val = evaluate.evaluate(eval_fn, state, val_ds, mesh, collect=True)[1] if val_ds else None
-    report = reports.multi_label_report(
-        outputs.probs, outputs.labels, names,
-        val_scores=None if val is None else val.probs,
-        val_targets=None if val is None else val.labels)
-  else:
-    report = reports.single_label_report(
-        outputs.probs, np.argmax(outputs.labels, -1), names,
-        images={index: image for _, index, image in outputs.mistakes})
-  result.update({k: v for k, v in report.scalars.items() if k not in result})
-  if jax.process_index() == 0:
-    reports.write_report(report, checkpoints.absolute(workdir) / 'reports', step)
-    writer.write_images(step, {f'eval_{k}': v[None] for k, v in report.images.items()})
+    print(_final_line(config, result, num_steps), flush=True)
   return result
+
+
+def _final_line(config: ml_collections.ConfigDict, result: dict[str, Any], step: int) -> str:
+  """'Final fashion_mnist test top-1: 0.9143 (...)' for the default evaluator, else each
+  evaluator's top-1."""
+  ds = config.dataset
+  if 'top1' in result:
+    return (f'Final {ds.name} {ds.eval_split} top-1: {result["top1"]:.4f} '
+            f'(top-5 {result["top5"]:.4f}, loss {result["loss"]:.4f}, '
+            f'{result["examples"]} examples) at step {step}')
+  tops = ', '.join(f'{k} {v:.4f}' for k, v in result.items() if k.endswith('_top1'))
+  return f'Final {ds.name} at step {step}: {tops}'
 
 
 def _train_summary(pending: list[dict[str, Any]], step: int) -> dict[str, float]:
@@ -282,25 +245,33 @@ def _train_summary(pending: list[dict[str, Any]], step: int) -> dict[str, float]
 
 def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = None,
                         data_dir: str | None = None) -> dict[str, Any]:
-  """Scores a saved checkpoint ('best', 'latest' or a step) on a split; writes JSON."""
-  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-  step = ckpt.resolve(which)
-  config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
-  ds = config.dataset
-  split = split or ds.eval_split
+  """Scores a saved checkpoint ('best', 'latest' or a step) with its run's evaluators (or,
+  with `split`, the classification evaluator on that split); writes the JSON beside it.
+
+  Only the weights are read (raw and, when kept, EMA), never the optimizer state.
+  """
+  ckpt = checkpoints.find(workdir, which)
+  config = ml_collections.ConfigDict(ckpt.config)
+  config_lib.upgrade(config)
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  if split:  # one classification evaluator on that split, named as the default one
+    config.dataset.eval_split = split
+    config.evals = ml_collections.ConfigDict()
+    config.fewshot.shots = ()
+  config.eval_reports = False  # the numbers only: `imgcls eval` writes no figures
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  _, eval_ds, image_shape = eval_input(config, split, data_dir)
-  model = build_model(config)
-  tx, _ = optim.make_optimizer(config, max(1, config.total_steps or 1))
-  state = ckpt.restore(step, init_state(model, tx, config.seed, image_shape, mesh,
-                                        ema=config.get('ema_decay', 0.0) > 0))
-  result, _ = evaluate.evaluate(make_eval_fn(model, mesh, config.get('loss', 'softmax_xent')),
-                                state, eval_ds, mesh)
-  result.update(step=step, split=split, dataset=ds.name)
+  builder = data.builder_for(config.dataset)
+  model = models.from_config(config)
+  _, evals = make_evaluators(config, model, mesh, builder)
+  state = step_lib.TrainState.for_eval(jax.device_put(ckpt.all_weights(),
+                                                      parallel.replicated(mesh)), ckpt.step)
+  result = _as_result(evaluators.run(evals, state))
+  split = config.dataset.eval_split
+  result.update(step=ckpt.step, split=split, dataset=config.dataset.name)
   if jax.process_index() == 0:
-    out = checkpoints.absolute(workdir) / f'eval_{split}_step{step}.json'
+    out = (ckpt.workdir or ckpt.path) / f'eval_{split}_step{ckpt.step}.json'
     out.write_text(json.dumps(result, indent=2))
     result['written_to'] = str(out)
-  ckpt.close()
   return result

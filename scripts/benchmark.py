@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
-from imgcls import config as config_lib, data, optim, parallel, step as step_lib, train
+from imgcls import config as config_lib, data, models, optim, parallel, step as step_lib, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps (after 3 warm-up steps).')
@@ -37,13 +37,13 @@ def main(_):
   config = config_lib.validate(_CONFIG.value)
   mesh = parallel.make_mesh()
   ds = config.dataset
-  builder = data.get_builder(ds.name, ds.data_dir, prepare=ds.prepare)
+  builder = data.builder_for(ds)
   batches = data.train_iterator(builder, split=ds.train_split, pp=config.pp_train,
                                 global_batch_size=config.batch_size, seed=0,
                                 shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
   host = next(batches)
   host = {k: host[k] for k in ('image', 'labels')}
-  model = train.build_model(config)
+  model = models.from_config(config)
   tx, _ = optim.make_optimizer(config, total_steps=1000)
   state = train.init_state(model, tx, 0, host['image'].shape[1:], mesh)
   train_fn = parallel.data_parallel(

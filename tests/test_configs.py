@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from imgcls import config as config_lib, train
+from imgcls import config as config_lib, models
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 IMAGE_SIZE = {'fashion_mnist': (28, 28, 1), 'imagenet2012': (224, 224, 3),
@@ -38,7 +38,7 @@ def test_config_validates_and_its_model_builds(path):
   config_lib.validate(config)
   assert path.read_text().lstrip().startswith('"""'), 'each config documents its recipe'
   shape = IMAGE_SIZE.get(config.dataset.name, (128, 128, 3))  # folder:...: 128 px RGB
-  model = train.build_model(config)
+  model = models.from_config(config)
   x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)

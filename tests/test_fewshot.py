@@ -12,7 +12,8 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from imgcls import checkpoints, data, fewshot, parallel, step as step_lib, train
+from imgcls import checkpoints, data, fewshot, models, parallel, step as step_lib, train
+from imgcls.evaluators import fewshot as fewshot_eval
 from imgcls.fewshot import FewShotError
 
 from conftest import NUM_TEST, _tiny_config
@@ -114,7 +115,7 @@ def builder(data_dir):
 def tiny_state():
   """The tiny config's untrained ResNet and its train state (on one device)."""
   config = _tiny_config('unused')
-  model = train.build_model(config)
+  model = models.from_config(config)
   create = functools.partial(step_lib.create_train_state, model, optax.sgd(0.1),
                              input_shape=(16, 16, 1))
   return config, model, jax.jit(create)(jax.random.key(0))
@@ -147,7 +148,7 @@ def test_evaluator_on_mesh_matches_one_device_and_its_cache(builder, tiny_model)
   on_mesh = functools.partial(fewshot.make_features_fn(model, mesh),
                               jax.device_put(variables, parallel.replicated(mesh)))
   single = functools.partial(fewshot.make_features_fn(model), variables)
-  ev = fewshot.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(1, 5), seeds=(0, 1),
+  ev = fewshot_eval.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(1, 5), seeds=(0, 1),
                                 batch_size=16)
   assert ev.train.images is None
   streamed, labels = ev.train.features(on_mesh)  # read through tf.data, split over 8 devices
@@ -165,9 +166,9 @@ def test_evaluator_on_mesh_matches_one_device_and_its_cache(builder, tiny_model)
 
 def test_evaluator_rejects_a_pool_the_split_cannot_fill(builder):
   with pytest.raises(FewShotError, match='pool needs 110 examples of every class'):
-    fewshot.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(100,), batch_size=16)
+    fewshot_eval.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(100,), batch_size=16)
   with pytest.raises(FewShotError, match='pool_per_class=8 is below'):
-    fewshot.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(5,), pool_per_class=8)
+    fewshot_eval.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(5,), pool_per_class=8)
 
 
 # -------------------------------------------------------------- checkpoint
@@ -188,7 +189,7 @@ def workdir(data_dir, tiny_state, tmp_path_factory):
 
 def test_run_on_checkpoint_scores_and_writes_json(workdir):
   # No dataset: the checkpoint's own (synthetic_shapes in data_dir), train and eval splits.
-  result = fewshot.run_on_checkpoint(workdir, shots=(1, 5), seeds=(0, 1), batch_size=16)
+  result = fewshot_eval.run_on_checkpoint(workdir, shots=(1, 5), seeds=(0, 1), batch_size=16)
   for k in (1, 5):
     assert 0.0 <= result[f'fewshot_{k}shot_top1'] <= 1.0
     assert result[f'fewshot_{k}shot_l2'] in fewshot.DEFAULT_L2_REGS
@@ -207,7 +208,7 @@ def test_run_on_checkpoint_scores_and_writes_json(workdir):
 
 def test_run_on_checkpoint_names_a_wrong_image_shape(workdir, data_dir):
   with pytest.raises(FewShotError, match=r'model takes \(16, 16, 1\).*resize\(16, 16\)'):
-    fewshot.run_on_checkpoint(workdir, 'synthetic_shapes', data_dir=data_dir, shots=(1,),
+    fewshot_eval.run_on_checkpoint(workdir, 'synthetic_shapes', data_dir=data_dir, shots=(1,),
                               seeds=(0,), pp='decode|resize(8)|value_range(-1, 1)',
                               batch_size=16, write=False)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from imgcls import config as config_lib, data, inference, train, writers
+from imgcls import checkpoints, config as config_lib, data, train, writers
 from imgcls.models import weights
 
 from conftest import _tiny_config
@@ -33,7 +33,7 @@ def _flat(params):
 
 
 def _weights(workdir, step='latest'):
-  return _flat(inference.restore_weights(inference.find_checkpoint(workdir, step))[0]['params'])
+  return _flat(checkpoints.find(workdir, step).weights()['params'])
 
 
 @pytest.fixture(scope='module')
@@ -123,7 +123,7 @@ def test_finetune_from_workdir_and_from_official_npz(pretrained, target_data_dir
       pretrained, _finetune(target_data_dir, pretrained, str(tmp_path / 'ft')), 'imgcls')
 
   # The same weights written in the official ViT layout start the same fine-tune.
-  variables, _ = inference.restore_weights(inference.find_checkpoint(pretrained, 'best'))
+  variables = checkpoints.find(pretrained, 'best').weights()
   npz = tmp_path / 'ViT-tiny.npz'
   weights.export(variables, npz, 'vit_npz')
   assert 'Transformer/posembed_input/pos_embedding' in np.load(npz).files  # official names

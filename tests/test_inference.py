@@ -17,7 +17,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 import imgcls
-from imgcls import checkpoints, inference, optim, parallel, train
+from etils import epath
+
+from imgcls import checkpoints, data, models, optim, parallel, train
 
 from conftest import NUM_TEST, _tiny_config
 
@@ -68,11 +70,13 @@ def clf(workdir):
 
 def _reference_probs(workdir, step):
   """Per-image softmax by the training code: its eval pipeline, its restore onto 8 devices."""
+  config = ml_collections.ConfigDict(checkpoints.find(workdir, step).config)
   ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-  config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
   mesh = parallel.make_mesh()
-  _, eval_ds, image_shape = train.eval_input(config, config.dataset.eval_split)
-  model = train.build_model(config)
+  eval_ds = data.eval_data(data.builder_for(config.dataset), split=config.dataset.eval_split,
+                           pp=config.pp_eval, global_batch_size=config.eval_batch_size)
+  image_shape = next(iter(eval_ds))['image'].shape[1:]
+  model = models.from_config(config)
   tx, _ = optim.make_optimizer(config, config.total_steps)
   state = ckpt.restore(step, train.init_state(model, tx, config.seed, image_shape, mesh))
   ckpt.close()
@@ -224,7 +228,7 @@ def _save(directory, step, params, meta, metrics, **extra):
 def test_best_latest_and_ema_weights(clf, tmp_path):
   """'best' is the highest eval top-1; a state's ema_params (none is written yet) win."""
   variables = jax.device_get(clf.variables)
-  meta = inference._read_meta(pathlib.Path(clf.path))
+  meta = checkpoints.read_meta(epath.Path(clf.path))
   meta = {k: meta[k] for k in ('config', 'image_shape', 'label_names')}
   zeros = jax.tree.map(np.zeros_like, variables['params'])  # zero head: uniform probabilities
   _save(tmp_path, 3, variables['params'], meta, {'top1': 0.9},
@@ -245,7 +249,7 @@ def test_rgb_model_without_batch_stats(tmp_path):
   config = {'model': {'name': 'vit', 'width': 16, 'depth': 1, 'num_heads': 2, 'mlp_dim': 32,
                       'patch_size': 4},
             'dataset': {'num_classes': 3}, 'pp_eval': 'decode|value_range(-1, 1)|onehot(3)'}
-  model = inference.build_model(config)
+  model = models.from_config(config)
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
   rng = np.random.default_rng(0)  # random weights without running the init
   params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype), shapes['params'])

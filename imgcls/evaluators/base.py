@@ -1,0 +1,78 @@
+"""The evaluator registry, the protocol and what evaluators share (the run's context)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+from jax.sharding import PartitionSpec as P
+import ml_collections
+
+from imgcls import data, parallel, step as step_lib
+from imgcls.registry import Registry
+
+EVALUATORS = Registry('evaluator')
+
+
+class Evaluator:
+  """Base of the registered evaluators: `OPTIONS` (name -> default) are the options a
+  config may set; `check` reports bad ones before anything runs; `__call__(state)` returns
+  metrics without prefix; `write(workdir, step, writer)` writes files of the last call."""
+  OPTIONS: ClassVar[dict[str, Any]] = {}
+  prefix: str = ''
+
+  def __init__(self, name: str, context: 'Context'):
+    self.name = name
+    self.prefix = name
+    self.context = context
+
+  @classmethod
+  def check(cls, options: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """Problems with `options` that need no data or model (for config validation)."""
+    del options, config
+    return []
+
+  def __call__(self, state: Any) -> dict[str, float]:
+    raise NotImplementedError
+
+  def write(self, workdir: str, step: int, writer: Any) -> None:
+    del workdir, step, writer
+
+
+class Context:
+  """What a run's evaluators share: the config, the model, the mesh, the dataset's builder
+  and class names, and the jitted eval step (compiled once for all of them)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: Any, builder: Any,
+               label_names: list[str] | None = None):
+    self.config = config
+    self.model = model
+    self.mesh = mesh
+    self.builder = builder
+    self.label_names = label_names
+    self._data: dict[tuple[str, str], data.EvalData] = {}
+
+  @property
+  def multilabel(self) -> bool:
+    return self.config.loss == 'sigmoid_xent'
+
+  @functools.cached_property
+  def eval_fn(self):
+    """The data-parallel eval step: (global sums, batch-sharded per-example outputs)."""
+    return parallel.data_parallel(
+        functools.partial(step_lib.eval_step, model=self.model, loss=self.config.loss,
+                          axis_name=parallel.AXIS),
+        self.mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+
+  def image_shape(self) -> tuple[int, ...]:
+    """The shape of one image as the eval pipeline (pp_eval on eval_split) gives it."""
+    batch = next(iter(self.eval_data(self.config.dataset.eval_split)))
+    return tuple(batch['image'].shape[1:])
+
+  def eval_data(self, split: str, pp: str = '') -> data.EvalData:
+    """The exact eval pipeline of a split of the run's dataset (built once per split/pp)."""
+    key = (split, pp or self.config.pp_eval)
+    if key not in self._data:
+      self._data[key] = data.eval_data(self.builder, split=split, pp=key[1],
+                                       global_batch_size=self.config.eval_batch_size)
+    return self._data[key]

@@ -1,0 +1,89 @@
+"""The classification evaluator: loss, top-1 and top-5 over every example of a split, for
+the raw weights and (when the run keeps one) the EMA, with the reports of imgcls.reports.
+
+Single-label runs get the confusion matrix, per-class accuracy, calibration (ECE and a
+reliability diagram) and the most confidently wrong images; multi-label runs
+(loss='sigmoid_xent') per-class AP, mAP and F1, the threshold tuned on `val_split`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etils import epath
+import jax
+import numpy as np
+
+from imgcls import evaluate, reports
+from imgcls.evaluators.base import EVALUATORS, Evaluator
+
+
+@EVALUATORS.register('classification')
+class Classification(Evaluator):
+  """Scores a split; options: split ('' = dataset.eval_split), pp ('' = pp_eval), reports
+  (write the figures and add their numbers), val_split (multi-label: where the F1
+  threshold is tuned; '' = none), keep_images (confidently wrong images in the report)."""
+  OPTIONS = dict(split='', pp='', reports=True, val_split='', keep_images=16)
+
+  def __init__(self, name, context, *, split: str = '', pp: str = '', reports: bool = True,
+               val_split: str = '', keep_images: int = 16):
+    super().__init__(name, context)
+    config = context.config
+    self.split = split or config.dataset.eval_split
+    self.data = context.eval_data(self.split, pp)
+    self.val_data = (context.eval_data(val_split, pp)
+                     if val_split and context.multilabel and reports else None)
+    self.reports = reports
+    self.keep_images = keep_images
+    self._report = None
+
+  @classmethod
+  def check(cls, options, config):
+    keep = options.get('keep_images', 16)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+      return [f'keep_images must be an int >= 0, got {keep!r}.']
+    return []
+
+  def _score(self, state, **collect):
+    result, outputs = evaluate.evaluate(self.context.eval_fn, state, self.data,
+                                        self.context.mesh, **collect)
+    if state.ema_params is not None:
+      ema, _ = evaluate.evaluate(self.context.eval_fn, state.ema(), self.data,
+                                 self.context.mesh)
+      result.update({f'ema_{k}': v for k, v in ema.items() if k != 'examples'})
+    return result, outputs
+
+  def __call__(self, state) -> dict[str, Any]:
+    result, outputs = self._score(state, collect=self.reports, keep_images=self.keep_images)
+    self._report = None
+    if outputs is None:
+      return result
+    names = self.context.label_names
+    if self.context.multilabel:
+      val = None
+      if self.val_data is not None:
+        val = evaluate.evaluate(self.context.eval_fn, state, self.val_data, self.context.mesh,
+                                collect=True)[1]
+      report = reports.multi_label_report(
+          outputs.probs, outputs.labels, names,
+          val_scores=None if val is None else val.probs,
+          val_targets=None if val is None else val.labels)
+    else:
+      report = reports.single_label_report(
+          outputs.probs, np.argmax(outputs.labels, -1), names,
+          images={index: image for _, index, image in outputs.mistakes})
+    result.update({k: v for k, v in report.scalars.items() if k not in result})
+    self._report = report
+    return result
+
+  def write(self, workdir: str, step: int, writer: Any) -> None:
+    """WORKDIR/reports/ (the `eval` evaluator) or WORKDIR/reports/PREFIX/: PNG + JSON, and
+    the figures to TensorBoard's images tab."""
+    if self._report is None or jax.process_index() != 0:
+      return
+    outdir = epath.Path(workdir) / 'reports'
+    if self.prefix != 'eval':
+      outdir = outdir / self.prefix
+    reports.write_report(self._report, outdir, step)
+    writer.write_images(step, {f'{self.prefix}_{k}': v[None]
+                               for k, v in self._report.images.items()})

@@ -1,0 +1,73 @@
+"""config.evals: several evaluators on several splits in one run, the same list in
+`imgcls eval`, the older fields mapped onto the list, and bad lists refused up front."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from imgcls import checkpoints, config as config_lib, evaluators, train, writers
+
+from conftest import NUM_TEST
+
+
+def test_older_fields_map_onto_one_eval_evaluator(tiny_config):
+  c = tiny_config('unused', eval_reports=True)
+  assert evaluators.specs(c) == {'eval': dict(type='classification', prefix='eval',
+                                              split='test', reports=True, val_split='')}
+  c.fewshot.shots = (1, 5)
+  spec = evaluators.specs(c)['fewshot']
+  assert spec['type'] == 'fewshot' and spec['prefix'] == 'eval' and spec['shots'] == (1, 5)
+
+
+@pytest.mark.parametrize('evals, best, message', [
+    ({'val': {'type': 'clasification'}}, 'val_top1',
+     "evals.val.type: unknown evaluator 'clasification'. Did you mean classification?"),
+    ({'val': {'type': 'classification', 'splt': 'test'}}, 'val_top1',
+     "unknown option 'evals.val.splt' for a classification evaluator"),
+    ({'val': {'type': 'classification'}}, 'eval_top1',
+     "best_metric 'eval_top1' is not written by any evaluator"),
+    ({'fs': {'type': 'fewshot', 'shots': (0,)}}, 'fs_fewshot_1shot_top1',
+     'evals.fs: shots must be positive ints'),
+])
+def test_bad_evaluator_lists_are_refused_before_anything_runs(tiny_config, evals, best,
+                                                              message):
+  c = tiny_config('unused')
+  c.evals = ml_collections.ConfigDict(evals)
+  c.best_metric = best
+  with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
+    config_lib.validate(c)
+
+
+def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path):
+  c = tiny_config(data_dir, total_steps=6, eval_every_steps=3)
+  c.evals.test = dict(type='classification', split='test', reports=True)
+  c.evals.train = dict(type='classification', split='train[:40]', reports=False)
+  c.best_metric = 'test_top1'
+  workdir = str(tmp_path / 'two')
+  result = train.train_and_evaluate(c, workdir)
+
+  evals = [r for r in writers.read_metrics(workdir) if 'test_top1' in r]
+  assert [r['step'] for r in evals] == [3, 6]
+  for r in evals:  # each evaluator scored its own split, every example once
+    assert r['test_examples'] == NUM_TEST and r['train_examples'] == 40
+    assert 'test_ece' in r and 'train_ece' not in r  # reports only where asked
+    assert 'eval_top1' not in r
+  assert result['test_top1'] == evals[-1]['test_top1']
+  assert result['train_top1'] == evals[-1]['train_top1']
+  # The reports of an evaluator other than `eval` go to reports/PREFIX/.
+  report = json.loads((tmp_path / 'two' / 'reports' / 'test' / 'report_6.json').read_text())
+  assert report['num_examples'] == NUM_TEST
+  assert not (tmp_path / 'two' / 'reports' / 'train').exists()
+
+  # The checkpoint is ranked by best_metric, and `imgcls eval` runs the same list.
+  best = checkpoints.find(workdir, 'best')
+  assert best.meta['best_metric'] == 'test_top1'
+  by_test = max(evals, key=lambda r: (r['test_top1'], r['step']))['step']
+  assert best.step == by_test  # kept by the policy (latest + best) and found by `find`
+  assert best.meta['metrics']['test_top1'] == max(r['test_top1'] for r in evals)
+  scored = train.evaluate_checkpoint(workdir, 'latest')
+  np.testing.assert_allclose(scored['test_top1'], result['test_top1'], atol=1e-6)
+  np.testing.assert_allclose(scored['train_top1'], result['train_top1'], atol=1e-6)
+  assert scored['step'] == 6
