@@ -328,7 +328,8 @@ def load_pretrained(source: str | epath.PathLike | Mapping[str, Any],
   elif epath.Path(source).is_dir():
     raise WeightsError(
         f'{source} is a directory, not a weights file. An imgcls workdir is read with '
-        'imgcls.checkpoints: pass its weights as a mapping; config.model_init accepts workdirs.')
+        "imgcls.checkpoints: pass its weights as a mapping, e.g. load_pretrained(checkpoints."
+        "find(workdir, 'best').weights(), variables); config.model_init accepts workdirs.")
   else:
     flat = read_file(source)
   fmt = fmt or detect_format(flat)
