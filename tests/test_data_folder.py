@@ -141,6 +141,15 @@ def test_decode_to_rgb_and_load():
   Image.new('L', (5, 2), 77).save(buf, format='PNG')
   pixels = decode.load(buf.getvalue())
   assert pixels.shape == (2, 5, 3) and pixels.dtype == np.uint8 and (pixels == 77).all()
+  assert decode.load(buf.getvalue(), channels=None).shape == (2, 5, 1)
+  assert (decode.load(buf.getvalue(), channels=1) == 77).all()
+  buf16 = io.BytesIO()
+  gray16.save(buf16, format='PNG')
+  assert decode.load(buf16.getvalue(), channels=None).tolist() == [[[0x12]] * 4] * 3
+  buf_rgba = io.BytesIO()
+  rgba.save(buf_rgba, format='PNG')
+  assert decode.load(buf_rgba.getvalue(), channels=None).shape == (3, 4, 3)
+  assert decode.load(buf_rgba.getvalue(), channels=1).tolist() == [[[255]] * 4] * 3
   with pytest.raises(data.DataError, match='not a readable image'):
     decode.load(b'not an image')
 

@@ -1,6 +1,7 @@
 """Image files -> RGB, with PIL: one decode path for folder preparation and inference.
 
-  load(path_or_bytes)  -> uint8 [H, W, 3]   (any format PIL reads; EXIF rotation applied)
+  load(path_or_bytes)  -> uint8 [H, W, C]   (any format PIL reads; EXIF rotation applied;
+                                             C = 3, or 1 / as stored with channels=)
   open_rgb(...)        -> PIL RGB image      (the same, as a PIL image)
   to_rgb(image)        -> PIL RGB image      (any mode; transparency composited on white)
   for_dataset(path)    -> bytes              (what an image folder stores: JPEG/PNG, RGB)
@@ -53,13 +54,13 @@ def _read(source: Source) -> tuple[bytes, str]:
     return f.read(), str(source)
 
 
-def open_rgb(source: Source) -> Image.Image:
-  """The image of a file or of bytes, upright (EXIF) and RGB; DataError if it does not decode."""
+def _open(source: Source) -> Image.Image:
+  """The decoded, upright (EXIF) image of a file or of bytes; DataError if it does not decode."""
   data, what = _read(source)
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # Decodes everything: corrupt and truncated files fail here.
-      return to_rgb(ImageOps.exif_transpose(image) if _rotated(image) else image)
+      return ImageOps.exif_transpose(image) if _rotated(image) else image.copy()
   except Image.DecompressionBombError as e:
     raise DataError(f'{what} is too large for PIL\'s safety limit ({e}): downscale it.') from None
   except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError.
@@ -67,9 +68,36 @@ def open_rgb(source: Source) -> Image.Image:
                     f'{e or type(e).__name__}).') from None
 
 
-def load(source: Source) -> np.ndarray:
-  """The image of a file or of bytes as uint8 [H, W, 3] (see open_rgb)."""
-  return np.asarray(open_rgb(source), np.uint8)
+def _gray(image: Image.Image) -> bool:
+  """Whether the image stores one channel without transparency (L, 1, 16-bit I;16)."""
+  if image.mode == 'P':
+    return False
+  return image.mode in ('1', 'L') or image.mode.startswith('I') or image.mode == 'F'
+
+
+def open_rgb(source: Source) -> Image.Image:
+  """The image of a file or of bytes, upright (EXIF) and RGB; DataError if it does not decode."""
+  return to_rgb(_open(source))
+
+
+def load(source: Source, channels: int | None = 3) -> np.ndarray:
+  """The image of a file or of bytes as uint8 [H, W, C], upright (EXIF rotation applied).
+
+  channels=3: RGB (see to_rgb); 1: grayscale (luma of the RGB image, ITU-R 601 as PIL's
+  'L'); None: as stored, as the pp op `decode` does: 1 for a grayscale file without
+  transparency, else 3 (RGB, transparency composited on white).
+  """
+  if channels not in (None, 1, 3):
+    raise ValueError(f'channels must be 1, 3 or None (as stored), got {channels!r}')
+  image = _open(source)
+  if channels is None:
+    channels = 1 if _gray(image) else 3
+  if channels == 1 and _gray(image) and not image.mode.startswith('I'):
+    return np.asarray(image.convert('L'), np.uint8)[..., None]
+  rgb = to_rgb(image)
+  if channels == 1:
+    return np.asarray(rgb.convert('L'), np.uint8)[..., None]
+  return np.asarray(rgb, np.uint8)
 
 
 def for_dataset(path: str) -> bytes:
