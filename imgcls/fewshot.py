@@ -241,9 +241,9 @@ def stream_split(builder, split: str, pp: str, batch_size: int, label_key: str) 
   Read as one process (process_count=1): every process of a multi-host run reads the whole
   split and computes the same few-shot result, with no gather.
   """
-  data = data.eval_data(builder, split=split, pp=pp, global_batch_size=batch_size,
+  batches = data.eval_data(builder, split=split, pp=pp, global_batch_size=batch_size,
                             process_index=0, process_count=1)
-  for batch in data:
+  for batch in batches:
     if label_key not in batch:
       raise FewShotError(f'the pp {pp!r} leaves no {label_key!r} in the examples of '
                          f'{builder.name} {split} (keys: {sorted(batch)}): drop keep(...) from '

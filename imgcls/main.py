@@ -180,7 +180,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     message = lines[-1] if 'Traceback' in text else ' '.join(lines)
     _fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls --helpshort`; config '
-          'keys are listed in imgcls/config.py.')
+          'keys are listed in imgcls/config.py. An override sets a key the config has: a model '
+          'argument the config file does not set goes in the file or its config argument '
+          '(e.g. configs/image_folder.py:root=DIR,classes=3,width=32).')
     raise  # unreachable: _fail exits
 
 

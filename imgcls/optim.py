@@ -92,12 +92,6 @@ def _pairs(rules: Any, key: str) -> list[tuple[re.Pattern, float]]:
   return out
 
 
-def vit_layer_id(path: str, depth: int) -> int:
-  """0 for the patch/position embeddings and class token, i + 1 for encoder block i,
-  depth + 1 for everything after the encoder; the ViT family owns its parameter names."""
-  return vit.layer_index(path, depth)
-
-
 class Rules:
   """The fine-tuning rules of config.optimizer, evaluated on parameter paths.
 
@@ -141,7 +135,7 @@ class Rules:
     def mult(path):
       m = _first(self.lr, path)
       if self.layer_decay:
-        m *= self.layer_decay ** (depth + 1 - vit_layer_id(path, depth))
+        m *= self.layer_decay ** (depth + 1 - vit.layer_index(path, depth))
       return m
     return _map_paths(mult, params)
 
@@ -158,7 +152,8 @@ def _first(rules: list[tuple[re.Pattern, float]], path: str) -> float:
 
 
 def _depth(paths: list[str]) -> int:
-  ids = [int(m[1]) for p in paths if (m := re.search(r'encoderblock_(\d+)/', p))]
+  """The number of ViT encoder blocks among the parameter paths (0: not a ViT)."""
+  ids = [i for p in paths if (i := vit.block_index(p)) is not None]
   return max(ids) + 1 if ids else 0
 
 

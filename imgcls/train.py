@@ -41,14 +41,14 @@ def total_steps(config: ml_collections.ConfigDict, builder) -> tuple[int, int]:
 def _pretrained(source: str, template: dict[str, Any], load: ml_collections.ConfigDict):
   """(variables, report) of config.model_init merged onto the template: an imgcls workdir
   or checkpoint folder (its best step, EMA weights when kept), or a weights file."""
-  ignore = [p for p in load.ignore.split(',') if p]
-  if checkpoints.absolute(source).is_dir():
-    ckpt = checkpoints.find(source, 'best')
-    report = weights.MergeReport(source=str(ckpt.path), fmt='imgcls')
-    return weights.merge(template, weights.flatten(ckpt.weights('auto')), strict=load.strict,
-                         ignore=ignore, posemb_resize=load.posemb_resize, report=report)
-  return weights.load_pretrained(source, template, fmt=load.format or None, strict=load.strict,
-                                 ignore=ignore, posemb_resize=load.posemb_resize)
+  ckpt = checkpoints.find(source, 'best') if checkpoints.absolute(source).is_dir() else None
+  variables, report = weights.load_pretrained(
+      ckpt.weights('auto') if ckpt else source, template, fmt=load.format or None,
+      strict=load.strict, ignore=[p for p in load.ignore.split(',') if p],
+      posemb_resize=load.posemb_resize)
+  if ckpt:
+    report.source = str(ckpt.path)
+  return variables, report
 
 
 def load_model_init(config: ml_collections.ConfigDict, state, mesh):
