@@ -226,8 +226,11 @@ class Checkpoint:
       raise CheckpointError(f'the checkpoint {self.path} keeps no EMA of the weights (its run '
                             "had ema_decay=0): use weights='raw'.")
     use_ema = which == 'ema' or (which == 'auto' and bool(tree.get('ema_params')))
-    names = {n: f'ema_{n}' if use_ema else n for n in ('params', 'batch_stats')
-             if tree.get(f'ema_{n}' if use_ema else n)}
+    names = {}
+    for n in ('params', 'batch_stats'):  # an EMA field missing on disk falls back to the raw one
+      source = f'ema_{n}' if use_ema and tree.get(f'ema_{n}') else n
+      if tree.get(source):
+        names[n] = source
     if 'params' not in names:
       raise self._unreadable(KeyError(f'no params in the saved state (it holds {sorted(tree)})'))
     try:
