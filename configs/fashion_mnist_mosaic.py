@@ -2,7 +2,7 @@
 
   imgcls train --config=configs/fashion_mnist_mosaic.py --workdir=workdirs/mosaic
 
-The dataset `fashion_mnist_mosaic` (imgcls/data/mosaic.py) is built offline from the prepared
+The dataset `fashion_mnist_mosaic` (imgcls/data/mosaic_builder.py, its source in mosaic.py) is built offline from the prepared
 Fashion-MNIST (56x56x1, 1-4 items each; 60k train / 10k test, or the 6k / 1k config
 `fashion_mnist_mosaic/small` with :size=small). Labels are multi-hot (`multihot(10)`), the
 loss is a sigmoid cross-entropy, and each eval reports mAP, per-class AP and micro/macro F1

@@ -15,7 +15,8 @@ from typing import Any
 
 from imgcls import config as config_lib
 
-# Plain json, not imgcls.writers: `imgcls compare` then answers without importing TF.
+# Plain json: `imgcls compare` answers without importing TF (imgcls.writers writes the file
+# and reads it through read_metrics below).
 METRICS_FILE = 'metrics.jsonl'
 
 RESULT_COLUMNS = ('final_top1', 'best_top1', 'best_step', 'final_train_loss', 'steps')
@@ -53,10 +54,11 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(l) for l in f if l.strip()]
 
 
-def summarize(workdir: str) -> dict[str, Any]:
-  """final/best eval top-1 (and its step), final train loss and steps of one run."""
+def summarize(workdir: str, metric: str = 'eval_top1') -> dict[str, Any]:
+  """final/best value of the run's ranking metric (its best_metric, e.g. eval_top1) and
+  its step, final train loss and steps of one run."""
   records = read_metrics(workdir)
-  evals = [(r['step'], r['eval_top1']) for r in records if 'eval_top1' in r]
+  evals = [(r['step'], r[metric]) for r in records if metric in r]
   losses = [r['train_loss'] for r in records if 'train_loss' in r]
   best = max(evals, key=lambda e: (e[1], e[0])) if evals else (None, None)
   out = {'final_top1': evals[-1][1] if evals else None, 'best_top1': best[1],
@@ -86,7 +88,7 @@ def table(root: str) -> tuple[list[str], list[dict[str, Any]]]:
     name = os.path.relpath(run, root)
     row = {'run': name if name != '.' else os.path.basename(os.path.abspath(run))}
     row.update({k: config.get(k) for k in differing})
-    row.update(summarize(run))
+    row.update(summarize(run, config.get('best_metric') or 'eval_top1'))
     rows.append(row)
   optional = [c for c in OPTIONAL_COLUMNS if any(r[c] is not None for r in rows)]
   return ['run', *differing, *RESULT_COLUMNS, *optional], rows

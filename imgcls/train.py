@@ -43,7 +43,8 @@ def _pretrained(source: str, template: dict[str, Any], load: ml_collections.Conf
   or checkpoint folder (its best step, EMA weights when kept), or a weights file."""
   ckpt = checkpoints.find(source, 'best') if checkpoints.absolute(source).is_dir() else None
   variables, report = weights.load_pretrained(
-      ckpt.weights('auto') if ckpt else source, template, fmt=load.format or None,
+      ckpt.weights('auto') if ckpt else source, template,
+      fmt=weights.IMGCLS if ckpt else load.format or None,  # a workdir holds imgcls names
       strict=load.strict, ignore=[p for p in load.ignore.split(',') if p],
       posemb_resize=load.posemb_resize)
   if ckpt:

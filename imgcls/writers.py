@@ -14,7 +14,8 @@ from etils import epath
 import jax
 import numpy as np
 
-METRICS_FILE = 'metrics.jsonl'
+# One reader of metrics.jsonl, in the module `imgcls compare` uses without TF or JAX.
+from imgcls.compare import METRICS_FILE, read_metrics  # noqa: F401  pylint: disable=unused-import
 
 
 def _plain(v: Any) -> Any:
@@ -69,14 +70,6 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self) -> None:
     self.flush()
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of WORKDIR/metrics.jsonl (empty if there are none)."""
-  path = epath.Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
 def create(workdir: str) -> tuple[metric_writers.MetricWriter, JsonlWriter | None]:

@@ -81,3 +81,35 @@ def test_cli_reports_bad_override_and_exits_nonzero(tmp_path):
   assert proc.returncode != 0
   assert 'nme' in proc.stderr
   assert not workdir.exists()
+
+
+def _cli(*args, cwd):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.run([sys.executable, '-m', 'imgcls.main', *args], capture_output=True,
+                        text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_cli_prepare_takes_the_training_configs_dataset_overrides(tmp_path):
+  """`imgcls prepare --config=...` prepares the dataset a training config names, with the
+  same --config.dataset.* overrides as `imgcls train` (here skip_corrupt, which the corrupt
+  file's error recommends)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  images = tmp_path / 'images'
+  for c in ('cat', 'dog'):
+    (images / c).mkdir(parents=True)
+    for i in range(10):
+      Image.new('RGB', (8, 8), (i * 20, 0, 0)).save(images / c / f'{i}.png')
+  (images / 'dog' / 'broken.png').write_bytes(b'not a png')
+  config = f'--config={root}/configs/image_folder.py:root={images},classes=2'
+  data_dir = f'--data_dir={tmp_path / "tfds"}'
+  refused = _cli('prepare', config, data_dir, cwd=root)
+  assert refused.returncode != 0
+  assert 'broken.png' in refused.stderr and 'skip_corrupt=True' in refused.stderr
+  done = _cli('prepare', config, data_dir, '--config.dataset.skip_corrupt=True', cwd=root)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f'folder:{images} is prepared in {tmp_path / "tfds"}' in done.stdout
+  bad_step = _cli('eval', f'--workdir={tmp_path}', '--step=abc', cwd=root)
+  assert bad_step.returncode != 0
+  assert "the step must be 'best', 'latest' or a step number, got 'abc'" in bad_step.stderr
+  assert 'Traceback' not in bad_step.stderr
