@@ -212,29 +212,34 @@ def _check_pp(cfg, errors: list[str]) -> None:
       errors.append(f"'{key}': {e}")
 
 
+def _check_model(cfg, errors: list[str]) -> None:
+  """The model name and its arguments, from the model registry (imports JAX and Flax)."""
+  from imgcls import models  # pylint: disable=g-import-not-at-top  (JAX: after the cheap checks)
+  name = cfg.model.get('name')
+  if name not in models.list_models():
+    errors.append(
+        f"unknown model.name {name!r}.{_suggest(str(name), models.list_models())}"
+        f" Known models: {', '.join(models.list_models())}.")
+    return
+  allowed = models.model_kwargs(name) - {'num_classes'}
+  for key in cfg.model.keys():
+    if key not in allowed | _MODEL_META_KEYS:
+      errors.append(
+          f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
+          f" Valid keys: {', '.join(sorted(allowed))}.")
+
+
 def _check_names(cfg, errors: list[str]) -> None:
-  """Names each owner exports (optimizers, schedules, losses, models, weight formats,
-  evaluators): these imports load JAX, never TensorFlow."""
+  """Names the other owners export: optimizers, schedules, losses, weight formats and
+  evaluators (these imports load optax, Orbax, clu and matplotlib, never TensorFlow)."""
   # pylint: disable=g-import-not-at-top
-  from imgcls import evaluators, models, optim, step
+  from imgcls import evaluators, optim, step
   from imgcls.models import weights
   # pylint: enable=g-import-not-at-top
   _one_of(errors, 'optimizer.name', cfg.optimizer.name, optim.OPTIMIZERS)
   _one_of(errors, 'lr.schedule', cfg.lr.schedule, optim.SCHEDULES)
   _one_of(errors, 'weight_decay_mask', cfg.weight_decay_mask, optim.DECAY_MASKS)
   _one_of(errors, 'loss', cfg.loss, step.LOSSES)
-  name = cfg.model.get('name')
-  if name not in models.list_models():
-    errors.append(
-        f"unknown model.name {name!r}.{_suggest(str(name), models.list_models())}"
-        f" Known models: {', '.join(models.list_models())}.")
-  else:
-    allowed = models.model_kwargs(name) - {'num_classes'}
-    for key in cfg.model.keys():
-      if key not in allowed | _MODEL_META_KEYS:
-        errors.append(
-            f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
-            f" Valid keys: {', '.join(sorted(allowed))}.")
   if cfg.model_load.format:
     _one_of(errors, 'model_load.format', cfg.model_load.format, weights.FORMATS)
   _one_of(errors, 'model_load.posemb_resize', cfg.model_load.posemb_resize,
@@ -249,8 +254,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not errors:
     _check_numbers(cfg, errors)
     _check_pp(cfg, errors)  # no TensorFlow
-  if not errors:
-    _check_names(cfg, errors)  # imports JAX (a few seconds), only for a config that got here
+  # Each stage imports more, so a config stops at the first stage with a problem: a typo'd
+  # key costs a fraction of a second, a model name the import of JAX and Flax.
+  for stage in (_check_model, _check_names):
+    if not errors:
+      stage(cfg, errors)
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors) +
                       '\nFix the config file or the --config.KEY=VALUE override.')
