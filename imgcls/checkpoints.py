@@ -31,8 +31,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from imgcls.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
   """A checkpoint that cannot be used; the message says what to do."""
 
 

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from imgcls import config as config_lib
+from imgcls.errors import UserError
 
 # Plain json: `imgcls compare` answers without importing TF (imgcls.writers writes the file
 # and reads it through read_metrics below).
@@ -24,7 +25,7 @@ RESULT_COLUMNS = ('final_top1', 'best_top1', 'best_step', 'final_train_loss', 's
 OPTIONAL_COLUMNS = {'final_ema_top1': 'eval_ema_top1', 'final_ece': 'eval_ece'}
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
   """Nothing to compare; the message says what was expected."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from imgcls import data, parallel
 from imgcls.models import weights
+from imgcls.errors import UserError
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -50,7 +51,7 @@ DEFAULT_CACHE_BYTES = 1 << 30
 ApplyFeatures = Callable[[np.ndarray], Any]  # images [B, H, W, C] -> features [B, D]
 
 
-class FewShotError(ValueError):
+class FewShotError(UserError):
   """Bad few-shot input; the message names the problem and the fix."""
 
 

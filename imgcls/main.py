@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imgcls.errors import UserError
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/default.py or configs/f.py:arg.',
     lock_config=True)
@@ -77,23 +79,9 @@ def main(argv: list[str]) -> None:
     return
   try:
     _run(command, rest)
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, _user_errors()):  # imported only now: the error path only
-      raise
+  except UserError as e:  # bad input: one message, no traceback
     logging.error('%s', e)
     _fail(str(e))
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-  """The errors that mean bad input (a message for a person, no traceback)."""
-  # pylint: disable=g-import-not-at-top
-  from imgcls import checkpoints, compare, fewshot
-  from imgcls.data import base as data_base
-  from imgcls.errors import ConfigError
-  from imgcls.models import weights
-  # pylint: enable=g-import-not-at-top
-  return (ConfigError, data_base.DataError, checkpoints.CheckpointError, compare.CompareError,
-          fewshot.FewShotError, weights.WeightsError)
 
 
 def _print_result(result: dict) -> None:
@@ -175,7 +163,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    text = str(e).replace('\\n', '\n').strip("'\"")
+    text = str(e).replace('\\n', '\n').replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a repr's quotes
+      text = text[1:-1]
     # A failing get_config() arrives with its traceback; its last line is the message.
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     message = lines[-1] if 'Traceback' in text else ' '.join(lines)

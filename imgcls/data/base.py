@@ -25,6 +25,7 @@ import urllib.parse
 from typing import Any, Protocol
 
 from imgcls.registry import Registry, lazy_import
+from imgcls.errors import UserError
 
 tfds = lazy_import('tensorflow_datasets')
 
@@ -32,7 +33,7 @@ tfds = lazy_import('tensorflow_datasets')
 TFDS_HOST = 'storage.googleapis.com'
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A user-facing data problem; the message names the problem and the fix."""
 
 

@@ -16,11 +16,12 @@ from collections.abc import Callable, Collection, Mapping
 import numpy as np
 
 from imgcls.registry import Registry
+from imgcls.errors import UserError
 
 Flat = dict[str, np.ndarray]
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
   """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
