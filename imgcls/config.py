@@ -87,6 +87,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.weight_decay = 5e-4
   c.weight_decay_mask = 'no_bias_norm'  # no_bias_norm | all
   c.grad_clip_norm = 0.0  # 0 disables global-norm clipping
+  # A step whose loss or gradient is NaN/inf stops the run (the last good checkpoint is kept).
+  # N > 0 skips up to N consecutive such updates instead (optax.apply_if_finite; counted as
+  # train_skipped_steps) and stops past N.
+  c.skip_nonfinite_steps = 0
   c.label_smoothing = 0.0
   # 'softmax_xent' (single-label) or 'sigmoid_xent' (multi-label: multi-hot labels from the
   # pp string, e.g. multihot(K); eval reports mAP and F1 instead of a confusion matrix).
@@ -192,6 +196,9 @@ def _check_numbers(cfg, errors: list[str]) -> None:
   for key in ('mixup.switch_prob', 'mixup.prob'):
     if not 0.0 <= _get(cfg, key) <= 1.0:
       errors.append(f"'{key}' must be a probability in [0, 1], got {_get(cfg, key)}.")
+  if cfg.skip_nonfinite_steps < 0:
+    errors.append(f'skip_nonfinite_steps must be >= 0 (0: stop at the first NaN/inf step), '
+                  f'got {cfg.skip_nonfinite_steps}.')
   if not 0.0 <= cfg.ema_decay < 1.0:
     errors.append(f'ema_decay must be in [0, 1) (0: off, e.g. 0.9999), got {cfg.ema_decay}.')
 

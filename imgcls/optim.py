@@ -220,4 +220,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
   tx = optax.chain(*parts)
   if rules.freeze:
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, rules.labels)
+  skips = int(config.get('skip_nonfinite_steps', 0) or 0)
+  if skips:  # outermost: imgcls.step.skipped_update reads its state
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=skips)
   return tx, schedule

@@ -115,10 +115,18 @@ def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
   return jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
 
 
+def skipped_update(opt_state: Any, max_skips: int) -> jax.Array | None:
+  """Whether optax.apply_if_finite (config.skip_nonfinite_steps = max_skips, the outermost
+  transformation) rejected this step's update; None when the optimizer does not skip."""
+  if not max_skips:
+    return None
+  return jnp.logical_not(opt_state.last_finite) & (opt_state.notfinite_count <= max_skips)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
                loss: str = 'softmax_xent', mix: augment.MixConfig = augment.MixConfig(),
-               ema_decay: float = 0.0,
+               ema_decay: float = 0.0, skip_nonfinite_steps: int = 0,
                axis_name: str = 'batch') -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's shard; gradients are the global-batch mean."""
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
@@ -138,10 +146,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  skipped = skipped_update(opt_state, skip_nonfinite_steps)
+  batch_stats = updates.get('batch_stats', state.batch_stats)
+  if skipped is not None:  # a skipped update leaves the BatchNorm statistics as they were
+    batch_stats = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), batch_stats,
+                               state.batch_stats)
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, opt_updates),
-                            batch_stats=updates.get('batch_stats', state.batch_stats),
-                            opt_state=opt_state)
+                            batch_stats=batch_stats, opt_state=opt_state)
   if ema_decay:
     # ema <- d * ema + (1 - d) * new, with d warmed up as tf.train.ExponentialMovingAverage's
     # num_updates (and timm's EMA warmup) do, so that short runs do not average in the init.
@@ -157,8 +169,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       'top1_correct': lax.psum(jnp.sum(correct), axis_name),
       'count': lax.psum(correct.shape[0], axis_name),
       'grad_norm': grad_norm,
-      'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+      # The new state is usable: the step was finite, or its update was skipped.
+      'finite': (jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | (
+          False if skipped is None else skipped),
   }
+  if skipped is not None:
+    metrics['skipped'] = skipped.astype(jnp.int32)
   return new_state, metrics
 
 

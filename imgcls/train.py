@@ -141,7 +141,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(step_lib.train_step, model=model, tx=tx,
                         label_smoothing=config.label_smoothing, loss=config.loss,
                         mix=augment.MixConfig(**config.mixup.to_dict()),
-                        ema_decay=config.ema_decay, axis_name=parallel.AXIS),
+                        ema_decay=config.ema_decay,
+                        skip_nonfinite_steps=config.skip_nonfinite_steps,
+                        axis_name=parallel.AXIS),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
 
   # ------------------------------------------------------------- checkpoint
