@@ -59,6 +59,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   # Optimisation (built in imgcls/optim.py).
   c.batch_size = 128  # global, over all devices of all processes
+  # Split each device's batch into this many microbatches, gradients averaged, one update
+  # (big batches on few devices; BatchNorm statistics per microbatch: imgcls/step.py).
+  c.grad_accum_steps = 1
   c.eval_batch_size = 500
   c.num_epochs = 10.0  # or set total_steps > 0, which wins
   c.total_steps = 0
@@ -176,7 +179,8 @@ def _get(cfg, dotted: str):
 
 def _check_numbers(cfg, errors: list[str]) -> None:
   """Values that need nothing but the config."""
-  positive = ['batch_size', 'eval_batch_size', 'log_every_steps', 'dataset.num_classes']
+  positive = ['batch_size', 'eval_batch_size', 'log_every_steps', 'dataset.num_classes',
+              'grad_accum_steps']
   for key in positive:
     if _get(cfg, key) <= 0:
       errors.append(f"'{key}' must be positive, got {_get(cfg, key)}.")

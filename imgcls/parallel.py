@@ -63,6 +63,19 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'batch_size
   return global_batch_size // n
 
 
+def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) -> int:
+  """Returns the microbatch per device; a clear error when grad_accum_steps does not divide
+  the per-device batch."""
+  per_device = global_batch_size // mesh.size
+  if grad_accum_steps < 1 or per_device % grad_accum_steps:
+    ok = [k for k in range(1, per_device + 1) if per_device % k == 0]
+    raise ConfigError(
+        f'grad_accum_steps={grad_accum_steps} must divide the per-device batch of '
+        f'{per_device} (batch_size={global_batch_size} over {mesh.size} devices); use one of '
+        f'{", ".join(map(str, ok[:12]))}{" ..." if len(ok) > 12 else ""}.')
+  return per_device // grad_accum_steps
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

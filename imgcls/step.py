@@ -123,31 +123,69 @@ def skipped_update(opt_state: Any, max_skips: int) -> jax.Array | None:
   return jnp.logical_not(opt_state.last_finite) & (opt_state.notfinite_count <= max_skips)
 
 
+def _microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B // k, ...]: microbatch i holds rows i*B/k .. (i+1)*B/k - 1."""
+  if x.shape[0] % k:
+    raise ValueError(f'grad_accum_steps={k} does not divide the per-device batch of '
+                     f'{x.shape[0]}')
+  return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
                loss: str = 'softmax_xent', mix: augment.MixConfig = augment.MixConfig(),
                ema_decay: float = 0.0, skip_nonfinite_steps: int = 0,
+               grad_accum_steps: int = 1,
                axis_name: str = 'batch') -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on this device's shard; gradients are the global-batch mean."""
+  """One SGD step on this device's shard; gradients are the global-batch mean.
+
+  With grad_accum_steps = k > 1 the (mixed) per-device batch is split into k equal
+  microbatches that run one after another under `lax.scan` (activation memory of one
+  microbatch); their gradients are averaged and the optimizer updates once, so for a model
+  without BatchNorm the update equals the whole batch's. Metrics are the whole batch's.
+  BatchNorm normalises each microbatch with that microbatch's statistics and updates its
+  running averages once per microbatch (k times per step), as torch does.
+  """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            lax.axis_index(axis_name))
   rng, mix_rng = jax.random.split(rng)
   per_example_loss = loss_fn_for(loss)
   images, labels, _ = augment.mix_batch(mix_rng, batch['image'], batch['labels'], mix)
 
-  def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, images,
-        train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-    local = jnp.mean(per_example_loss(logits, labels, label_smoothing))
-    # pmean of the loss, not of the gradients: under shard_map the gradient of a
-    # replicated parameter is already summed over the axis, so this gives the mean.
-    return lax.pmean(local, axis_name), (logits, updates)
+  def loss_and_grad(params, batch_stats, images, labels, rng):
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': batch_stats}, images,
+          train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+      local = jnp.mean(per_example_loss(logits, labels, label_smoothing))
+      # pmean of the loss, not of the gradients: under shard_map the gradient of a
+      # replicated parameter is already summed over the axis, so this gives the mean.
+      return lax.pmean(local, axis_name), (logits, updates.get('batch_stats', batch_stats))
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if grad_accum_steps == 1:
+    (loss, (logits, new_stats)), grads = loss_and_grad(
+        state.params, state.batch_stats, images, labels, rng)
+  else:
+    k = grad_accum_steps
+
+    def micro(carry, xs):
+      grad_sum, stats = carry
+      i, x, y = xs
+      (l, (logits, stats)), g = loss_and_grad(state.params, stats, x, y,
+                                              jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, grad_sum, g), stats), (l, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, new_stats), (losses, logits) = lax.scan(
+        micro, (zeros, state.batch_stats),
+        (jnp.arange(k), _microbatches(images, k), _microbatches(labels, k)))
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    loss = jnp.mean(losses)  # equal microbatches: the mean of means is the batch mean
+    logits = logits.reshape(-1, logits.shape[-1])
   opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   skipped = skipped_update(opt_state, skip_nonfinite_steps)
-  batch_stats = updates.get('batch_stats', state.batch_stats)
+  batch_stats = new_stats
   if skipped is not None:  # a skipped update leaves the BatchNorm statistics as they were
     batch_stats = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), batch_stats,
                                state.batch_stats)

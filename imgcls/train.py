@@ -102,6 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh, 'batch_size')
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  parallel.check_grad_accum(config.batch_size, config.grad_accum_steps, mesh)
   logging.info('mesh: %d devices over %d process(es), axis %r', mesh.size,
                jax.process_count(), parallel.AXIS)
   checkpoints.check_compatible(workdir, cfg)
@@ -143,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         mix=augment.MixConfig(**config.mixup.to_dict()),
                         ema_decay=config.ema_decay,
                         skip_nonfinite_steps=config.skip_nonfinite_steps,
+                        grad_accum_steps=config.grad_accum_steps,
                         axis_name=parallel.AXIS),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
 
