@@ -115,10 +115,14 @@ def read_meta(step_dir: epath.Path) -> dict[str, Any]:
 
 
 def _best(steps: dict[int, epath.Path]) -> int:
-  """The step whose eval ranks highest (ties: the later); the latest when none was ranked."""
+  """The step whose eval ranks highest (ties: the later); the latest when none was ranked.
+  A step whose metadata does not read is left out of the ranking."""
   scored = []
   for step, path in steps.items():
-    meta = read_meta(path)
+    try:
+      meta = read_meta(path)
+    except CheckpointError:
+      continue
     value = ranking_value(meta.get('metrics'), meta.get('best_metric', DEFAULT_BEST_METRIC))
     if value is not None:
       scored.append((value, step))
@@ -132,8 +136,9 @@ def check_step_arg(step: Any) -> str | int:
   return step if step in ('best', 'latest') else int(step)
 
 
-def resolve(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
-  """The step folder for a workdir, a checkpoints folder or a step folder."""
+def _candidates(path: str | os.PathLike, step: str | int) -> list[epath.Path]:
+  """The step folders to try, in order: one for a step number or a step folder; for
+  'latest' the newest first, for 'best' the best first, then the others newest first."""
   step = check_step_arg(step)
   root = absolute(path)
   if not root.exists():
@@ -144,18 +149,23 @@ def resolve(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
     if isinstance(step, int) and step != int(root.name):
       raise CheckpointError(f'{path} is the checkpoint of step {root.name}, not {step}: pass '
                             f'its parent folder {root.parent} to choose a step.')
-    return root
+    return [root]
   steps = step_dirs(root)
   if not steps:
     raise CheckpointError(f'no checkpoint in {path}. {_WHERE} Train first if it is empty.')
-  if step == 'latest':
-    return steps[max(steps)]
-  if step == 'best':
-    return steps[_best(steps)]
-  if step not in steps:
-    raise CheckpointError(f'no checkpoint at step {step} in {path}; saved steps: '
-                          f'{sorted(steps)}.')
-  return steps[step]
+  if isinstance(step, int):
+    if step not in steps:
+      raise CheckpointError(f'no checkpoint at step {step} in {path}; saved steps: '
+                            f'{sorted(steps)}.')
+    return [steps[step]]
+  first = _best(steps) if step == 'best' else max(steps)
+  return [steps[first]] + [steps[s] for s in sorted(steps, reverse=True) if s != first]
+
+
+def resolve(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
+  """The step folder for a workdir, a checkpoints folder or a step folder (not checked for
+  damage: `find` is the reader that falls back past a broken step)."""
+  return _candidates(path, step)[0]
 
 
 def _state_tree(step_dir: epath.Path) -> dict[str, Any]:
@@ -164,6 +174,15 @@ def _state_tree(step_dir: epath.Path) -> dict[str, Any]:
     return dict(handler.metadata(step_dir / 'state').tree)
   finally:
     handler.close()
+
+
+def intact(step_dir: epath.Path) -> bool:
+  """Whether every array of a saved state reads back (its metadata included)."""
+  try:
+    restore_arrays(step_dir, [k for k in _state_tree(step_dir) if k != 'step'])
+  except Exception:  # pylint: disable=broad-except  (any failure means damage)
+    return False
+  return True
 
 
 def restore_arrays(step_dir: epath.Path, names: list[str]) -> dict[str, Any]:
@@ -179,12 +198,16 @@ def restore_arrays(step_dir: epath.Path, names: list[str]) -> dict[str, Any]:
     handler.close()
 
 
+WEIGHT_FIELDS = ('params', 'batch_stats', 'ema_params', 'ema_batch_stats')
+
+
 @dataclasses.dataclass
 class Checkpoint:
-  """One saved step: its folder, step number and metadata; weights are read on demand."""
+  """One saved step: its folder, step number and metadata, and its weights (read once)."""
   path: epath.Path
   step: int
   meta: dict[str, Any]
+  _arrays: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
   @property
   def config(self) -> dict[str, Any]:
@@ -206,61 +229,71 @@ class Checkpoint:
     """The training workdir this step lies in (None for a step folder moved elsewhere)."""
     return self.path.parent.parent if self.path.parent.name == 'checkpoints' else None
 
-  def has_ema(self) -> bool:
-    return bool(self.fields().get('ema_params'))
+  def arrays(self) -> dict[str, Any]:
+    """Every weight field the state holds (raw and EMA; never the optimizer state) as host
+    numpy arrays, read once; CheckpointError when they do not read (a damaged step)."""
+    if self._arrays is None:
+      try:
+        tree = _state_tree(self.path)
+        names = [n for n in WEIGHT_FIELDS if tree.get(n)]
+        if 'params' not in names:
+          raise KeyError(f'no params in the saved state (it holds {sorted(tree)})')
+        self._arrays = {k: v for k, v in restore_arrays(self.path, names).items()
+                        if k != 'step'}
+      except Exception as e:
+        raise CheckpointError(
+            f'cannot read the weights of the checkpoint {self.path} ({_first_line(e)}). The '
+            'checkpoint is incomplete or corrupt: use another step (--step / step=...).'
+        ) from e
+    return self._arrays
 
-  def fields(self) -> dict[str, Any]:
-    try:
-      return _state_tree(self.path)
-    except Exception as e:
-      raise self._unreadable(e) from e
+  def has_ema(self) -> bool:
+    return 'ema_params' in self.arrays()
 
   def weights(self, which: str = 'auto') -> dict[str, Any]:
-    """{'params', 'batch_stats'?} as host numpy arrays; the optimizer state is not read.
-
-    which: 'raw' (the trained weights), 'ema' (the exponential moving average, an error if
-    the run kept none) or 'auto' (the EMA when the run kept one, else the raw weights).
-    """
+    """{'params', 'batch_stats'?}: 'raw' (the trained weights), 'ema' (the exponential
+    moving average; an error if the run kept none) or 'auto' (the EMA when kept, else raw).
+    An EMA field missing on disk falls back to the raw one."""
     if which not in WEIGHTS:
       raise CheckpointError(f'weights must be one of {", ".join(WEIGHTS)}, got {which!r}.')
-    tree = self.fields()
-    if which == 'ema' and not tree.get('ema_params'):
+    arrays = self.arrays()
+    if which == 'ema' and 'ema_params' not in arrays:
       raise CheckpointError(f'the checkpoint {self.path} keeps no EMA of the weights (its run '
                             "had ema_decay=0): use weights='raw'.")
-    use_ema = which == 'ema' or (which == 'auto' and bool(tree.get('ema_params')))
-    names = {}
-    for n in ('params', 'batch_stats'):  # an EMA field missing on disk falls back to the raw one
-      source = f'ema_{n}' if use_ema and tree.get(f'ema_{n}') else n
-      if tree.get(source):
-        names[n] = source
-    if 'params' not in names:
-      raise self._unreadable(KeyError(f'no params in the saved state (it holds {sorted(tree)})'))
-    try:
-      restored = restore_arrays(self.path, sorted(names.values()))
-    except Exception as e:
-      raise self._unreadable(e) from e
-    return {name: restored[source] for name, source in names.items()}
+    use_ema = which == 'ema' or (which == 'auto' and 'ema_params' in arrays)
+    out = {}
+    for n in ('params', 'batch_stats'):
+      source = f'ema_{n}' if use_ema and f'ema_{n}' in arrays else n
+      if source in arrays:
+        out[n] = arrays[source]
+    return out
 
   def all_weights(self) -> dict[str, Any]:
     """Raw and (when kept) EMA weights, for scoring both; no optimizer state."""
-    tree = self.fields()
-    names = [n for n in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats')
-             if tree.get(n)]
-    try:
-      return {k: v for k, v in restore_arrays(self.path, names).items() if k != 'step'}
-    except Exception as e:
-      raise self._unreadable(e) from e
-
-  def _unreadable(self, e: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f'cannot read the weights of the checkpoint {self.path} ({_first_line(e)}). The '
-        'checkpoint is incomplete or corrupt: use another step (--step / step=...).')
+    return dict(self.arrays())
 
 
 def find(path: str | os.PathLike, step: str | int = 'best') -> Checkpoint:
-  """The checkpoint at `path` (workdir, checkpoints folder or step folder) and `step`."""
-  step_dir = resolve(path, step)
-  return Checkpoint(path=step_dir, step=int(step_dir.name), meta=read_meta(step_dir))
+  """The checkpoint at `path` (workdir, checkpoints folder or step folder) and `step`, with
+  its weights read. For 'best' and 'latest' a step that does not read (a truncated file, a
+  deleted _METADATA) is skipped with a warning naming it and why, for the next intact one."""
+  problems = []
+  for step_dir in _candidates(path, step):
+    try:
+      ckpt = Checkpoint(path=step_dir, step=int(step_dir.name), meta=read_meta(step_dir))
+      ckpt.arrays()
+    except CheckpointError as e:
+      problems.append(f'step {step_dir.name}: {_first_line(e.__cause__ or e)}')
+      logging.warning('%s', e)
+      continue
+    if problems:
+      logging.warning('using the checkpoint of step %d: %s did not read.', ckpt.step,
+                      '; '.join(problems))
+    return ckpt
+  if len(problems) == 1 and step not in ('best', 'latest'):
+    raise CheckpointError(f'the checkpoint {path} (step {step}) does not read: {problems[0]}.')
+  raise CheckpointError(f'no intact checkpoint in {path}: ' + '; '.join(problems) +
+                        '. The files are damaged: train again in a new --workdir.')
 
 
 # ------------------------------------------------------------------ training
@@ -269,7 +302,7 @@ class Checkpointer:
   """An Orbax CheckpointManager keeping the latest checkpoint and the best by `best_metric`."""
 
   def __init__(self, workdir: str, *, asynchronous: bool = True, read_only: bool = False,
-               best_metric: str = DEFAULT_BEST_METRIC):
+               best_metric: str = DEFAULT_BEST_METRIC, keep: int = 1):
     self.best_metric = best_metric
 
     def rank(metrics):  # Orbax keeps the largest; unranked steps (None) are never "best"
@@ -280,7 +313,7 @@ class Checkpointer:
         best_fn=rank, best_mode='max',
         # best_fn with max_to_keep would delete the latest checkpoint: keep both.
         preservation_policy=policies.AnyPreservationPolicy([
-            policies.LatestN(n=1),
+            policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False),
         ]),
         enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only,
@@ -328,43 +361,50 @@ class Checkpointer:
         state=ocp.args.StandardRestore(item)))['state']
     return abstract.replace(**restored)
 
+  def restore_newest(self, target: Any) -> tuple[int, Any]:
+    """(step, state) from the newest step that restores onto `target`, falling back past
+    damaged steps with a warning each; when none is intact they are moved aside (never
+    deleted) to WORKDIR/checkpoints_broken/ and (0, target) comes back: a fresh start.
+
+    A step that reads but does not fit the target (another model or optimizer) is an error,
+    not damage: nothing is moved then.
+    """
+    broken = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, target)
+      except Exception as e:  # pylint: disable=broad-except
+        if intact(self.directory / str(step)):
+          raise
+        logging.warning('the checkpoint of step %d does not restore (%s): trying an older one.',
+                        step, _first_line(e.__cause__ or e))
+        broken.append(step)
+        continue
+      if broken:
+        logging.warning('resuming from step %d: the newer step(s) %s are damaged and stay on '
+                        'disk (the next saves replace them).', step, broken)
+      return step, state
+    if broken:
+      moved = self.move_aside(broken)
+      logging.warning('no intact checkpoint: the damaged steps %s were moved to %s; training '
+                      'starts over.', broken, moved)
+    return 0, target
+
+  def move_aside(self, steps: list[int]) -> epath.Path:
+    """Renames step folders into WORKDIR/checkpoints_broken/ (kept for inspection)."""
+    aside = self.directory.parent / 'checkpoints_broken'
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target, n = aside / str(step), 1
+      while target.exists():
+        target, n = aside / f'{step}-{n}', n + 1
+      (self.directory / str(step)).rename(target)
+    self.manager.reload()
+    return aside
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-# ------------------------------------------------------------- run config
-
-def read_workdir_config(workdir: str) -> dict[str, Any] | None:
-  """The config.json a previous run left in the workdir, if any."""
-  path = absolute(workdir) / 'config.json'
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_workdir_config(workdir: str, config: dict[str, Any]) -> None:
-  (absolute(workdir) / 'config.json').write_text(json.dumps(config, indent=2))
-
-
-def check_compatible(workdir: str, config: dict[str, Any]) -> None:
-  """Refuses to resume a workdir whose checkpoints come from another model."""
-  old = read_workdir_config(workdir)
-  if old is None or not checkpoint_dir(workdir).exists():
-    return
-  def model_of(c):
-    return (c.get('model'), c.get('dataset', {}).get('num_classes'))
-  if model_of(old) != model_of(config):
-    raise CheckpointError(
-        f'workdir {workdir} holds checkpoints of model {old.get("model")} with '
-        f'{old.get("dataset", {}).get("num_classes")} classes, but this config trains '
-        f'{config.get("model")} with {config.get("dataset", {}).get("num_classes")} '
-        'classes. Use a new --workdir, or the config that wrote this one.')
-  old_ema, new_ema = old.get('ema_decay', 0.0), config.get('ema_decay', 0.0)
-  if bool(old_ema) != bool(new_ema):  # the train state has (or lacks) the EMA copy
-    raise CheckpointError(
-        f'workdir {workdir} holds checkpoints {"with" if old_ema else "without"} an EMA of '
-        f'the weights (ema_decay={old_ema}), but this config sets ema_decay={new_ema}. '
-        f'Resume with --config.ema_decay={old_ema}, or use a new --workdir.')
-  logging.info('workdir %s: resuming a run of the same model.', workdir)

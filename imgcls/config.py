@@ -7,6 +7,7 @@ wrong type, and values that cannot work. It runs before anything is written.
 
 from __future__ import annotations
 
+import ast
 import difflib
 from typing import Any
 
@@ -14,7 +15,8 @@ import ml_collections
 
 from imgcls.errors import ConfigError
 
-__all__ = ['ConfigError', 'defaults', 'flatten_dict', 'parse_arg', 'upgrade', 'validate']
+__all__ = ['ConfigError', 'apply_model_overrides', 'defaults', 'flatten_dict', 'parse_arg',
+           'split_model_overrides', 'upgrade', 'validate']
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -115,6 +117,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: once per epoch
   c.checkpoint_every_steps = 0  # 0: at every eval
   c.async_checkpoints = True
+  c.keep_checkpoints = 1  # the latest N checkpoints are kept, and the best by best_metric
   # At each eval, write what a team debugging a model looks at to WORKDIR/reports/ (PNG+JSON)
   # and TensorBoard: confusion matrix, per-class accuracy, calibration (ECE + reliability
   # diagram), the most confidently wrong images; for sigmoid_xent per-class AP, mAP and F1.
@@ -180,7 +183,7 @@ def _get(cfg, dotted: str):
 def _check_numbers(cfg, errors: list[str]) -> None:
   """Values that need nothing but the config."""
   positive = ['batch_size', 'eval_batch_size', 'log_every_steps', 'dataset.num_classes',
-              'grad_accum_steps']
+              'grad_accum_steps', 'keep_checkpoints']
   for key in positive:
     if _get(cfg, key) <= 0:
       errors.append(f"'{key}' must be positive, got {_get(cfg, key)}.")
@@ -238,6 +241,19 @@ def _check_model(cfg, errors: list[str]) -> None:
       errors.append(
           f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
           f" Valid keys: {', '.join(sorted(allowed))}.")
+  for key in ('dtype', 'param_dtype'):
+    if key in cfg.model and not _is_dtype(cfg.model[key]):
+      errors.append(f"model.{key} must be a dtype name such as 'float32' or 'bfloat16', got "
+                    f"{cfg.model[key]!r}.")
+
+
+def _is_dtype(value: Any) -> bool:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (loaded by _check_model)
+  try:
+    jnp.dtype(value)
+  except TypeError:
+    return False
+  return True
 
 
 def _check_names(cfg, errors: list[str]) -> None:
@@ -323,3 +339,66 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     except (ValueError, KeyError) as e:
       raise ConfigError(f'config argument {key}={value!r} must be {kind.__name__}.') from e
   return out
+
+
+_MODEL_FLAG = '--config.model.'
+
+
+def split_model_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """(argv without them, {KEY: VALUE}) for the `--config.model.KEY=VALUE` overrides whose KEY
+  the config file (`--config=PATH[:ARG]` in argv) does not set.
+
+  ml_collections can only override keys a config has; a model's constructor arguments are
+  open-ended (`--config.model.dtype=bfloat16` on a ResNet config that never names dtype), so
+  those are taken out here and added by `apply_model_overrides` after the flags are parsed;
+  `validate` then checks them against the model's signature. When the file cannot be loaded,
+  argv is returned unchanged and absl reports the problem.
+  """
+  items = []  # (index of the flag, index of its value, key, value)
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      path = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith(_MODEL_FLAG) and '.' not in arg[len(_MODEL_FLAG):].split('=')[0]:
+      key, sep, value = arg[len(_MODEL_FLAG):].partition('=')
+      if not sep and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+        items.append((i, i + 1, key, argv[i + 1]))  # --config.model.KEY VALUE
+      elif sep:
+        items.append((i, i, key, value))
+  if not items or path is None:
+    return argv, {}
+  try:
+    known = set(_load_config_file(path).model.keys())
+  except Exception:  # pylint: disable=broad-except  (absl reports it when it parses argv)
+    return argv, {}
+  drop, extra = set(), {}
+  for i, j, key, value in items:
+    if key not in known:
+      drop.update((i, j))
+      extra[key] = value
+  return [a for i, a in enumerate(argv) if i not in drop], extra
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config(ARG) of 'PATH[:ARG]', as ml_collections' --config flag loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  file, *arg = path.split(':', 1)
+  spec = importlib.util.spec_from_file_location('_imgcls_config_probe', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*arg)
+
+
+def apply_model_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+  """Adds `split_model_overrides`'s model arguments to cfg.model, values parsed as Python
+  literals ('32' -> 32, '(1, 1)' -> a tuple, 'true' -> True) or kept as strings."""
+  for key, text in overrides.items():
+    text = text.capitalize() if text in ('true', 'false') else text
+    try:
+      value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+      value = text
+    with cfg.unlocked(), cfg.model.ignore_type():
+      cfg.model[key] = value

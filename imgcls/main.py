@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging as logging_std
+import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -39,6 +42,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: 
                                    'of process 0 (jax.distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'train: resume a workdir although the config changes the '
+    "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
 
 COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare')
 
@@ -80,8 +86,46 @@ def main(argv: list[str]) -> None:
   try:
     _run(command, rest)
   except UserError as e:  # bad input: one message, no traceback
-    logging.error('%s', e)
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    message = readable_error(e)
+    if message is None or flags.FLAGS.verbosity > 0:  # --verbosity=1 shows the traceback
+      raise
+    _fail(message)
+
+
+def _chain(e: BaseException):
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def readable_error(e: BaseException) -> str | None:
+  """One line for the environment's failures a person fixes outside imgcls (a full disk,
+  a denied permission, cloud storage without credentials or network); None otherwise."""
+  for err in _chain(e):
+    text = str(err)
+    if 'Failed loading config file' in text:  # config_flags defers a bad --config to here
+      path = re.search(r'Attempted \[[^\]]*\]:\s*\n\s*(\S+)', text)
+      last = [l.strip() for l in text.splitlines() if l.strip()][-1]
+      return (f'cannot load the config file {path[1] if path else ""} ({last}): check the '
+              '--config path, e.g. --config=configs/default.py.')
+    if getattr(err, 'errno', None) == errno.ENOSPC or 'No space left on device' in text:
+      where = getattr(err, 'filename', None) or 'the workdir or data dir'
+      return (f'disk full: no space left on the device holding {where}. Free space there '
+              '(or use another --workdir) and rerun the same command: it resumes from the '
+              'last complete checkpoint.')
+    if isinstance(err, PermissionError):
+      return (f'permission denied: {err.filename or text}. Use a --workdir / --data_dir you '
+              'can write, or fix its permissions.')
+    if 'gs://' in text and any(w in text.lower() for w in (
+        'credential', 'unauthenticated', 'permission', 'could not resolve', 'connect',
+        'timed out', '401', '403')):
+      return ('cannot reach Google Cloud Storage for a gs:// path (no credentials or no '
+              f'network): {text.splitlines()[0][:200]}. Run `gcloud auth application-default '
+              'login` (or set GOOGLE_APPLICATION_CREDENTIALS) on a machine that reaches '
+              'storage.googleapis.com, or use local paths.')
+  return None
 
 
 def _print_result(result: dict) -> None:
@@ -123,6 +167,8 @@ def _run(command: str, rest: list[str]) -> None:
       _sweep(config, workdir)
       return
     config_lib.validate(config)
+    from imgcls.lock import WorkdirLock
+    WorkdirLock(workdir).check_free()  # a second launch is refused before TF loads
   from imgcls import checkpoints, parallel
   if command in ('eval', 'fewshot'):
     checkpoints.check_step_arg(_STEP.value)
@@ -142,7 +188,7 @@ def _run(command: str, rest: list[str]) -> None:
                                             step=_STEP.value, shots=shots))
   else:
     from imgcls import train
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
   # pylint: enable=g-import-not-at-top
 
 
@@ -159,9 +205,12 @@ def _sweep(base, root: str) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with config override errors (a typo'd key, a bad type) made readable."""
+  """absl's parsing, with config override errors (a typo'd key, a bad type) made readable, and
+  `--config.model.ARG=VALUE` for any model argument, set in the config file or not."""
+  from imgcls import config as config_lib  # pylint: disable=g-import-not-at-top
+  argv, model_args = config_lib.split_model_overrides(argv)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     text = str(e).replace('\\n', '\n').replace("\\'", "'")
     if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a repr's quotes
@@ -170,10 +219,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     message = lines[-1] if 'Traceback' in text else ' '.join(lines)
     _fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls --helpshort`; config '
-          'keys are listed in imgcls/config.py. An override sets a key the config has: a model '
-          'argument the config file does not set goes in the file or its config argument '
-          '(e.g. configs/image_folder.py:root=DIR,classes=3,width=32).')
+          'keys are listed in imgcls/config.py. An override sets a key the config has, or any '
+          'argument of the configured model (--config.model.dtype=bfloat16).')
     raise  # unreachable: _fail exits
+  if model_args:  # checked against the model's signature by config.validate, as file keys are
+    config_lib.apply_model_overrides(_CONFIG.value, model_args)
+  return rest
 
 
 def run() -> None:

@@ -19,7 +19,9 @@ import ml_collections
 import numpy as np
 
 from imgcls import augment, checkpoints, config as config_lib, data, evaluate, evaluators
-from imgcls import models, optim, parallel, step as step_lib, writers
+from imgcls import models, optim, parallel, preemption, run_config, step as step_lib, writers
+from imgcls.errors import UserError
+from imgcls.lock import WorkdirLock
 from imgcls.models import weights
 
 
@@ -88,11 +90,15 @@ def _as_result(metrics: dict[str, Any]) -> dict[str, Any]:
                         if k.startswith('eval_')}}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains, evaluates and checkpoints; resumes from WORKDIR's latest checkpoint.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains, evaluates and checkpoints; resumes from WORKDIR's newest intact checkpoint.
 
   Returns the last eval's metrics under their written names (`eval_top1`, `val_top1`, ...),
-  with the default evaluator's also without prefix (`top1`, `loss`, ...).
+  with the default evaluator's also without prefix (`top1`, `loss`, ...); after SIGTERM or
+  SIGINT, {'preempted': True, 'step': N} once step N is saved. Every refusal (bad config,
+  another run holding the workdir, a resume that would change the run's math without
+  allow_config_change) happens before anything is written.
   """
   # ----------------------------------------------------------------- config
   config_lib.validate(config)
@@ -105,7 +111,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.check_grad_accum(config.batch_size, config.grad_accum_steps, mesh)
   logging.info('mesh: %d devices over %d process(es), axis %r', mesh.size,
                jax.process_count(), parallel.AXIS)
-  checkpoints.check_compatible(workdir, cfg)
+  changes = run_config.check_resume(workdir, cfg, allow_config_change)
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock and checkpoints.absolute(workdir).exists():
+    lock.acquire()  # a second launch is refused now, before minutes of set-up
+  try:
+    return _train(config, cfg, workdir, mesh, changes, lock)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
+  """train_and_evaluate after the checks that need nothing but the config and workdir."""
 
   # ------------------------------------------------------------------ input
   ds = config.dataset
@@ -136,6 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, init_report = load_model_init(config, state, mesh)
     state = state.with_ema_reset()
   parameter_overview.log_parameter_overview(state.params)
+  if lock and not lock.record:  # a new workdir: taken just before the first write
+    lock.acquire()
 
   # ------------------------------------------------------------------ steps
   train_fn = parallel.data_parallel(
@@ -150,14 +170,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ------------------------------------------------------------- checkpoint
   ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,
-                                  best_metric=config.best_metric)
-  if jax.process_index() == 0:
-    checkpoints.write_workdir_config(workdir, cfg)
-  start = ckpt.latest_step() or 0
+                                  best_metric=config.best_metric, keep=config.keep_checkpoints)
+  start, restored = ckpt.restore_newest(state)
   if start:
-    state = ckpt.restore(start, state)
+    state = restored
     logging.info('resumed from the checkpoint at step %d', start)
-  elif init_report is not None and jax.process_index() == 0:
+  elif config.model_init and init_report is None:  # every saved step was damaged
+    state, init_report = load_model_init(config, state, mesh)
+    state = state.with_ema_reset()
+  if jax.process_index() == 0:
+    run_config.write(workdir, cfg)
+    if changes:
+      run_config.record_changes(workdir, start, changes)
+      logging.warning('resuming at step %d with a changed config (--allow_config_change): %s',
+                      start, '; '.join(changes))
+  if not start and init_report is not None and jax.process_index() == 0:
     (checkpoints.absolute(workdir) / 'model_init_report.json').write_text(
         json.dumps(init_report.to_dict(), indent=2))
   meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': context.label_names}
@@ -174,50 +201,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       global_batch_size=config.batch_size, seed=config.seed, start_step=start,
       shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)
-  pending: list[dict[str, Any]] = []
+  pending: list[dict[str, Any]] = []  # metrics since the last log
+  unchecked: list[Any] = []  # finite flags not yet read on the host (no sync per step)
   last_eval: dict[str, Any] | None = None
   t0, steps_timed = time.perf_counter(), 0
-  for step in range(start, num_steps):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, m = train_fn(state, parallel.shard_batch(next(train_iter), mesh))
-    pending.append(m)
-    steps_timed += 1
-    done = step + 1
-    progress(done)
+  # With several processes JAX's preemption service catches SIGTERM and Orbax's
+  # reached_preemption names one step for all; a single process catches the signals itself.
+  stop = preemption.StopSignals(enabled=jax.process_count() == 1)
+  with stop:
+    try:
+      for step in range(start, num_steps):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          state, m = train_fn(state, parallel.shard_batch(next(train_iter), mesh))
+        pending.append(m)
+        unchecked.append(m['finite'])
+        steps_timed += 1
+        done = step + 1
+        progress(done)
+        is_log = done % config.log_every_steps == 0 or done == num_steps
+        is_eval = done % eval_every == 0 or done == num_steps
+        is_save = bool(config.checkpoint_every_steps) and (
+            done % config.checkpoint_every_steps == 0)
+        preempted = stop.requested or ckpt.manager.reached_preemption(done)
+        if is_log or is_eval or is_save or preempted:  # never log, score or save a NaN state
+          _check_finite(unchecked, done, ckpt)
+          unchecked = []
 
-    if done % config.log_every_steps == 0 or done == num_steps:
-      summary = _train_summary(pending, done)
-      dt = time.perf_counter() - t0
-      rate = steps_timed / dt if dt > 0 else float('nan')
-      summary.update(learning_rate=float(schedule(done - 1)), steps_per_sec=rate,
-                     eta_min=(num_steps - done) / rate / 60 if rate else float('nan'))
-      writer.write_scalars(done, summary)
-      pending = []
+        if is_log:
+          summary = _train_summary(pending)
+          dt = time.perf_counter() - t0
+          rate = steps_timed / dt if dt > 0 else float('nan')
+          summary.update(learning_rate=float(schedule(done - 1)), steps_per_sec=rate,
+                         eta_min=(num_steps - done) / rate / 60 if rate else float('nan'))
+          writer.write_scalars(done, summary)
+          pending = []
 
-    if done % eval_every == 0 or done == num_steps:
-      last_eval = evaluators.run(evals, state)
-      evaluators.write(evals, workdir, done, writer)
-      writer.write_scalars(done, last_eval)
-      ckpt.save(done, state, meta, metrics=last_eval)
-      t0, steps_timed = time.perf_counter(), 0
-    elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
-      ckpt.save(done, state, meta)
-    if ckpt.manager.reached_preemption(done):
-      if ckpt.latest_step() != done:  # not saved by the eval above
-        ckpt.save(done, state, meta)
-      ckpt.close()
-      logging.warning('preempted: saved step %d; rerun the same command to resume.', done)
-      return {}
+        if is_eval:
+          last_eval = evaluators.run(evals, state)
+          evaluators.write(evals, workdir, done, writer)
+          writer.write_scalars(done, last_eval)
+          ckpt.save(done, state, meta, metrics=last_eval)
+          t0, steps_timed = time.perf_counter(), 0
+        elif is_save or preempted:
+          ckpt.save(done, state, meta)
+        if preempted:
+          ckpt.wait()  # the asynchronous save is complete on disk
+          writer.flush()
+          logging.warning('%s: saved the checkpoint of step %d of %d%s; rerun the same command '
+                          'to resume from it.', stop.signal_name or 'preempted', done,
+                          num_steps, stop.since())
+          return {'preempted': True, 'step': done}
+    finally:
+      ckpt.close()  # a diverged or crashed run still finishes the saves it started
 
   if last_eval is None:  # the run had already finished: score it again
     last_eval = evaluators.run(evals, state)
   writer.flush()
-  ckpt.close()
   result = _as_result(last_eval)
   logging.info('final eval at step %d: %s', num_steps, result)
   if jax.process_index() == 0:
     print(_final_line(config, result, num_steps), flush=True)
   return result
+
+
+class DivergedError(UserError, FloatingPointError):
+  """The loss or gradient became NaN/inf; nothing of that state was saved."""
+
+
+def _check_finite(flags: list[Any], done: int, ckpt: checkpoints.Checkpointer) -> None:
+  """DivergedError naming the first non-finite step of the last len(flags) and the last good
+  checkpoint (the latest on disk: no non-finite state is ever saved)."""
+  host = [bool(f) for f in parallel.to_host(flags)]
+  if all(host):
+    return
+  bad = done - len(host) + host.index(False) + 1
+  ckpt.wait()
+  last = ckpt.latest_step()
+  kept = (f'the last good checkpoint is step {last} (latest and best on disk: no non-finite '
+          'state was saved); rerunning resumes from it' if last else
+          'no checkpoint had been saved yet')
+  raise DivergedError(
+      f'the loss or gradient became NaN/inf at step {bad}: training stopped; {kept}. Lower '
+      'lr.base, raise lr.warmup_steps or set grad_clip_norm (--allow_config_change to '
+      'resume with them), or set skip_nonfinite_steps=N to skip up to N bad updates.')
 
 
 def _final_line(config: ml_collections.ConfigDict, result: dict[str, Any], step: int) -> str:
@@ -232,30 +298,31 @@ def _final_line(config: ml_collections.ConfigDict, result: dict[str, Any], step:
   return f'Final {ds.name} at step {step}: {tops}'
 
 
-def _train_summary(pending: list[dict[str, Any]], step: int) -> dict[str, float]:
-  """Averages the metrics of the steps since the last log; fails on NaN/inf."""
+def _train_summary(pending: list[dict[str, Any]]) -> dict[str, float]:
+  """Averages the metrics of the steps since the last log (already checked finite)."""
   host = [parallel.to_host(m) for m in pending]
-  if not all(bool(m['finite']) for m in host):
-    raise FloatingPointError(
-        f'the loss or gradient became NaN/inf before step {step}. Lower lr.base, raise '
-        'lr.warmup_steps or set grad_clip_norm; rerunning resumes from the last good '
-        'checkpoint.')
   total = evaluate.TrainMetrics.from_step(host[0])
   for m in host[1:]:
     total = total.merge(evaluate.TrainMetrics.from_step(m))
   out = {f'train_{k}': float(v) for k, v in total.compute().items()}
   out['train_grad_norm'] = float(np.mean([m['grad_norm'] for m in host]))
+  if 'skipped' in host[0]:  # skip_nonfinite_steps: updates skipped since the last log
+    out['train_skipped_steps'] = int(sum(int(m['skipped']) for m in host))
   return out
 
 
 def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = None,
-                        data_dir: str | None = None) -> dict[str, Any]:
+                        data_dir: str | None = None, weights: str = 'auto') -> dict[str, Any]:
   """Scores a saved checkpoint ('best', 'latest' or a step) with its run's evaluators (or,
   with `split`, the classification evaluator on that split); writes the JSON beside it.
 
-  Only the weights are read (raw and, when kept, EMA), never the optimizer state.
+  weights: 'auto' (the EMA when the run kept one, else raw), 'raw' or 'ema', by the rule
+  imgcls.load and the exports follow (inference.weights_used), so `top1` is the number of
+  the model they serve; the result's `weights` says which. Only those weights are read.
   """
+  from imgcls import inference  # pylint: disable=g-import-not-at-top
   ckpt = checkpoints.find(workdir, which)
+  used = inference.weights_used(ckpt, weights)
   config = ml_collections.ConfigDict(ckpt.config)
   config_lib.upgrade(config)
   if data_dir:
@@ -270,11 +337,11 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
   builder = data.builder_for(config.dataset)
   model = models.from_config(config)
   _, evals = make_evaluators(config, model, mesh, builder)
-  state = step_lib.TrainState.for_eval(jax.device_put(ckpt.all_weights(),
+  state = step_lib.TrainState.for_eval(jax.device_put(ckpt.weights(used),
                                                       parallel.replicated(mesh)), ckpt.step)
   result = _as_result(evaluators.run(evals, state))
   split = config.dataset.eval_split
-  result.update(step=ckpt.step, split=split, dataset=config.dataset.name)
+  result.update(step=ckpt.step, split=split, dataset=config.dataset.name, weights=used)
   if jax.process_index() == 0:
     out = (ckpt.workdir or ckpt.path) / f'eval_{split}_step{ckpt.step}.json'
     out.write_text(json.dumps(result, indent=2))
