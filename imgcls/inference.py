@@ -3,9 +3,14 @@
 Everything comes from the checkpoint itself: the model (config.model and
 dataset.num_classes, built through the registry), its weights, the eval preprocessing
 (config.pp_eval, image ops only), the label names and the image shape. No config file,
-dataset or accelerator is needed. Only the weights are read (params and batch_stats; an
-`ema_params` / `ema_batch_stats` field is preferred when a state has one), as numpy arrays
-on the host, so a checkpoint written on N devices loads in a process with one.
+dataset or accelerator is needed. Only the weights are read (params and batch_stats), as
+numpy arrays on the host, so a checkpoint written on N devices loads in a process with one.
+
+Which weights: one rule for `imgcls.load`, `imgcls eval`, `imgcls predict` and every export
+(`weights_used`): the EMA when the run kept one, else the raw weights, unless asked
+(weights='raw' | 'ema'). Files, bytes and PIL images are decoded by imgcls.data.decode, the
+PIL path the image-folder preparation uses (EXIF rotation, CMYK, 16-bit, alpha composited on
+white), so a model sees at inference the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import numpy as np
 
 from imgcls import checkpoints, models, step as step_lib
 from imgcls.checkpoints import CheckpointError
-from imgcls.data import preprocess
-from imgcls.models import weights
+from imgcls.data import decode, preprocess
+from imgcls.models import weights as model_weights
 from imgcls.registry import lazy_import
 
 tf = lazy_import('tensorflow')  # the pp ops run in TF; importing imgcls.inference stays cheap
@@ -52,20 +57,40 @@ def _check_shapes(model, variables: dict[str, Any], image_shape: tuple[int, ...]
         'the checkpoint was saved: load it with the imgcls version that trained it.')
 
 
-def load(path: str | os.PathLike, step: str | int = 'best') -> Classifier:
+def weights_used(ckpt: checkpoints.Checkpoint, which: str = 'auto') -> str:
+  """'ema' or 'raw': the weights `which` ('auto' | 'raw' | 'ema') means for this checkpoint.
+
+  The one rule every reader follows: 'auto' is the EMA when the run kept one (ema_decay > 0),
+  else the raw weights; 'ema' on a run without one is a CheckpointError.
+  """
+  if which not in checkpoints.WEIGHTS:
+    raise CheckpointError(f'weights must be one of {", ".join(checkpoints.WEIGHTS)}, got '
+                          f'{which!r}.')
+  if which == 'ema' and not ckpt.has_ema():
+    raise CheckpointError(f'the checkpoint {ckpt.path} keeps no EMA of the weights (its run '
+                          "had ema_decay=0): use weights='raw' (--weights=raw).")
+  return 'ema' if which == 'ema' or (which == 'auto' and ckpt.has_ema()) else 'raw'
+
+
+def load(path: str | os.PathLike, step: str | int = 'best',
+         weights: str = 'auto') -> Classifier:
   """A Classifier for the checkpoint at `path` (workdir, checkpoints folder or step folder).
 
-  step: 'best' (highest eval metric, the default), 'latest' or a step number. Reads only the
-  checkpoint (imgcls.checkpoints.find): no config file, no dataset. The EMA weights are used
-  when the run kept them. Raises CheckpointError naming the problem.
+  step: 'best' (highest eval metric, the default), 'latest' or a step number. weights:
+  'auto' (the EMA when the run kept one, else raw: as `imgcls eval` scores), 'raw' or 'ema';
+  `Classifier.weights` says which was used. Reads only the checkpoint
+  (imgcls.checkpoints.find): no config file, no dataset. Raises CheckpointError naming the
+  problem.
   """
   _keep_tf_off_accelerators()
   ckpt = checkpoints.find(path, step)
-  variables = ckpt.weights('auto')
+  used = weights_used(ckpt, weights)
+  variables = ckpt.weights(used)
   model = models.from_config(ckpt.config)
   _check_shapes(model, variables, ckpt.image_shape, ckpt.path)
   return Classifier(model, variables, config=ckpt.config, image_shape=ckpt.image_shape,
-                    label_names=ckpt.label_names, step=ckpt.step, path=str(ckpt.path))
+                    label_names=ckpt.label_names, step=ckpt.step, path=str(ckpt.path),
+                    weights=used, metrics=ckpt.meta.get('metrics') or {})
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -78,21 +103,21 @@ def _keep_tf_off_accelerators() -> None:
 
 # ----------------------------------------------------------------- inputs
 
-def _decode(data: bytes, what: str) -> np.ndarray:
-  try:  # as the pp op `decode` does (channels as in the file)
-    return tf.io.decode_image(data, channels=0, expand_animations=False).numpy()
-  except (tf.errors.InvalidArgumentError, ValueError) as e:
-    raise ValueError(f'{what} is not an image TensorFlow can decode (PNG, JPEG, GIF, BMP, '
-                     f'WebP): {str(e).splitlines()[0][:120]}') from None
-
-
-def _from_pil(image) -> np.ndarray:
-  if image.mode in ('1', 'LA', 'I', 'I;16', 'F'):  # binary, gray+alpha, 16/32-bit gray
-    image = image.convert('L')
-  elif image.mode not in ('L', 'RGB', 'RGBA'):  # palette, CMYK, YCbCr, ...
-    image = image.convert('RGBA' if 'A' in image.mode or 'transparency' in image.info
-                          else 'RGB')
-  return np.asarray(image)
+def _decode(source: str | bytes, channels: int | None, what: str) -> np.ndarray:
+  """A file or encoded bytes as training saw it: the RGB JPEGs and PNGs an image folder stores
+  unchanged are decoded by TF as the pp op `decode` does (TF's JPEG pixels differ from PIL's);
+  everything else by imgcls.data.decode, the PIL conversions the folder preparation applies."""
+  data = source if isinstance(source, bytes) else epath.Path(source).read_bytes()
+  if decode.stored_as_is(data):
+    try:
+      return tf.io.decode_image(data, channels=channels or 0, expand_animations=False).numpy()
+    except (tf.errors.InvalidArgumentError, ValueError) as e:
+      raise ValueError(f'{what} is not a readable image (corrupt or truncated: '
+                       f'{str(e).splitlines()[0][:120]}).') from None
+  try:
+    return decode.load(data, channels)
+  except decode.DataError as e:
+    raise ValueError(str(e).replace('the image bytes', what, 1)) from None
 
 
 def _from_array(array: np.ndarray, what: str) -> np.ndarray:
@@ -109,8 +134,9 @@ def _from_array(array: np.ndarray, what: str) -> np.ndarray:
       'preprocessing (pp_eval), so do not scale or normalise the images yourself.')
 
 
-def _images(inputs: Any) -> Iterator[np.ndarray]:
-  """Each image of `inputs` as a uint8 HWC (or HW) numpy array."""
+def _images(inputs: Any, channels: int | None = None) -> Iterator[np.ndarray]:
+  """Each image of `inputs` as a uint8 HWC (or HW) numpy array; files, bytes and PIL images
+  decoded with `channels` (3, 1 or None: as stored) by imgcls.data.decode."""
   items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
   for i, item in enumerate(items):
     what = f'input {i}' if isinstance(inputs, (list, tuple)) else 'the input'
@@ -118,11 +144,11 @@ def _images(inputs: Any) -> Iterator[np.ndarray]:
       path = epath.Path(item)
       if not path.is_file():
         raise FileNotFoundError(f'{what}: no image file {item}.')
-      yield _decode(path.read_bytes(), f'{what} ({item})')
+      yield _decode(os.fspath(item), channels, f'{what} ({item})')
     elif isinstance(item, (bytes, bytearray, memoryview)):
-      yield _decode(bytes(item), f'{what} (bytes)')
+      yield _decode(bytes(item), channels, what)
     elif type(item).__module__.startswith('PIL.'):
-      yield _from_pil(item)
+      yield decode.from_pil(item, channels)
     elif isinstance(item, (np.ndarray, jax.Array)):
       array = _from_array(np.asarray(item), what)
       if array.ndim == 4:  # a batch
@@ -149,21 +175,35 @@ def _batches(images: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarra
     yield batch
 
 
+def _decode_channels(pp: str, model_channels: int) -> int | None:
+  """Channels to decode files with: the pp string's decode(channels) when it names them, else
+  RGB for an RGB model (as an image folder stores every image) and as stored otherwise."""
+  for text in filter(str.strip, pp.split('|')):
+    name, args, kwargs = preprocess._parse_op(text)  # pylint: disable=protected-access
+    if name == 'decode':
+      channels = kwargs.get('channels', args[0] if args else None)
+      if channels in (1, 3):
+        return channels
+  return 3 if model_channels == 3 else None
+
+
 # ------------------------------------------------------------- classifier
 
 class Classifier:
   """A trained model with its eval preprocessing and label names; see `load`.
 
   Inputs: numpy/JAX arrays (uint8 HWC 0..255 as decoded from files, HW grayscale, or a batch
-  NHWC), PIL images, file paths or encoded bytes, alone or in a list. Channels: a grayscale
-  image given to an RGB model is repeated to RGB and an alpha channel is dropped (as
-  decoding a file with 3 channels does); colour images given to a grayscale model are refused,
-  as converting them is a choice (PIL's convert('L') is the usual one) left to the caller.
+  NHWC), PIL images, file paths or encoded bytes, alone or in a list. Files, bytes and PIL
+  images go through imgcls.data.decode as the image-folder preparation does (EXIF rotation,
+  palette, CMYK, 16-bit top 8 bits, transparency composited on white); an RGB model gets
+  them as RGB. Arrays: a grayscale image given to an RGB model is repeated to RGB and an
+  alpha channel is dropped; colour images given to a grayscale model are refused, as
+  converting them is a choice (PIL's convert('L') is the usual one) left to the caller.
   """
 
   def __init__(self, model, variables: dict[str, Any], *, config: dict[str, Any],
                image_shape: tuple[int, ...], label_names: list[str], step: int,
-               path: str = ''):
+               path: str = '', weights: str = 'raw', metrics: dict[str, Any] | None = None):
     self.model = model
     self.variables = jax.device_put(variables)
     self.config = config
@@ -171,15 +211,18 @@ class Classifier:
     self.label_names = label_names
     self.step = step
     self.path = path
+    self.weights = weights  # 'ema' or 'raw': which weights `variables` are
+    self.metrics = dict(metrics or {})  # the checkpoint's eval metrics, as saved
     self.pp = preprocess.image_only(config['pp_eval'])
     self._pp_fn = preprocess.get_pp_fn(self.pp)
+    self.decode_channels = _decode_channels(self.pp, self.image_shape[-1])
     self.multilabel = config.get('loss') == 'sigmoid_xent'
-    loss = config.get('loss', 'softmax_xent')
+    self.loss = loss = config.get('loss', 'softmax_xent')
 
     def scores(v, x):
       return step_lib.probabilities(model.apply(v, x, train=False), loss)
     self._scores = jax.jit(scores)
-    self._features = jax.jit(functools.partial(weights.features, model))
+    self._features = jax.jit(functools.partial(model_weights.features, model))
 
   @property
   def name(self) -> str:
@@ -193,13 +236,23 @@ class Classifier:
     labels = self.label_names[:5] + (['...'] if self.num_classes > 5 else [])
     return (f'Classifier(model={self.name!r}, num_classes={self.num_classes}, '
             f'labels={labels}, image_shape={self.image_shape}, '
-            f'step={self.step}, path={self.path!r})')
+            f'step={self.step}, weights={self.weights!r}, path={self.path!r})')
 
   # ------------------------------------------------------------ inference
 
+  def decision_threshold(self) -> tuple[float, str]:
+    """(threshold, where it comes from) for a multi-label model's labels: the threshold the
+    eval reports tuned on the run's val_split when the checkpoint saved one, else 0.5."""
+    tuned = sorted(k for k in self.metrics if k.endswith('threshold_tuned'))
+    if tuned:
+      key = 'eval_threshold_tuned' if 'eval_threshold_tuned' in tuned else tuned[0]
+      return float(self.metrics[key]), f'{key} saved with step {self.step}'
+    return 0.5, ('the default 0.5: the checkpoint saved no tuned threshold (an evaluator '
+                 'with val_split and reports tunes one)')
+
   def preprocess(self, inputs: Any) -> np.ndarray:
     """The model's inputs [N, *image_shape] (float32) after pp_eval's image ops."""
-    return self._stack(list(_images(inputs)), 0)
+    return self._stack(list(_images(inputs, self.decode_channels)), 0)
 
   def probabilities(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
     """[N, num_classes]: softmax (sigmoid for a multi-label, sigmoid_xent model)."""
@@ -223,19 +276,28 @@ class Classifier:
     """[N, D]: the pre-logits embedding (the model's return_features output)."""
     return self._run(self._features, inputs, batch_size)
 
+  def scores(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """[N, num_classes] for model inputs x [N, *image_shape] (the output of `preprocess`)."""
+    return np.concatenate([self._apply(self._scores, x[i:i + batch_size], batch_size)
+                           for i in range(0, len(x), batch_size)])
+
+  def _apply(self, fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    # Pad to a power of two (at most batch_size): few shapes, so few compilations.
+    n = len(x)
+    padded = min(batch_size, 1 << (n - 1).bit_length())
+    x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
+    return np.asarray(fn(self.variables, x))[:n]
+
   def _run(self, fn, inputs: Any, batch_size: int) -> np.ndarray:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f'batch_size must be a positive int, got {batch_size!r}.')
     if isinstance(inputs, (list, tuple)) and not inputs:
       raise ValueError('no images: pass an image or a non-empty list of images.')
     outs, start = [], 0
-    for batch in _batches(_images(inputs), batch_size):
+    for batch in _batches(_images(inputs, self.decode_channels), batch_size):
       x = self._stack(batch, start)
       start += len(batch)
-      # Pad to a power of two (at most batch_size): few shapes, so few compilations.
-      padded = min(batch_size, 1 << (len(x) - 1).bit_length())
-      x = np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
-      outs.append(np.asarray(fn(self.variables, x))[:len(batch)])
+      outs.append(self._apply(fn, x, batch_size))
     if not outs:
       raise ValueError('no images: the input batch is empty.')
     return np.concatenate(outs)

@@ -191,7 +191,8 @@ def test_checkpoint_errors(workdir, clf, tmp_path):
   for f in (broken / 'meta').iterdir():
     if f.is_file() and f.name != 'commit_success.txt':
       f.write_text('{"config": {not json')
-  with pytest.raises(checkpoints.CheckpointError, match='cannot read the metadata.*corrupt'):
+  with pytest.raises(checkpoints.CheckpointError,
+                     match='cannot read the metadata.*corrupt|no intact checkpoint.*damaged'):
     imgcls.load(tmp_path / 'broken')
 
 
@@ -210,7 +211,7 @@ def test_input_errors(clf, test_split, tmp_path):
     clf.predict([image, {'image': image}])
   with pytest.raises(FileNotFoundError, match='no image file'):
     clf.predict(str(tmp_path / 'nope.png'))
-  with pytest.raises(ValueError, match='not an image TensorFlow can decode'):
+  with pytest.raises(ValueError, match='not a readable image'):
     clf.predict(b'not an image')
   with pytest.raises(ValueError, match='top_k'):
     clf.predict(image, top_k=0)

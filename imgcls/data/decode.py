@@ -2,9 +2,12 @@
 
   load(path_or_bytes)  -> uint8 [H, W, C]   (any format PIL reads; EXIF rotation applied;
                                              C = 3, or 1 / as stored with channels=)
+  from_pil(image)      -> uint8 [H, W, C]   (the same rules for an already opened PIL image)
   open_rgb(...)        -> PIL RGB image      (the same, as a PIL image)
   to_rgb(image)        -> PIL RGB image      (any mode; transparency composited on white)
   for_dataset(path)    -> bytes              (what an image folder stores: JPEG/PNG, RGB)
+  stored_as_is(bytes)  -> bool               (whether for_dataset keeps a file's bytes as they
+                                             are: RGB JPEG/PNG, upright, opaque)
   problem(path)        -> None or why the file does not decode
 
 Conversion rules: grayscale, palette, CMYK and 16-bit images become RGB (16-bit keeps its
@@ -12,6 +15,10 @@ top 8 bits); transparent images (RGBA, LA, palette with transparency) are compos
 white, since dropping alpha would show whatever colour the transparent pixels store (often
 black); EXIF rotation is applied because TF's decoders ignore it; animated GIF/WebP keep
 their first frame. No TensorFlow here.
+
+The files an image folder keeps as they are (stored_as_is) are decoded by TensorFlow in
+training (the pp op `decode`), and TF's JPEG decoder uses libjpeg's fast integer DCT: its
+pixels differ from PIL's by up to a few levels. imgcls.load decodes those files with TF too.
 """
 
 from __future__ import annotations
@@ -87,9 +94,24 @@ def load(source: Source, channels: int | None = 3) -> np.ndarray:
   'L'); None: as stored, as the pp op `decode` does: 1 for a grayscale file without
   transparency, else 3 (RGB, transparency composited on white).
   """
+  _check_channels(channels)
+  return _pixels(_open(source), channels)
+
+
+def from_pil(image: Image.Image, channels: int | None = 3) -> np.ndarray:
+  """An opened PIL image (any mode; EXIF rotation applied if it still has it) as `load` gives
+  it: what imgcls.load(...).predict does with PIL images, so they match files."""
+  _check_channels(channels)
+  image.load()
+  return _pixels(ImageOps.exif_transpose(image) if _rotated(image) else image, channels)
+
+
+def _check_channels(channels: int | None) -> None:
   if channels not in (None, 1, 3):
     raise ValueError(f'channels must be 1, 3 or None (as stored), got {channels!r}')
-  image = _open(source)
+
+
+def _pixels(image: Image.Image, channels: int | None) -> np.ndarray:
   if channels is None:
     channels = 1 if _gray(image) else 3
   if channels == 1 and _gray(image) and not image.mode.startswith('I'):
@@ -107,15 +129,28 @@ def for_dataset(path: str) -> bytes:
     data = f.read()
   with Image.open(io.BytesIO(data)) as image:
     image.load()
-    rotated = _rotated(image)
-    # An RGB PNG with a transparent colour (tRNS) may decode to 4 channels in TF: convert it.
-    if (image.format in ('JPEG', 'PNG') and image.mode == 'RGB' and not rotated and
-        'transparency' not in image.info):
+    if _as_is(image):
       return data
-    image = to_rgb(ImageOps.exif_transpose(image) if rotated else image)
+    image = to_rgb(ImageOps.exif_transpose(image) if _rotated(image) else image)
   out = io.BytesIO()
   image.save(out, format='PNG')
   return out.getvalue()
+
+
+def _as_is(image: Image.Image) -> bool:
+  # An RGB PNG with a transparent colour (tRNS) may decode to 4 channels in TF: convert it.
+  return (image.format in ('JPEG', 'PNG') and image.mode == 'RGB' and not _rotated(image) and
+          'transparency' not in image.info)
+
+
+def stored_as_is(data: bytes) -> bool:
+  """Whether for_dataset keeps these bytes unchanged (so training decodes them with TF);
+  False for anything PIL cannot identify. Reads the header only."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return _as_is(image)
+  except (OSError, ValueError, SyntaxError):
+    return False
 
 
 def problem(path: str) -> str | None:
