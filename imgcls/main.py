@@ -209,6 +209,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   `--config.model.ARG=VALUE` for any model argument, set in the config file or not."""
   from imgcls import config as config_lib  # pylint: disable=g-import-not-at-top
   argv, model_args = config_lib.split_model_overrides(argv)
+  if model_args:  # ml_collections reads its overrides from sys.argv itself
+    sys.argv = list(argv)
   try:
     rest = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -93,6 +93,30 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert logits.dtype == jnp.float32
 
 
+def test_every_registered_model_takes_a_compute_dtype():
+  assert all('dtype' in models.model_kwargs(name) for name in models.list_models())
+
+
+@pytest.mark.parametrize('name,kw', [
+    ('resnet18', dict(width=8)), ('bit', dict(stage_sizes=(1, 1), width=8, num_groups=4)),
+    ('vit', dict(variant='Ti/16', depth=1))])
+def test_each_family_computes_in_bfloat16_with_float32_params(name, kw):
+  """dtype (the config's model.dtype, a string from the command line) is the compute dtype of
+  every family's convolutions and matmuls; parameters stay float32. Traced, not compiled."""
+  model = models.get_model(name, num_classes=10, dtype='bfloat16', **kw)
+  variables, _ = shapes(model, (1, 32, 32, 3))
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(
+      variables, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)))
+  lines = [l for l in jaxpr.splitlines() if 'conv_general_dilated' in l or 'dot_general' in l]
+  heavy = [l for l in lines if 'conv_general_dilated' in l or 'dot_general' in l and
+           '10]' not in l.split('=')[0]]  # all but the classifier head (float32 in the ViT)
+  bf16 = [l for l in heavy if 'bf16[' in l.split('=')[0]]
+  # Every conv and most matmuls (flax's attention keeps one product in float32).
+  assert all('conv_general_dilated' not in l for l in set(heavy) - set(bf16)), heavy
+  assert heavy and len(bf16) >= 0.75 * len(heavy), heavy
+
+
 def test_batchnorm_over_mesh_matches_single_device():
   n = jax.device_count()
   x = jax.random.normal(jax.random.key(2), (4 * n, 16, 16, 3)) * 3.0 + 1.0
