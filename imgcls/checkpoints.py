@@ -363,8 +363,8 @@ class Checkpointer:
 
   def restore_newest(self, target: Any) -> tuple[int, Any]:
     """(step, state) from the newest step that restores onto `target`, falling back past
-    damaged steps with a warning each; when none is intact they are moved aside (never
-    deleted) to WORKDIR/checkpoints_broken/ and (0, target) comes back: a fresh start.
+    damaged steps with a warning each. Damaged steps are moved aside (never deleted) to
+    WORKDIR/checkpoints_broken/; when none is intact, (0, target) comes back: a fresh start.
 
     A step that reads but does not fit the target (another model or optimizer) is an error,
     not damage: nothing is moved then.
@@ -380,9 +380,9 @@ class Checkpointer:
                         step, _first_line(e.__cause__ or e))
         broken.append(step)
         continue
-      if broken:
-        logging.warning('resuming from step %d: the newer step(s) %s are damaged and stay on '
-                        'disk (the next saves replace them).', step, broken)
+      if broken:  # out of the way of the saves to come, kept for inspection
+        logging.warning('resuming from step %d: the newer step(s) %s are damaged; moved to %s.',
+                        step, broken, self.move_aside(broken))
       return step, state
     if broken:
       moved = self.move_aside(broken)
