@@ -20,29 +20,51 @@ from imgcls.errors import ConfigError
 AXIS = 'batch'
 
 
+# What JAX's own SLURM detection (jax._src.clusters.SlurmCluster) reads: srun sets them all.
+SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+              'SLURM_LOCALID')
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Joins the multi-process runtime when asked to (or auto-detects on TPU/SLURM).
+                           process_id: int | None = None) -> str | None:
+  """Joins the multi-process runtime when asked to, or when launched by a cluster JAX reads.
 
-  With no arguments it calls `jax.distributed.initialize()` only where JAX can
-  find the cluster by itself; a single process on one machine needs nothing.
+  Explicit arguments (the CLI's --coordinator_address/--num_processes/--process_id) win.
+  Otherwise `jax.distributed.initialize()` is called with no arguments where JAX finds the
+  layout itself: under `srun` (SLURM: coordinator = first node of the step, port from the
+  job id, one process per task, each task's GPU = its SLURM_LOCALID), on a Cloud TPU VM
+  (every worker of the slice from the metadata server), or with JAX_COORDINATOR_ADDRESS set.
+  A single process on one machine needs nothing. Returns how it joined (None: it did not).
   """
   if coordinator_address or num_processes:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif _in_cluster():
-    jax.distributed.initialize()
+    how = 'flags'
   else:
-    return
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+    how = cluster()
+    if how is None:
+      return None
+    jax.distributed.initialize()
+  logging.info('jax.distributed (%s): process %d of %d, %d local / %d global devices', how,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  return how
 
 
-def _in_cluster() -> bool:
+def cluster() -> str | None:
+  """The launcher JAX can read the process layout from: 'slurm', 'tpu', 'env' or None."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  return any(k in os.environ for k in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
-                                       'JAX_COORDINATOR_ADDRESS'))
+  env = os.environ
+  if all(k in env for k in SLURM_VARS):
+    return 'slurm'
+  if 'JAX_COORDINATOR_ADDRESS' in env:  # with JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster
+    return 'env'
+  on_tpu_vm = bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+  if 'TPU_WORKER_HOSTNAMES' in env or (on_tpu_vm and importlib.util.find_spec('libtpu')):
+    return 'tpu'
+  return None
 
 
 def make_mesh(devices: list[Any] | None = None) -> Mesh:
