@@ -1,0 +1,140 @@
+"""imgcls export: ONNX (onnxruntime) and StableHLO (jax.export, no imgcls needed to run it) of
+ResNet, ViT and BiT checkpoints give imgcls.load's probabilities at any batch size."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import imgcls
+from imgcls import checkpoints, export, models
+
+LABELS = ['cat', 'dog', 'owl']
+MODELS = {
+    'resnet': ({'name': 'resnet10', 'width': 8, 'stem': 'small'}, (12, 12, 1),
+               'decode|value_range(-1, 1)|onehot(3)'),
+    'vit': ({'name': 'vit', 'width': 16, 'depth': 1, 'num_heads': 2, 'mlp_dim': 32,
+             'patch_size': 4}, (8, 8, 3), 'decode(3)|normalize_preset("imagenet")|onehot(3)'),
+    'bit': ({'name': 'bit', 'width': 8, 'stage_sizes': [1, 1], 'num_groups': 4}, (16, 16, 3),
+            'decode(3)|resize_small(16)|central_crop(16)|value_range(-1, 1)|onehot(3)'),
+}
+
+
+def save_checkpoint(workdir, model_config, image_shape, pp_eval, *, ema=False, seed=0,
+                    loss='softmax_xent', metrics=None, label_names=LABELS):
+  """A checkpoint as training writes it, from random weights (no training): params,
+  batch_stats and, with ema, a different EMA copy of both."""
+  num_classes = len(label_names)
+  config = {'model': model_config, 'dataset': {'num_classes': num_classes}, 'pp_eval': pp_eval,
+            'loss': loss}
+  model = models.from_config(config)
+  variables = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)),
+                                        train=False))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape).astype(p.dtype),
+                        variables['params'])  # non-zero heads: distinct probabilities
+  state = {'step': np.int32(10), 'params': params,
+           'batch_stats': variables.get('batch_stats', {}), 'opt_state': np.zeros(1, np.float32),
+           'rng': np.zeros(2, np.uint32)}
+  if ema:
+    state['ema_params'] = jax.tree.map(lambda p: p + rng.normal(0, 0.2, p.shape).astype(p.dtype),
+                                       params)
+    state['ema_batch_stats'] = state['batch_stats']
+  meta = {'config': config, 'image_shape': list(image_shape), 'label_names': label_names}
+  ckpt = checkpoints.Checkpointer(str(workdir), asynchronous=False)
+  ckpt.save(10, state, meta, metrics=metrics or {'eval_top1': 0.5})
+  ckpt.close()
+  return str(workdir)
+
+
+def test_max_pool_as_slices_equals_reduce_window():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+  for window, strides, padding in (((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem
+                                   ((3, 3), (2, 2), 'VALID'), ((2, 3), (1, 2), 'SAME')):
+    pools = [jax.jit(lambda x, f=f: f(x, window, strides, padding))
+             for f in (export.max_pool_slices, nn.max_pool)]
+    np.testing.assert_array_equal(*[np.asarray(pool(x)) for pool in pools])
+
+
+def test_preprocessing_split_between_caller_and_graph():
+  caller, graph = export.split_pp(MODELS['bit'][2].replace('|onehot(3)', ''))
+  assert caller == 'decode(3)|resize_small(16)|central_crop(16)'
+  assert [name for name, _ in graph] == ['value_range']
+  assert export.affine(graph, 3)[:2] == ([127.5] * 3, [127.5] * 3)
+  mean, std, _ = export.affine(export.split_pp('normalize_preset("imagenet")')[1], 3)
+  np.testing.assert_allclose(mean, [123.675, 116.28, 103.53])
+  with pytest.raises(export.ExportError, match='flip_lr'):
+    export.split_pp('decode|flip_lr|value_range(0, 1)')
+  with pytest.raises(export.ExportError, match='resize'):
+    export.split_pp('decode|value_range(0, 1)|resize(8)')
+
+
+@pytest.mark.parametrize('name', ['vit', 'bit'])
+def test_onnx_of_vit_and_bit_matches_imgcls_load(name, tmp_path):
+  """BiT: GroupNorm's nested jits and the fixed stem max-pool; ViT: attention."""
+  model_config, shape, pp = MODELS[name]
+  workdir = save_checkpoint(tmp_path / 'run', model_config, shape, pp)
+  clf = imgcls.load(workdir)
+  images = export.check_images(shape)
+  meta = export.export_classifier(clf, 'onnx', str(tmp_path / 'model.onnx'), images=images)
+  assert meta['verification']['max_abs_diff'] <= 1e-5  # at batches 1 and 7
+  session = ort.InferenceSession(str(tmp_path / 'model.onnx'),
+                                 providers=['CPUExecutionProvider'])
+  np.testing.assert_allclose(session.run(None, {'images': images})[0],
+                             clf.probabilities(images), atol=1e-5)
+  written = json.loads((tmp_path / 'model.onnx.json').read_text())
+  assert written == json.loads(json.dumps(meta))
+  assert written['labels'] == LABELS and written['weights'] == 'raw'
+  assert written['input']['shape'] == ['batch', *shape]
+  if name == 'bit':
+    assert written['caller_preprocessing'] == 'decode(3)|resize_small(16)|central_crop(16)'
+    assert written['normalisation']['mean'] == [127.5] * 3
+
+
+def test_resnet_onnx_and_stablehlo_at_any_batch_size(tmp_path):
+  """An EMA run: the exports use the EMA, as imgcls.load does; batches of 1, 7 and 64; the
+  StableHLO file runs in a process that imports JAX alone."""
+  model_config, shape, pp = MODELS['resnet']
+  workdir = save_checkpoint(tmp_path / 'run', model_config, shape, pp, ema=True)
+  clf = imgcls.load(workdir)
+  assert clf.weights == 'ema'
+  hlo_meta = export.export_classifier(clf, 'stablehlo', str(tmp_path / 'm.stablehlo'))
+  images = np.random.default_rng(1).integers(0, 256, (64, *shape), np.uint8)
+  np.save(tmp_path / 'x.npy', images)
+  code = ('import sys, jax, numpy as np; f = jax.export.deserialize(bytearray(open(sys.argv[1], '
+          '"rb").read())); x = np.load(sys.argv[2]); np.savez(sys.argv[3], *[np.asarray('
+          'f.call(x[:n])) for n in (1, 7, 64)]); '
+          'assert not [m for m in sys.modules if m.startswith("imgcls")]')
+  proc = subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'm.stablehlo'),
+                           str(tmp_path / 'x.npy'), str(tmp_path / 'y.npz')], cwd=tmp_path,
+                          stderr=subprocess.PIPE, text=True)
+  onnx_meta = export.export_classifier(clf, 'onnx', str(tmp_path / 'm.onnx'))
+  session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
+  expected = clf.probabilities(images, batch_size=64)
+  _, err = proc.communicate(timeout=180)
+  assert proc.returncode == 0, err[-2000:]
+  from_jax_alone = np.load(tmp_path / 'y.npz')
+  for i, n in enumerate((1, 7, 64)):
+    np.testing.assert_allclose(session.run(None, {'images': images[:n]})[0], expected[:n],
+                               atol=1e-5, err_msg=f'onnx, batch {n}')
+    np.testing.assert_allclose(from_jax_alone[f'arr_{i}'], expected[:n], atol=1e-5,
+                               err_msg=f'stablehlo, batch {n}')
+  for meta in (onnx_meta, hlo_meta):
+    assert meta['weights'] == 'ema' and meta['verification']['max_abs_diff'] <= 1e-5
+
+
+def test_export_errors(tmp_path):
+  model_config, shape, pp = MODELS['resnet']
+  workdir = save_checkpoint(tmp_path / 'run', model_config, shape, pp)
+  with pytest.raises(export.ExportError, match='SavedModel.*not available'):
+    export.export(workdir, 'savedmodel', str(tmp_path / 'sm'))
+  with pytest.raises(export.ExportError, match='onnx, stablehlo'):
+    export.export(workdir, 'tflite', str(tmp_path / 'x'))
+  with pytest.raises(checkpoints.CheckpointError, match='keeps no EMA'):
+    export.export(workdir, 'onnx', str(tmp_path / 'x.onnx'), weights='ema')
