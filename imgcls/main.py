@@ -1,12 +1,16 @@
-"""The `imgcls` command: train (default), eval, prepare, sweep and compare. Flags only.
+"""The `imgcls` command: train (default), eval, prepare, sweep, compare, predict and export.
+Flags only.
 
   imgcls train   --config=configs/default.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
-  imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test]
+  imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test] [--weights=auto|raw|ema]
   imgcls prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
   imgcls prepare --config=configs/image_folder.py:root=DIR,classes=N [--config.dataset.KEY=V]
   imgcls fewshot --workdir=DIR [--dataset=NAME] [--shots=1,5,10,25] [--step=best]
   imgcls sweep   --config=configs/fashion_mnist_sweep.py[:ARG] --workdir=ROOT [--dry_run]
   imgcls compare ROOT [--out=DIR]
+  imgcls predict --workdir=DIR --out=FILE.csv|FILE.jsonl [--step=best] [--weights=auto]
+                 [--top_k=5] [--batch_size=64] [--tta=flip] PATH|FOLDER|GLOB ...
+  imgcls export  --workdir=DIR --format=onnx|stablehlo --out=PATH [--step=best] [--weights=auto]
 """
 
 from __future__ import annotations
@@ -27,14 +31,21 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics '
                                '(local or gs://). Rerunning on it resumes.')
-_STEP = flags.DEFINE_string('step', 'best', 'eval: checkpoint to score: best, latest or a step.')
+_STEP = flags.DEFINE_string('step', 'best', 'eval, fewshot, predict, export: checkpoint to use: '
+                            'best, latest or a step.')
+_WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'raw', 'ema'], 'eval, predict, '
+                             'export: auto (the EMA when the run kept one, else raw), raw or ema.')
+_FORMAT = flags.DEFINE_string('format', None, 'export: onnx or stablehlo.')
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: labels (with probabilities) per image.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'predict: images per model call.')
+_TTA = flags.DEFINE_string('tta', '', 'predict: flip = average with the mirrored image.')
 _SPLIT = flags.DEFINE_string('split', None, 'eval: split to score (default: the config\'s).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS\'s own).')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'prepare: folder holding the '
                                   'dataset\'s downloaded files.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'sweep: validate and print the commands only.')
 _OUT = flags.DEFINE_string('out', None, 'compare: folder for compare.md/.csv and curves.png '
-                           '(default: ROOT).')
+                           '(default: ROOT); predict: FILE.csv or FILE.jsonl; export: the file.')
 _DATASET = flags.DEFINE_string('dataset', None, 'fewshot: TFDS name or folder:/path to probe '
                                '(default: the checkpoint\'s own dataset and splits).')
 _SHOTS = flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.')
@@ -46,7 +57,7 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'train: resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
 
-COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare')
+COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare', 'predict', 'export')
 
 
 def _fail(message: str) -> None:
@@ -156,6 +167,22 @@ def _run(command: str, rest: list[str]) -> None:
                               manual_dir=_MANUAL_DIR.value)
     print(f'{rest[0] if rest else config.dataset.name} is prepared in {path}')
     return
+  if command == 'predict':  # one CPU/GPU process; PATHs are the positional arguments
+    from imgcls import predict
+    _print_result(predict.predict(
+        _require(_WORKDIR, 'workdir', command), rest, _require(_OUT, 'out', command),
+        step=_STEP.value, weights=_WEIGHTS.value, top_k=_TOP_K.value,
+        batch_size=_BATCH_SIZE.value, tta=_TTA.value))
+    return
+  if command == 'export' and not rest:
+    from imgcls import export
+    meta = export.export(_require(_WORKDIR, 'workdir', command),
+                         _require(_FORMAT, 'format', command), _require(_OUT, 'out', command),
+                         step=_STEP.value, weights=_WEIGHTS.value)
+    print(f'wrote {_OUT.value} ({meta["bytes"] / 1e6:.2f} MB in {meta["export_seconds"]} s, '
+          f'weights {meta["weights"]}, step {meta["step"]}); max |diff| from imgcls.load '
+          f'{meta["verification"]["max_abs_diff"]:.2g}; metadata in {_OUT.value}.json')
+    return
   if rest:
     _fail(f'unexpected arguments {rest}.')
   workdir = _require(_WORKDIR, 'workdir', command)
@@ -177,7 +204,7 @@ def _run(command: str, rest: list[str]) -> None:
   if command == 'eval':
     from imgcls import train
     _print_result(train.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value,
-                                            _DATA_DIR.value))
+                                            _DATA_DIR.value, weights=_WEIGHTS.value))
   elif command == 'fewshot':
     from imgcls.evaluators import fewshot
     try:
