@@ -5,6 +5,10 @@
 Prints images/s for each and their ratio: a pipeline slower than the step means the
 run is input-bound. Figures on this noisy 2-core machine vary by up to 2x over
 minutes: compare configs within one run.
+
+It first prints the compiled train step's memory (XLA's memory analysis: arguments, outputs,
+temporaries) for each --grad_accum k at the config's global batch: accumulation runs the
+per-device batch as k microbatches, so the temporaries (activations) shrink with k.
 """
 
 import functools
@@ -20,6 +24,16 @@ from imgcls import config as config_lib, data, models, optim, parallel, step as 
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps (after 3 warm-up steps).')
+_ACCUM = flags.DEFINE_list('grad_accum', ['1', '2', '4'], 'grad_accum_steps values whose '
+                           'compiled memory is printed (empty: none).')
+
+
+def step_memory(train_fn, state, batch) -> dict[str, float]:
+  """MiB of the compiled step's arguments, outputs and temporaries (XLA memory analysis)."""
+  m = train_fn.lower(state, batch).compile().memory_analysis()
+  mib = lambda b: b / 2**20  # noqa: E731
+  return {'arguments': mib(m.argument_size_in_bytes), 'outputs': mib(m.output_size_in_bytes),
+          'temporaries': mib(m.temp_size_in_bytes)}
 
 
 def _rate(fn, steps: int, batch_size: int) -> float:
@@ -46,10 +60,23 @@ def main(_):
   model = models.from_config(config)
   tx, _ = optim.make_optimizer(config, total_steps=1000)
   state = train.init_state(model, tx, 0, host['image'].shape[1:], mesh)
-  train_fn = parallel.data_parallel(
-      functools.partial(step_lib.train_step, model=model, tx=tx),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
   batch = parallel.shard_batch(host, mesh)
+
+  def make_step(k):
+    return parallel.data_parallel(
+        functools.partial(step_lib.train_step, model=model, tx=tx, grad_accum_steps=k),
+        mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+
+  per_device = config.batch_size // mesh.size
+  for k in map(int, _ACCUM.value):
+    if per_device % k:
+      print(f'grad_accum {k}: does not divide the per-device batch {per_device}, skipped')
+      continue
+    m = step_memory(make_step(k), state, batch)
+    print(f'grad_accum {k} (microbatch {per_device // k}/device, global batch '
+          f'{config.batch_size}): compiled memory arguments {m["arguments"]:.1f} MiB, '
+          f'outputs {m["outputs"]:.1f} MiB, temporaries {m["temporaries"]:.1f} MiB', flush=True)
+  train_fn = make_step(config.grad_accum_steps)
 
   def one_step():
     nonlocal state
