@@ -193,9 +193,9 @@ def _run(command: str, rest: list[str]) -> None:
     if command == 'sweep':
       _sweep(config, workdir)
       return
-    config_lib.validate(config)
     from imgcls.lock import WorkdirLock
-    WorkdirLock(workdir).check_free()  # a second launch is refused before TF loads
+    WorkdirLock(workdir).check_free()  # a second launch is refused before JAX or TF loads
+    config_lib.validate(config)
   from imgcls import checkpoints, parallel
   if command in ('eval', 'fewshot'):
     checkpoints.check_step_arg(_STEP.value)
