@@ -11,7 +11,8 @@ decode (imgcls.data.decode's rules: EXIF rotation, RGB) and pp_eval's geometric 
 resize_small, central_crop), named in the JSON as `caller_preprocessing`.
 
 - onnx: jax2onnx, checked with onnxruntime (CPU). Max-pools are traced as the max of their
-  strided slices (exactly equal), since jax2onnx's MaxPool does not load in onnxruntime.
+  strided slices (exactly equal), since jax2onnx's MaxPool does not load in onnxruntime, and
+  one jax2onnx graph pass that breaks ResNets is skipped (_without_transpose_pair_removal).
 - stablehlo: jax.export with a symbolic batch; `jax.export.deserialize(bytes).call(x)`
   runs it with JAX alone, no imgcls.
 - savedmodel: not offered: jax2tf with this JAX writes StableHLO that TensorFlow 2.21 cannot
@@ -162,6 +163,22 @@ def _jax2onnx_compat() -> None:
     core.ClosedJaxpr = extend_core.ClosedJaxpr
 
 
+@contextlib.contextmanager
+def _without_transpose_pair_removal():
+  """jax2onnx 0.17's remove_redundant_transpose_pairs pass drops a NHWC<->NCHW transpose pair
+  whose middle value has another consumer (a ResNet block's input feeds the next conv and the
+  residual add), leaving an Add of NCHW and NHWC tensors that onnxruntime refuses to load
+  (the quickstart ResNet-18). Skip that pass; the graph keeps a few more Transpose nodes."""
+  from jax2onnx.converter import ir_optimizations  # pylint: disable=g-import-not-at-top
+  passes = ir_optimizations._OPTIMIZER_PASSES  # pylint: disable=protected-access
+  ir_optimizations._OPTIMIZER_PASSES = tuple(  # pylint: disable=protected-access
+      p for p in passes if getattr(p, 'name', '') != 'remove_redundant_transpose_pairs')
+  try:
+    yield
+  finally:
+    ir_optimizations._OPTIMIZER_PASSES = passes  # pylint: disable=protected-access
+
+
 def _export_onnx(fn, image_shape, out: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
   import jax2onnx  # pylint: disable=g-import-not-at-top
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
@@ -170,9 +187,10 @@ def _export_onnx(fn, image_shape, out: str) -> tuple[Callable[[np.ndarray], np.n
   def traced(images):
     with _slices_max_pool():
       return fn(images)
-  model = jax2onnx.to_onnx(traced, [jax.ShapeDtypeStruct(('batch', *image_shape), jnp.uint8)],
-                           model_name='imgcls', input_names=['images'],
-                           output_names=['probabilities'])
+  with _without_transpose_pair_removal():
+    model = jax2onnx.to_onnx(traced, [jax.ShapeDtypeStruct(('batch', *image_shape), jnp.uint8)],
+                             model_name='imgcls', input_names=['images'],
+                             output_names=['probabilities'])
   with open(out, 'wb') as f:
     f.write(model.SerializeToString())
   options = ort.SessionOptions()

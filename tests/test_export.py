@@ -17,7 +17,8 @@ from imgcls import checkpoints, export, models
 
 LABELS = ['cat', 'dog', 'owl']
 MODELS = {
-    'resnet': ({'name': 'resnet10', 'width': 8, 'stem': 'small'}, (12, 12, 1),
+    # The quickstart's shapes (28 -> 14 -> 7 -> 4 -> 2; im2col convs at 2x2), at width 8.
+    'resnet': ({'name': 'resnet18', 'width': 8, 'stem': 'small_s2'}, (28, 28, 1),
                'decode|value_range(-1, 1)|onehot(3)'),
     'vit': ({'name': 'vit', 'width': 16, 'depth': 1, 'num_heads': 2, 'mlp_dim': 32,
              'patch_size': 4}, (8, 8, 3), 'decode(3)|normalize_preset("imagenet")|onehot(3)'),
