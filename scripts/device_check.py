@@ -340,7 +340,7 @@ def part_train_e2e(clock: Clock, smoke: bool, scratch: pathlib.Path, batch: int 
     raise RuntimeError('no JPEGs: the pipeline part did not run')
   steps = 2 if smoke else _TRAIN_STEPS.value
   size, model = (16, 'resnet10') if smoke else (224, 'resnet50')
-  batch = 8 if smoke else min(batch or 128, 256)
+  batch = 8 if smoke else min(batch or 128, 128)  # input-bound past this on a small host
   classes = len(list((root / 'train').iterdir()))
   workdir = scratch / 'train_e2e'
   cmd = [sys.executable, '-m', 'imgcls.main', 'train',
