@@ -373,7 +373,28 @@ def part_train_e2e(clock: Clock, smoke: bool, scratch: pathlib.Path, batch: int 
 
 
 # ------------------------------------------------------------------------------ driver
+def _watchdog(report: dict, grace_s: float) -> None:
+  """Past the budget + grace (a device call cannot be interrupted), write what was measured,
+  mark the part in flight as timed out, and exit."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  def fire():
+    running = report.get('running')
+    if running:
+      report['parts'][running] = {'status': 'timeout', 'reason': 'the run budget + grace '
+                                  'was spent inside one device call', 'seconds': None}
+    report['ok'] = False
+    pathlib.Path(_OUT.value).write_text(json.dumps(report, indent=2, default=str))
+    print(table(report), flush=True)
+    print(f'report: {_OUT.value} (stopped by the watchdog)', flush=True)
+    os._exit(3)  # pylint: disable=protected-access
+  timer = threading.Timer(_BUDGET.value + grace_s, fire)
+  timer.daemon = True
+  timer.start()
+
+
 def run_part(report: dict, name: str, clock: Clock, fn: Callable[[], dict]) -> None:
+  report['running'] = name
   if clock.end - time.monotonic() <= 1:
     report['parts'][name] = {'status': 'skipped', 'reason': 'the run budget was spent'}
     return
@@ -390,6 +411,7 @@ def run_part(report: dict, name: str, clock: Clock, fn: Callable[[], dict]) -> N
               'traceback': traceback.format_exc()[-2000:]}
   result['seconds'] = round(time.perf_counter() - t0, 1)
   report['parts'][name] = result
+  report['running'] = None
   print(f'[{name}] {result["status"]} in {result["seconds"]} s', flush=True)
 
 
@@ -401,7 +423,8 @@ def table(report: dict) -> str:
   def fmt(name, figures):
     r = p.get(name, {})
     extra = r.get('reason') if r.get('status') not in ('ok', 'failed') else figures(r)
-    lines.append(f'{name:<12} {r.get("status", "-"):<8} {r.get("seconds", 0):>6}  {extra}')
+    seconds = r.get('seconds') if r.get('seconds') is not None else '-'
+    lines.append(f'{name:<12} {r.get("status", "-"):<8} {seconds:>6}  {extra}')
 
   fmt('env', lambda r: f'{r["device_count"]}x {r["device_kind"]} ({r["platform"]}), '
       f'jax {r["jax"]}, flax {r["flax"]}, {r["memory_gib"]} GiB')
@@ -437,6 +460,7 @@ def main(_):
   report = {'smoke': smoke, 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
             'budget_s': _BUDGET.value, 'parts': {}}
   del jax
+  _watchdog(report, grace_s=60)
   run_part(report, 'env', clock, lambda: part_env(clock, smoke))
   run_part(report, 'unit', clock, lambda: part_unit(clock, smoke))
   run_part(report, 'step_vs_cpu', clock, lambda: part_step_vs_cpu(clock, smoke))
@@ -446,6 +470,7 @@ def main(_):
            lambda: part_pipeline(clock, smoke, scratch, r50.get('img_per_s')))
   run_part(report, 'train_e2e', clock,
            lambda: part_train_e2e(clock, smoke, scratch, r50.get('batch')))
+  report.pop('running', None)
   report['total_s'] = round(_BUDGET.value - (clock.end - time.monotonic()), 1)
   report['ok'] = all(p['status'] == 'ok' for p in report['parts'].values())
   pathlib.Path(_OUT.value).write_text(json.dumps(report, indent=2, default=str))
