@@ -205,10 +205,10 @@ def drill(d: Drill) -> None:
 
   # Two launches on one workdir (the first made long enough to be still running).
   w = d.path('two_launches')
-  first = d.start(w, f'--config.total_steps={10 * steps}')
+  first = d.start(w, f'--config.total_steps={5 * steps}')
   d.wait_for(first, d.reached(w, 10))
   t = time.monotonic()
-  rc, out = d.run(w, f'--config.total_steps={10 * steps}')
+  rc, out = d.run(w, f'--config.total_steps={5 * steps}')
   refused = time.monotonic() - t
   out1 = first.communicate()[0]
   d.row(f'second launch ({refused:.1f} s to refuse)', rc, out, '0', 'first run unharmed: exit '
