@@ -57,6 +57,8 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'train: resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
 
+_MODEL_ARGS: dict[str, str] = {}  # --config.model.ARG=V the config file lacks (for sweeps)
+
 COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare', 'predict', 'export')
 
 
@@ -222,7 +224,9 @@ def _run(command: str, rest: list[str]) -> None:
 def _sweep(base, root: str) -> None:
   from imgcls import compare, sweep  # pylint: disable=g-import-not-at-top
   flag = flags.FLAGS['config']
-  overrides = dict(config_flags.get_override_values(flag))
+  # The variants start from `base`, which has every override; these are for the printed
+  # commands: config_flags' own overrides and the model arguments taken out before them.
+  overrides = {**dict(config_flags.get_override_values(flag)), **_MODEL_ARGS}
   if _DATA_DIR.value:
     overrides['dataset.data_dir'] = _DATA_DIR.value
   sweep.run(config_flags.get_config_filename(flag), root, base=base,
@@ -253,6 +257,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise  # unreachable: _fail exits
   if model_args:  # checked against the model's signature by config.validate, as file keys are
     config_lib.apply_model_overrides(_CONFIG.value, model_args)
+    _MODEL_ARGS.update({f'model.{k}': v for k, v in model_args.items()})
   return rest
 
 

@@ -94,13 +94,14 @@ def test_dry_run_on_the_command_line(tmp_path, env_data):
   config = _write(tmp_path)
   root = tmp_path / 'runs'
   p = subprocess.run([sys.executable, '-m', 'imgcls.main', 'sweep', f'--config={config}',
-                      f'--workdir={root}', '--dry_run', '--config.seed=1'],
+                      f'--workdir={root}', '--dry_run', '--config.seed=1',
+                      '--config.model.dtype=bfloat16'],  # a model argument the file lacks
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stderr[-2000:]
   commands = [l for l in p.stdout.splitlines() if l.startswith('imgcls train')]
   assert len(commands) == 3
   assert commands[1] == (f'imgcls train --config={config} --workdir={root}/width=8 '
-                         '--config.seed=1 --config.model.width=8')
+                         '--config.seed=1 --config.model.dtype=bfloat16 --config.model.width=8')
   assert not root.exists()
 
 
