@@ -141,6 +141,17 @@ def readable_error(e: BaseException) -> str | None:
   return None
 
 
+def _single_process() -> bool:
+  """Whether this launch is plainly one process (no multi-process flags, no cluster
+  environment that jax.distributed would join): only then may it check the workdir's lock
+  before JAX starts. Other processes of a relaunched multi-host run must not refuse the
+  lock their own dead process 0 left on another host."""
+  cluster = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS',
+             'OMPI_COMM_WORLD_SIZE')
+  return (_NUM_PROCESSES.value in (None, 1) and _COORDINATOR.value is None and
+          not any(k in os.environ for k in cluster))
+
+
 def _print_result(result: dict) -> None:
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in result.items()))
@@ -195,8 +206,9 @@ def _run(command: str, rest: list[str]) -> None:
     if command == 'sweep':
       _sweep(config, workdir)
       return
-    from imgcls.lock import WorkdirLock
-    WorkdirLock(workdir).check_free()  # a second launch is refused before JAX or TF loads
+    if _single_process():  # process 0 of a multi-host run takes the lock in train itself
+      from imgcls.lock import WorkdirLock
+      WorkdirLock(workdir).check_free()  # a second launch is refused before JAX or TF loads
     config_lib.validate(config)
   from imgcls import checkpoints, parallel
   if command in ('eval', 'fewshot'):
