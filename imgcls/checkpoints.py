@@ -162,12 +162,6 @@ def _candidates(path: str | os.PathLike, step: str | int) -> list[epath.Path]:
   return [steps[first]] + [steps[s] for s in sorted(steps, reverse=True) if s != first]
 
 
-def resolve(path: str | os.PathLike, step: str | int = 'best') -> epath.Path:
-  """The step folder for a workdir, a checkpoints folder or a step folder (not checked for
-  damage: `find` is the reader that falls back past a broken step)."""
-  return _candidates(path, step)[0]
-
-
 def _state_tree(step_dir: epath.Path) -> dict[str, Any]:
   handler = ocp.PyTreeCheckpointHandler()
   try:
