@@ -118,6 +118,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0  # 0: at every eval
   c.async_checkpoints = True
   c.keep_checkpoints = 1  # the latest N checkpoints are kept, and the best by best_metric
+  # N > 0: a jax.profiler trace of N train steps (after 5 warm-up steps) in WORKDIR/profile,
+  # for TensorBoard's Profile tab (`tensorboard --logdir WORKDIR`); process 0 only.
+  c.profile_steps = 0
   # At each eval, write what a team debugging a model looks at to WORKDIR/reports/ (PNG+JSON)
   # and TensorBoard: confusion matrix, per-class accuracy, calibration (ECE + reliability
   # diagram), the most confidently wrong images; for sigmoid_xent per-class AP, mAP and F1.
@@ -189,7 +192,8 @@ def _check_numbers(cfg, errors: list[str]) -> None:
       errors.append(f"'{key}' must be positive, got {_get(cfg, key)}.")
   if cfg.total_steps <= 0 and cfg.num_epochs <= 0:
     errors.append("set 'num_epochs' or 'total_steps' to a positive number.")
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'total_steps', 'lr.warmup_steps'):
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'total_steps', 'lr.warmup_steps',
+              'profile_steps'):
     if _get(cfg, key) < 0:
       errors.append(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
   if not 0.0 <= cfg.optimizer.layer_decay <= 1.0:

@@ -27,7 +27,8 @@ def write(workdir: str, config: dict[str, Any]) -> None:
 NOT_MATH = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
             'async_checkpoints', 'keep_checkpoints', 'eval_reports', 'eval_batch_size', 'evals', 'fewshot',
             'best_metric', 'dataset.data_dir', 'dataset.prepare', 'dataset.cache',
-            'dataset.eval_split', 'dataset.val_split', 'model_init', 'model_load')
+            'dataset.eval_split', 'dataset.val_split', 'model_init', 'model_load',
+            'profile_steps')
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -84,6 +84,47 @@ def make_evaluators(config: ml_collections.ConfigDict, model, mesh, builder
   return context, evaluators.build(config, context)
 
 
+PROFILE_WARMUP = 5  # steps past the (resumed) start before config.profile_steps: compilation
+
+
+def profile_window(start: int, num_steps: int, steps: int) -> range:
+  """The train steps config.profile_steps traces: `steps` of them after PROFILE_WARMUP steps
+  past `start`, fewer warm-up steps when the run is too short; empty when `steps` is 0."""
+  if steps <= 0:
+    return range(0)
+  first = start + max(0, min(PROFILE_WARMUP, num_steps - start - steps))
+  return range(first, min(first + steps, num_steps))
+
+
+class StepProfiler:
+  """A jax.profiler trace of a window of train steps in WORKDIR/profile/plugins/profile/TIME/
+  (HOST.xplane.pb), which TensorBoard's Profile tab shows under `--logdir WORKDIR`. Process 0
+  only: every process runs the same steps. The trace holds exactly the window's steps."""
+
+  def __init__(self, workdir: str, window: range):
+    self.window = window if jax.process_index() == 0 else range(0)
+    self.logdir = str(checkpoints.absolute(workdir) / 'profile')
+    self.active = False
+
+  def before(self, step: int, state) -> None:
+    if self.window and step == self.window[0]:
+      jax.block_until_ready(state)  # the steps dispatched earlier stay out of the trace
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.active and step == self.window[-1]:
+      jax.block_until_ready(outputs)  # the last step runs to its end inside the trace
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('profile of train steps %d-%d written to %s: `tensorboard --logdir WORKDIR`, '
+                   'Profile tab', self.window[0], self.window[-1], self.logdir)
+
+
 def _as_result(metrics: dict[str, Any]) -> dict[str, Any]:
   """The metrics under their written names, and the default `eval_` ones also without it."""
   return {**metrics, **{k[len('eval_'):]: v for k, v in metrics.items()
@@ -208,11 +249,14 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
   # With several processes JAX's preemption service catches SIGTERM and Orbax's
   # reached_preemption names one step for all; a single process catches the signals itself.
   stop = preemption.StopSignals(enabled=jax.process_count() == 1)
+  profiler = StepProfiler(workdir, profile_window(start, num_steps, config.profile_steps))
   with stop:
     try:
       for step in range(start, num_steps):
+        profiler.before(step, state)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           state, m = train_fn(state, parallel.shard_batch(next(train_iter), mesh))
+        profiler.after(step, (state, m))
         pending.append(m)
         unchecked.append(m['finite'])
         steps_timed += 1
@@ -252,6 +296,7 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
                           num_steps, stop.since())
           return {'preempted': True, 'step': done}
     finally:
+      profiler.stop()  # a run stopped inside the window keeps the trace of its steps
       ckpt.close()  # a diverged or crashed run still finishes the saves it started
 
   if last_eval is None:  # the run had already finished: score it again
