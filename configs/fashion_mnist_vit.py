@@ -9,10 +9,11 @@ without erasing ended at 90.25% with the training top-1 5 points above the test'
 with erasing close that gap. Accuracy and wall time on the 2-core CPU are in the README's
 results table.
 
-Compute is bfloat16 (parameters and logits stay float32). On a CPU run it with
-XLA_FLAGS=--xla_cpu_experimental_onednn_custom_call=true, which sends bf16 matmuls to oneDNN:
-1.8x the float32 step rate here; without the flag XLA:CPU computes bf16 slower than float32,
-so use :dtype=float32 then. On GPUs and TPUs bf16 needs no flag.
+Compute dtype 'auto' (parameters and logits stay float32): bfloat16 on GPUs, TPUs and CPUs
+with native bf16 (AMX or AVX512-BF16), where `imgcls train` also turns on XLA's oneDNN bf16
+matmuls (imgcls/cpu.py; the README's 1.8x the float32 step rate was measured so); float32 on
+other CPUs, which only emulate bf16 and run it slower than float32. The log says which was
+picked; :dtype=bfloat16 or :dtype=float32 fixes it.
 Variants: --config=configs/fashion_mnist_vit.py:epochs=15,erase=0 (the 90.25% run),
   :width=192,depth=8,heads=3,mlp=768 (wider)
 """
@@ -22,7 +23,7 @@ from imgcls.config import defaults, parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, epochs=30.0, width=128, depth=6, heads=4, mlp=384, patch=4,
-                  pool='gap', batch=128, lr=1e-3, dtype='bfloat16', aug='flip',
+                  pool='gap', batch=128, lr=1e-3, dtype='auto', aug='flip',
                   erase=0.25)
   c = defaults()
   c.dataset.name = 'fashion_mnist'

@@ -246,9 +246,14 @@ def _check_model(cfg, errors: list[str]) -> None:
           f"unknown key 'model.{key}' for model {name!r}.{_suggest(key, allowed)}"
           f" Valid keys: {', '.join(sorted(allowed))}.")
   for key in ('dtype', 'param_dtype'):
-    if key in cfg.model and not _is_dtype(cfg.model[key]):
-      errors.append(f"model.{key} must be a dtype name such as 'float32' or 'bfloat16', got "
-                    f"{cfg.model[key]!r}.")
+    if key not in cfg.model or (key == 'dtype' and cfg.model.dtype == 'auto'):
+      continue
+    if not _is_dtype(cfg.model[key]):
+      auto = (", or 'auto' (bfloat16 where this machine computes it fast, else float32)"
+              if key == 'dtype' else " ('auto' is for model.dtype only: parameters keep one "
+              'dtype on every machine)')
+      errors.append(f"model.{key} must be a dtype name such as 'float32' or 'bfloat16'{auto}, "
+                    f'got {cfg.model[key]!r}.')
 
 
 def _is_dtype(value: Any) -> bool:

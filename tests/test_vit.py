@@ -256,8 +256,7 @@ def test_registry_and_config():
   fashion_mnist_vit = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(fashion_mnist_vit)
   c = config_lib.validate(fashion_mnist_vit.get_config())
-  kwargs = {k: v for k, v in c.model.items() if k != 'name'}
-  model = models.get_model(c.model.name, num_classes=c.dataset.num_classes, **kwargs)
+  model = models.from_config(c)  # dtype 'auto' is resolved there
   _, logits = shapes(model, (2, 28, 28, 1))
   assert logits.shape == (2, 10)
   assert 'random_erasing(0.25' in c.pp_train and c.num_epochs == 30

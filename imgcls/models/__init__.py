@@ -13,8 +13,11 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
+import jax
 
+from imgcls import cpu
 from imgcls.models import bit, resnet, vit  # noqa: F401  (each registers its models)
 from imgcls.models.registry import MODELS
 
@@ -50,12 +53,40 @@ def from_config(config: Mapping[str, Any], **overrides: Any) -> nn.Module:
 
   `config` is an ml_collections.ConfigDict or a plain dict as read back from a checkpoint's
   JSON metadata, where tuples became lists (they are turned back into tuples here).
-  `overrides` replace model arguments (e.g. dtype for inference).
+  `overrides` replace model arguments (e.g. dtype for inference). dtype='auto' becomes the
+  dtype this machine computes fastest (`auto_dtype`) here, and only here: the config (and so
+  config.json and the checkpoints' metadata) keeps 'auto', and the parameters stay in
+  param_dtype, so a run resumes and its checkpoints load on any kind of machine.
   """
   model = config['model']
   model = model.to_dict() if hasattr(model, 'to_dict') else dict(model)
   kwargs = {'num_classes': config['dataset']['num_classes'],
             **{k: v for k, v in model.items() if k != 'name'}, **overrides}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if kwargs.get('dtype') == 'auto':
+    kwargs['dtype'] = auto_dtype()
   return get_model(model['name'], **kwargs)
+
+
+_LOGGED_AUTO: set[str] = set()
+
+
+def auto_dtype() -> str:
+  """model.dtype='auto' on this machine (imgcls.cpu.auto_dtype): 'bfloat16' on GPUs, TPUs and
+  CPUs with native bf16, 'float32' elsewhere. Logs its choice and why, once."""
+  platform = jax.default_backend()
+  dtype = cpu.auto_dtype(platform)
+  if platform != 'cpu':
+    why = platform.upper()
+  elif dtype == 'bfloat16':
+    names = [n for f, n in (('amx_bf16', 'AMX-BF16'), ('avx512_bf16', 'AVX512-BF16'))
+             if f in cpu.cpu_flags()]
+    why = f'CPU with {" and ".join(names) or "native bf16"}'
+  else:
+    why = 'CPU without native bf16: emulated bf16 is no faster than float32'
+  message = f"model.dtype='auto' -> {dtype} ({why})"
+  if message not in _LOGGED_AUTO:
+    _LOGGED_AUTO.add(message)
+    logging.info(message)
+  return dtype
 
