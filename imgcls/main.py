@@ -60,6 +60,7 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
 _MODEL_ARGS: dict[str, str] = {}  # --config.model.ARG=V the config file lacks (for sweeps)
 
 COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare', 'predict', 'export')
+MODEL_COMMANDS = ('train', 'eval', 'fewshot', 'sweep', 'predict', 'export')  # these run models
 
 
 def _fail(message: str) -> None:
@@ -162,6 +163,8 @@ def _run(command: str, rest: list[str]) -> None:
   so a bad key, value, model or op name is reported in seconds."""
   # pylint: disable=g-import-not-at-top
   from imgcls import config as config_lib
+  if command in MODEL_COMMANDS:
+    _set_xla_flags()
   config = _CONFIG.value
   if config is not None and _DATA_DIR.value:
     with config.unlocked():
@@ -231,6 +234,18 @@ def _run(command: str, rest: list[str]) -> None:
     from imgcls import train
     train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
   # pylint: enable=g-import-not-at-top
+
+
+def _set_xla_flags() -> None:
+  """imgcls.cpu's XLA flags, set before anything starts JAX's backends (the first
+  jax.devices() or computation reads XLA_FLAGS, once); imgcls.cpu itself imports no JAX."""
+  from imgcls import cpu  # pylint: disable=g-import-not-at-top
+  before = os.environ.get('XLA_FLAGS', '')
+  after = cpu.set_xla_flags()
+  if after != before:
+    added = after[len(before):].strip() if after.startswith(before) else after
+    logging.info('XLA_FLAGS: added %s (imgcls.cpu.set_xla_flags; %s=0 turns it off)', added,
+                 cpu.OFF_ENV)
 
 
 def _sweep(base, root: str) -> None:
