@@ -68,13 +68,99 @@ def auto_dtype(platform: str | None = None) -> str:
 
 
 def on_cpu() -> bool:
+  """True when the levers are on and JAX computes on the CPU (read while tracing)."""
   import jax  # noqa: PLC0415
   return levers_on() and jax.default_backend() == 'cpu'
 
 
 def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
-  """NHWC x HWIO convolution; on a CPU backend, the shapes XLA:CPU is slow at as matmuls."""
+  """NHWC x HWIO convolution, zero padding `padding` ((top, bottom), (left, right)).
+
+  On a CPU backend, where XLA's convolutions (their backward above all) are slow, the same
+  math as matmuls, which XLA:CPU runs at near its matmul peak (FACTS, scripts/benchmark.py):
+  - 1x1 convs: (strided) slice, then one matmul; autodiff's gradients are matmuls too;
+  - stride-1 k x k convs padded k // 2 each side: im2col + matmul, with a custom gradient
+    that is itself im2col + matmul (the input gradient is the same conv of the output
+    gradient with the kernel flipped and transposed), not autodiff's pad-and-add chain;
+  - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col.
+  Elsewhere, and for strided k x k convs (im2col measured slower there), lax's convolution.
+  """
   import jax  # noqa: PLC0415
+  kh, kw = kernel.shape[:2]
+  (sh, sw) = strides
+  if on_cpu():
+    out_h = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
+    out_w = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
+    if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+      return x[:, ::sh, ::sw] @ kernel.reshape(kernel.shape[2:])
+    if (sh, sw) == (1, 1) and kh == kw and kh % 2 and padding == ((kh // 2,) * 2,) * 2:
+      return _same_conv(x, kernel)
+    if max(out_h, out_w) <= 2:
+      return _im2col(x, kh, kw, strides, padding, out_h, out_w) @ kernel.reshape(
+          -1, kernel.shape[-1])
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _im2col(x: Any, kh: int, kw: int, strides: tuple[int, int],
+            padding: tuple[tuple[int, int], tuple[int, int]], out_h: int, out_w: int) -> Any:
+  """[B, H, W, C] -> [B, out_h, out_w, kh * kw * C], channels ordered (i, j, c) as an HWIO
+  kernel reshaped to [kh * kw * C, O]."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  return jnp.concatenate([x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _same_cols(x: Any, k: int) -> Any:
+  return _im2col(x, k, k, (1, 1), ((k // 2,) * 2,) * 2, x.shape[1], x.shape[2])
+
+
+@functools.cache
+def _same_conv_fn():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  def fwd_math(x, kernel):
+    k = kernel.shape[0]
+    return _same_cols(x, k) @ kernel.reshape(-1, kernel.shape[-1])
+
+  @jax.custom_vjp
+  def same_conv(x, kernel):
+    return fwd_math(x, kernel)
+
+  def fwd(x, kernel):
+    return fwd_math(x, kernel), (x, kernel)
+
+  def bwd(res, dy):
+    x, kernel = res
+    k = kernel.shape[0]
+    cols = _same_cols(x, k)  # recomputed: cheaper than keeping k*k copies of x alive
+    dkernel = jnp.einsum('bhwk,bhwo->ko', cols, dy).reshape(kernel.shape)
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)  # [k, k, O, I]
+    dx = _same_cols(dy, k) @ flipped.reshape(-1, kernel.shape[2])
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+  same_conv.defvjp(fwd, bwd)
+  return same_conv
+
+
+def _varying(a: Any) -> frozenset[str]:
+  """The mesh axes `a` varies over inside shard_map (none outside it)."""
+  import jax  # noqa: PLC0415
+  aval = jax.typeof(a)
+  axes = getattr(aval, 'manual_axis_type', None)  # JAX 0.12; older JAX named it `vma`
+  return frozenset(axes.varying) if axes is not None else frozenset(getattr(aval, 'vma', ()))
+
+
+def _same_conv(x: Any, kernel: Any) -> Any:
+  import jax  # noqa: PLC0415
+  # Under shard_map a replicated kernel meets a batch-sharded x. Autodiff would insert the
+  # cast to 'varying' itself (and psum the kernel's gradient, its transpose); a custom_vjp
+  # must return a gradient typed like its input, so the cast happens here, outside it.
+  missing = tuple(_varying(x) - _varying(kernel))
+  if missing:
+    kernel = jax.lax.pcast(kernel, missing, to='varying')
+  return _same_conv_fn()(x, kernel)

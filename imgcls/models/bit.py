@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from imgcls.models.layers import drop_path
 from imgcls.models.registry import MODELS
+from imgcls import cpu
 from imgcls.models.resnet import conv_init
 
 # BiT depth -> units per stage; width = 64 * width factor (BiT's "x1", "x3", ...).
@@ -77,8 +78,7 @@ class StdConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features))
     kernel = standardize(kernel, self.eps).astype(self.dtype)
     pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
-    return jax.lax.conv_general_dilated(jnp.asarray(x, self.dtype), kernel, self.strides, pad,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return cpu.conv2d(jnp.asarray(x, self.dtype), kernel, self.strides, pad)
 
 
 def fixed_stem_pool(x: jax.Array) -> jax.Array:

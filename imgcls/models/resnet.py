@@ -17,12 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imgcls import cpu
 from imgcls.models.registry import MODELS
 
 ModuleDef = Callable[..., nn.Module]
 
 STEMS = ('imagenet', 'small', 'small_s2')
-SMALL_OUTPUT = 2  # Conv uses im2col + matmul up to this output height/width
 
 
 def conv_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -38,8 +38,8 @@ def conv_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) ->
 class Conv(nn.Module):
   """Bias-free conv padded by kernel // 2 each side, as torch; params exactly as nn.Conv's.
 
-  Outputs of at most 2x2 pixels go through im2col + matmul: XLA:CPU runs such convs 3-15x
-  slower (stage 4 of a 14 px net, or a 32 px net with the imagenet stem).
+  The math is lax's convolution; imgcls.cpu.conv2d lowers it as matmuls on CPUs, where XLA's
+  convolutions are slow (the model reads the same on every backend).
   """
   features: int
   kernel_size: tuple[int, int]
@@ -49,19 +49,10 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    (kh, kw), (sh, sw) = self.kernel_size, self.strides
+    kh, kw = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features))
     x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
-    pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    out_h = (x.shape[1] + 2 * (kh // 2) - kh) // sh + 1
-    out_w = (x.shape[2] + 2 * (kw // 2) - kw) // sw + 1
-    if max(out_h, out_w) > SMALL_OUTPUT:
-      return jax.lax.conv_general_dilated(x, kernel, self.strides, pad,
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    x = jnp.pad(x, ((0, 0), *pad, (0, 0)))
-    cols = [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
-            for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, self.features)
+    return cpu.conv2d(x, kernel, self.strides, ((kh // 2, kh // 2), (kw // 2, kw // 2)))
 
 
 def _shortcut(x: jax.Array, features: int, strides: int, conv: ModuleDef,

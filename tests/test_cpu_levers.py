@@ -1,0 +1,94 @@
+"""imgcls/cpu.py: the CPU levers change speed, never the math; each is off where it should be."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imgcls import cpu, models
+
+
+def _lax(x, k, strides, pad):
+  return jax.lax.conv_general_dilated(x, k, strides, pad,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('size,kernel,stride', [
+    (8, 3, 1),   # stride-1 3x3: im2col + matmul, custom gradient
+    (7, 5, 1),   # any odd stride-1 kernel padded k // 2
+    (8, 1, 1),   # 1x1: a matmul
+    (8, 1, 2),   # strided 1x1 (projection shortcut): slice + matmul
+    (3, 3, 2),   # 2x2 output: im2col
+    (9, 3, 2),   # strided 3x3: lax's convolution
+])
+def test_conv2d_equals_lax_with_gradients(size, kernel, stride):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 4)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kernel, kernel, 4, 6)), jnp.float32)
+  pad = ((kernel // 2, kernel // 2),) * 2
+  ours = lambda x, k: jnp.sum(jnp.sin(cpu.conv2d(x, k, (stride, stride), pad)))  # noqa: E731
+  ref = lambda x, k: jnp.sum(jnp.sin(_lax(x, k, (stride, stride), pad)))  # noqa: E731
+  np.testing.assert_allclose(cpu.conv2d(x, k, (stride, stride), pad),
+                             _lax(x, k, (stride, stride), pad), atol=2e-5)
+  for got, want in zip(jax.grad(ours, (0, 1))(x, k), jax.grad(ref, (0, 1))(x, k)):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_conv2d_lowers_to_matmuls_on_cpu_only_when_levers_on(monkeypatch):
+  x = jnp.ones((1, 8, 8, 4))
+  k = jnp.ones((3, 3, 4, 4))
+
+  def hlo():  # a new function each time: the levers are read while tracing
+    grad = jax.grad(lambda x: jnp.sum(cpu.conv2d(x, k, (1, 1), ((1, 1), (1, 1)))))
+    return jax.jit(grad).lower(x).as_text()
+
+  hlo_on = hlo()
+  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  hlo_off = hlo()
+  assert 'convolution' not in hlo_on and 'dot_general' in hlo_on
+  assert 'convolution' in hlo_off
+
+
+def test_resnet_same_outputs_and_gradients_with_levers_off(monkeypatch):
+  model = models.get_model('resnet18', num_classes=5, width=8, stem='small', bn_axis_name=None)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 12, 12, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+
+  def loss(params):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                         mutable=['batch_stats'])
+    return jnp.sum(out ** 2)
+
+  on = jax.value_and_grad(loss)(variables['params'])
+  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  off = jax.value_and_grad(lambda p: loss(p))(variables['params'])
+  np.testing.assert_allclose(on[0], off[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(on[1]), jax.tree.leaves(off[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('flags,platform,want', [
+    ({'avx512f', 'amx_bf16'}, 'cpu', 'bfloat16'),
+    ({'avx512f', 'avx512_bf16'}, 'cpu', 'bfloat16'),
+    ({'avx2', 'fma'}, 'cpu', 'float32'),   # AMD EPYC Zen 3: bf16 emulated
+    ({'avx2', 'fma'}, 'gpu', 'bfloat16'),
+    ({'avx2', 'fma'}, 'tpu', 'bfloat16'),
+])
+def test_auto_dtype(monkeypatch, flags, platform, want):
+  monkeypatch.setattr(cpu, 'cpu_flags', lambda: frozenset(flags))
+  assert cpu.auto_dtype(platform) == want
+
+
+def test_xla_flags_only_on_native_bf16_cpus(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  monkeypatch.setattr(cpu, 'cpu_flags', lambda: frozenset({'avx2'}))
+  assert cpu.set_xla_flags() == '--xla_force_host_platform_device_count=2'
+  monkeypatch.setattr(cpu, 'cpu_flags', lambda: frozenset({'amx_bf16'}))
+  assert cpu.set_xla_flags() == f'--xla_force_host_platform_device_count=2 {cpu.ONEDNN_FLAG}'
+  assert cpu.set_xla_flags().count('onednn') == 1  # idempotent
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  assert cpu.set_xla_flags() == ''
+  assert os.environ['XLA_FLAGS'] == ''
