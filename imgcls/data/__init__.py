@@ -7,7 +7,7 @@ imports are lazy; the pipelines (which import JAX and TensorFlow) load on first 
 train_iterator, eval_data or EvalData, and synthetic data on make_synthetic_dataset.
 
 Layout, bottom up (no module imports one above it): base (DataError, paths, SOURCES) ->
-preprocess (pp op registry, parser) -> ops_image, ops_label, randaugment -> ops;
+preprocess (pp op registry, parser) -> ops_image, ops_label, randaugment -> ops_fused -> ops;
 decode, folder_layout, folder_csv, folder_write, tfds_source -> fashion_mnist, mosaic
 (mosaic_builder), folder -> sources -> pipeline, synthetic.
 """

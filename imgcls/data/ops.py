@@ -1,9 +1,10 @@
 """Importing this registers every built-in pp op in preprocess.OPS (imgcls.data does it).
 
 The registry and the parser are in preprocess.py; the ops in ops_image.py, ops_label.py and
-randaugment.py import it, so preprocess.py cannot import them back: this module does.
+randaugment.py, and the fusions of adjacent ops in ops_fused.py, import it, so preprocess.py
+cannot import them back: this module does.
 """
 
-from imgcls.data import ops_image, ops_label, randaugment
+from imgcls.data import ops_fused, ops_image, ops_label, randaugment
 
-__all__ = ['ops_image', 'ops_label', 'randaugment']
+__all__ = ['ops_fused', 'ops_image', 'ops_label', 'randaugment']

@@ -56,14 +56,20 @@ def _floats(value, name: str) -> list[float] | float:
 
 # --------------------------------------------------------------------- ops
 
+def decode_image(image: tf.Tensor, channels: int | None) -> tf.Tensor:
+  """What the op `decode` does to one image (also the fused ops' path for non-JPEGs)."""
+  if image.dtype != tf.string:  # Already decoded (e.g. a dataset read with decoding).
+    return image
+  return tf.io.decode_image(image, channels=channels or 0, expand_animations=False)
+
+
 @register('decode')
 def get_decode(channels: int | None = None, key: str = 'image') -> Op:
-  """Encoded image bytes -> uint8 [H, W, C]; channels=None keeps the file's (1 for MNIST)."""
-  def decode(image: tf.Tensor) -> tf.Tensor:
-    if image.dtype != tf.string:  # Already decoded (e.g. a dataset read with decoding).
-      return image
-    return tf.io.decode_image(image, channels=channels or 0, expand_animations=False)
-  return on_image(decode, key)
+  """Encoded image bytes -> uint8 [H, W, C]; channels=None keeps the file's (1 for MNIST).
+
+  Followed by inception_crop, get_pp_fn runs the two as one op that decodes only the
+  window of a JPEG (ops_fused.py)."""
+  return on_image(lambda image: decode_image(image, channels), key)
 
 
 @register('resize')
@@ -124,8 +130,9 @@ def get_inception_crop(size=None, area_min: float = 5.0, area_max: float = 100.0
   """Random resized crop (Inception / timm's RandomResizedCrop): a window of area_min..area_max
   percent of the image and aspect ratio ratio_min..ratio_max, resized to `size` (None: no resize).
 
-  tf.image.stateless_sample_distorted_bounding_box draws the window (ten tries, then the whole
-  image), as big_vision and the official ViT/BiT input pipelines do.
+  tf.image.stateless_sample_distorted_bounding_box draws the window (100 tries, then the whole
+  image), as big_vision and the official ViT/BiT input pipelines do. Right after decode, the
+  two run as one op that decodes only the window of a JPEG (ops_fused.py).
   """
   hw = to_hw(size) if size is not None else None
   if not 0 < area_min <= area_max <= 100:
@@ -135,13 +142,23 @@ def get_inception_crop(size=None, area_min: float = 5.0, area_max: float = 100.0
   _check_method(method)
 
   def inception_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
-        area_range=(area_min / 100, area_max / 100), aspect_ratio_range=(ratio_min, ratio_max),
-        min_object_covered=0, use_image_if_no_bounding_boxes=True)
+    begin, crop_size = inception_window(tf.shape(image), seed, area_min, area_max, ratio_min,
+                                        ratio_max)
     crop = tf.slice(image, begin, crop_size)
     return resize_keep_dtype(crop, hw, method, antialias) if hw else crop
   return on_image(inception_crop, key, random=True)
+
+
+def inception_window(shape: tf.Tensor, seed: tf.Tensor, area_min: float, area_max: float,
+                     ratio_min: float, ratio_max: float) -> tuple[tf.Tensor, tf.Tensor]:
+  """The window of inception_crop for an image of `shape` ([h, w, c]): (begin [y, x, 0],
+  size [h, w, -1]) for tf.slice. The one sampler of both inception_crop and its fusion with
+  decode (ops_fused.py), so the two draw the same window from the same seed."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
+      area_range=(area_min / 100, area_max / 100), aspect_ratio_range=(ratio_min, ratio_max),
+      min_object_covered=0, use_image_if_no_bounding_boxes=True)
+  return begin, size
 
 
 @register('flip_lr')

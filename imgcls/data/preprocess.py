@@ -7,6 +7,11 @@ their randomness from the per-example stateless seed that the pipelines put unde
 (int64 [2]) and split it, so an example's augmentation is a pure function of that seed.
 Keys starting with '_' are internal: ops keep them, and the pipelines drop them at the end.
 
+Fusion: get_pp_fn replaces a pair of adjacent ops registered in FUSIONS (decode followed by
+inception_crop, see ops_fused.py) by one op that gives the same output faster, so existing
+strings get the speed unchanged. IMGCLS_PP_FUSE=0 (or get_pp_fn(spec, fuse=False)) turns it
+off, for A/B measurements (scripts/bench_pipeline.py) and as an escape hatch.
+
 This module is the op registry and the parser; the ops live in ops_image.py, ops_label.py
 (flagged label_op=True, so `image_only` can drop them for inference) and randaugment.py,
 and importing imgcls.data (or imgcls.data.ops) registers them all. Checking a pp string
@@ -17,6 +22,8 @@ when an op first runs.
 from __future__ import annotations
 
 import ast
+import inspect
+import os
 from typing import Any, Callable
 
 from imgcls.data.base import DataError
@@ -28,6 +35,11 @@ Features = dict[str, Any]
 Op = Callable[[Features], Features]
 RNG_KEY = '_rng'
 OPS: Registry[Callable[..., Op]] = Registry('pp op')
+# (first op, second op) -> fuser(first's arguments, second's arguments) -> Op, or None when
+# those arguments cannot be fused (the two ops then run as written).
+Fuser = Callable[[dict[str, Any], dict[str, Any]], Op | None]
+FUSIONS: dict[tuple[str, str], Fuser] = {}
+FUSE_ENV = 'IMGCLS_PP_FUSE'
 
 
 def register(name: str, label_op: bool = False) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
@@ -37,6 +49,18 @@ def register(name: str, label_op: bool = False) -> Callable[[Callable[..., Op]],
   drops: inference runs the eval pp string without them.
   """
   return OPS.register(name, label_op=label_op)
+
+
+def register_fusion(first: str, second: str) -> Callable[[Fuser], Fuser]:
+  """Registers `fuser(first_args, second_args) -> Op | None` for `first|second` in a pp string.
+
+  Each dict holds every argument of that op's factory by name, defaults filled in. The fused
+  op must give the output of the two ops run in turn (same pixels, same seeds consumed).
+  """
+  def add(fuser: Fuser) -> Fuser:
+    FUSIONS[(first, second)] = fuser
+    return fuser
+  return add
 
 
 def list_ops() -> list[str]:
@@ -78,23 +102,53 @@ def _parse_op(text: str) -> tuple[str, tuple, dict]:
                     f'{", ".join(list_ops())}.') from None
 
 
-def get_pp_fn(spec: str) -> Op:
-  """The function (feature dict -> feature dict) for a pp string; bad strings fail here."""
-  ops = []
+def get_pp_fn(spec: str, fuse: bool | None = None) -> Op:
+  """The function (feature dict -> feature dict) for a pp string; bad strings fail here.
+
+  fuse: replace adjacent ops registered in FUSIONS by their fused op (same output, faster);
+  None reads IMGCLS_PP_FUSE (on unless '0').
+  """
+  calls = []  # (name, args, kwargs, op)
   for text in filter(str.strip, spec.split('|')):
     name, args, kwargs = _parse_op(text)
     if name not in OPS:
       raise DataError(f'Unknown pp op {name!r} in {spec!r}. Known ops: {", ".join(list_ops())}.')
     try:
-      ops.append(OPS.get(name)(*args, **kwargs))
+      calls.append((name, args, kwargs, OPS.get(name)(*args, **kwargs)))
     except (TypeError, ValueError) as e:
       raise DataError(f'Bad arguments for pp op {text.strip()!r}: {e}') from None
+  if fuse is None:
+    fuse = os.environ.get(FUSE_ENV, '1') != '0'
+  ops = _fused(calls) if fuse else [call[-1] for call in calls]
 
   def pp(features: Features) -> Features:
     for op in ops:
       features = op(features)
     return features
   return pp
+
+
+def _arguments(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+  """The op factory's arguments by name, defaults filled in (the call already succeeded)."""
+  bound = inspect.signature(OPS.get(name)).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return dict(bound.arguments)
+
+
+def _fused(calls: list[tuple[str, tuple, dict, Op]]) -> list[Op]:
+  """The ops of `calls`, each adjacent pair in FUSIONS replaced by its fused op."""
+  ops, i = [], 0
+  while i < len(calls):
+    if i + 1 < len(calls) and (calls[i][0], calls[i + 1][0]) in FUSIONS:
+      fuser = FUSIONS[(calls[i][0], calls[i + 1][0])]
+      op = fuser(_arguments(*calls[i][:3]), _arguments(*calls[i + 1][:3]))
+      if op is not None:
+        ops.append(op)
+        i += 2
+        continue
+    ops.append(calls[i][-1])
+    i += 1
+  return ops
 
 
 # ------------------------------------------------------- helpers for writing ops
