@@ -61,23 +61,34 @@ def _public(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   return {k: v for k, v in features.items() if not k.startswith('_')}
 
 
-def _checked(ds: tf.data.Dataset, pp: str) -> tf.data.Dataset:
-  """Fails fast if the pp string left encoded images; makes the order deterministic."""
+def _checked(ds: tf.data.Dataset, pp: str, threads: int | None = None) -> tf.data.Dataset:
+  """Fails fast if the pp string left encoded images; makes the order deterministic.
+
+  threads: the size of a private thread pool for this pipeline (None: TF's shared pool, one
+  thread per core). Measured with scripts/bench_pipeline.py and not kept, since none beat the
+  noise of a shared 2-core machine (+-10%) in repeated A/B runs: max_intra_op_parallelism=1,
+  options set after the batch instead of before it, prefetch(AUTOTUNE).
+  """
   encoded = [k for k, spec in ds.element_spec.items() if spec.dtype == tf.string]
   if encoded:
     raise DataError(f'pp {pp!r} leaves encoded bytes in {encoded}: start it with '
                     "'decode' (or drop the key with keep(...)).")
   options = tf.data.Options()
   options.deterministic = True
+  if threads:
+    options.threading.private_threadpool_size = threads
   return ds.with_options(options)
 
 
 def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
                    global_batch_size: int, seed: int, start_step: int = 0,
                    shuffle_buffer: int = 50_000, cache: bool = True, prefetch: int = 2,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[Batch]:
-  """Infinite stream of this process's share of each global batch, from batch start_step on."""
+                   process_index: int | None = None, process_count: int | None = None,
+                   threads: int | None = None) -> Iterator[Batch]:
+  """Infinite stream of this process's share of each global batch, from batch start_step on.
+
+  threads: tf.data's private thread pool size (None: TF's shared pool, one thread per core).
+  """
   index, count = _process(process_index, process_count)
   batch = _local_batch(global_batch_size, count)
   pp_fn = preprocess.get_pp_fn(pp)
@@ -111,7 +122,8 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
     return windows.map(lambda w, r: shuffle_window(epoch, w, r)).unbatch()
 
   ds = tf.data.Dataset.counter(first_epoch).flat_map(one_epoch)
-  ds = _checked(ds.map(lambda f: _public(pp_fn(f)), num_parallel_calls=tf.data.AUTOTUNE), pp)
+  ds = _checked(ds.map(lambda f: _public(pp_fn(f)), num_parallel_calls=tf.data.AUTOTUNE), pp,
+                threads)
   return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
 
 
@@ -132,8 +144,10 @@ class EvalData:
 
 def eval_data(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
               global_batch_size: int, process_index: int | None = None,
-              process_count: int | None = None) -> EvalData:
-  """This process's part of `split`, batched, with mask 1 for examples, 0 for padding."""
+              process_count: int | None = None, threads: int | None = None) -> EvalData:
+  """This process's part of `split`, batched, with mask 1 for examples, 0 for padding.
+
+  threads: as for train_iterator."""
   index, count = _process(process_index, process_count)
   batch = _local_batch(global_batch_size, count)
   pp_fn = preprocess.get_pp_fn(pp)
@@ -149,7 +163,7 @@ def eval_data(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
     return dict(_public(pp_fn(features)), mask=tf.constant(1.0))
 
   ds = _read(builder, parts[index]).enumerate(sum(sizes[:index]))  # Index in the split.
-  ds = _checked(ds.map(example, num_parallel_calls=tf.data.AUTOTUNE), pp)
+  ds = _checked(ds.map(example, num_parallel_calls=tf.data.AUTOTUNE), pp, threads)
   # Padding: zeros (mask too) shaped like a real example, so shapes need not be static.
   pad = _read(builder, split).take(1).enumerate().map(example)
   pad = pad.map(lambda f: tf.nest.map_structure(tf.zeros_like, f)).cache()
