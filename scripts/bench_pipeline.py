@@ -171,6 +171,7 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
   """Before (fusion off) and after (on), A B A B, for the train and the eval pp string.
 
   Returns every run and, per pp, the median img/s per core before and after and their ratio.
+  The eval pp has nothing to fuse: its off/on pair runs the same code and shows the noise.
   smoke: one round of 0.5 s runs on 32 small images (seconds, beside TF's import; for tests).
   """
   kwargs: dict[str, Any] = dict(seconds=seconds, n_images=n_images, threads=threads,
@@ -198,7 +199,8 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
   summary = {}
   for mode in ('train', 'eval'):
     def median(fuse, key, mode=mode):
-      return statistics.median(x[key] for x in runs if x['mode'] == mode and x['fuse'] == fuse)
+      return round(statistics.median(
+          x[key] for x in runs if x['mode'] == mode and x['fuse'] == fuse), 1)
     summary[mode] = {
         'pp': train_pp if mode == 'train' else eval_pp,
         'before_img_per_s_per_core': median(False, 'img_per_s_per_core'),
