@@ -33,6 +33,21 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bo
       jax.random.PRNGKey(seed))
 
 
+def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bool = True):
+  """The run's data-parallel train step: step.train_step under shard_map over the mesh's batch
+  axis, the state donated (scripts/benchmark.py times this same function)."""
+  return parallel.data_parallel(
+      functools.partial(step_lib.train_step, model=model, tx=tx,
+                        label_smoothing=config.label_smoothing, loss=config.loss,
+                        mix=augment.MixConfig(**config.mixup.to_dict()),
+                        ema_decay=config.ema_decay,
+                        skip_nonfinite_steps=config.skip_nonfinite_steps,
+                        grad_accum_steps=config.grad_accum_steps,
+                        axis_name=parallel.AXIS),
+      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()),
+      donate_argnums=(0,) if donate else ())
+
+
 def total_steps(config: ml_collections.ConfigDict, builder) -> tuple[int, int]:
   """(steps per epoch, steps in all) of a run: total_steps, or num_epochs of the train split."""
   n_train = data.num_examples(builder, config.dataset.train_split)
@@ -199,15 +214,7 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
     lock.acquire()
 
   # ------------------------------------------------------------------ steps
-  train_fn = parallel.data_parallel(
-      functools.partial(step_lib.train_step, model=model, tx=tx,
-                        label_smoothing=config.label_smoothing, loss=config.loss,
-                        mix=augment.MixConfig(**config.mixup.to_dict()),
-                        ema_decay=config.ema_decay,
-                        skip_nonfinite_steps=config.skip_nonfinite_steps,
-                        grad_accum_steps=config.grad_accum_steps,
-                        axis_name=parallel.AXIS),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
+  train_fn = make_train_fn(config, model, tx, mesh)
 
   # ------------------------------------------------------------- checkpoint
   ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,

@@ -43,7 +43,7 @@ def build(spec: dict):
     stride = 1 if spec['stem'] == 'small' else 2
     model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride, 1, bias=False)
     model.maxpool = nn.Identity()
-  if conv and spec.get('width', 64) != 64:
+  if conv and (spec.get('width') or 64) != 64:
     raise SystemExit('bench_torch: timm ResNets have width 64; benchmark those')
   fmt = torch.channels_last if conv else torch.contiguous_format
   model = model.to(memory_format=fmt)

@@ -1,96 +1,414 @@
-"""Throughput of a config's train step on fake data, and of its input pipeline alone.
+"""Speed of imgcls's own train and eval steps, against PyTorch + timm on the same machine.
 
-  uv run python scripts/benchmark.py --config=configs/default.py --steps=30
+  # A named model, shape, batch, optimizer and precision:
+  uv run python scripts/benchmark.py --model=resnet50 --image_size=224 --batch=8 --optimizer=sgd
+  # The three shapes of issue 17, imgcls and torch interleaved (A B A B) over 3 rounds:
+  uv run python scripts/benchmark.py --preset=cpu_vs_torch --rounds=3 --json=bench.json
+  # A config: its step, its own input pipeline, and the compiled memory per grad_accum k:
+  uv run python scripts/benchmark.py --config=configs/default.py
+  # The JPEG input pipeline at 224 (fused decode + crop, before/after):
+  uv run python scripts/benchmark.py --pipeline
+  uv run python scripts/benchmark.py --smoke        # seconds; the test suite runs it
 
-Prints images/s for each and their ratio: a pipeline slower than the step means the
-run is input-bound. Figures on this noisy 2-core machine vary by up to 2x over
-minutes: compare configs within one run.
-
-It first prints the compiled train step's memory (XLA's memory analysis: arguments, outputs,
-temporaries) for each --grad_accum k at the config's global batch: accumulation runs the
-per-device batch as k microbatches, so the temporaries (activations) shrink with k.
+Per model it prints compile time apart from steady-state train and eval images/s; the
+model FLOPs of one step from XLA's cost analysis; the FLOP/s achieved against a matmul
+ceiling measured in the same run (MFU, at the step's precision); and, where torch imports
+(`uv sync --extra bench`, or any Python with torch + timm named by --torch_python or
+$IMGCLS_TORCH_PYTHON), torch's images/s and the imgcls/torch ratio of each round.
+--levers=both also times imgcls with the CPU levers (imgcls/cpu.py) off, in the same rounds.
+Every figure also goes to --json. Figures on this noisy 2-core machine drift by up to 2x
+over minutes: only ratios measured in one run mean anything, and the CPU (printed first)
+changes between machines.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import functools
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
-from absl import app, flags
-import jax
-from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
-import numpy as np
+from imgcls import cpu
 
-from imgcls import config as config_lib, data, models, optim, parallel, step as step_lib, train
+cpu.set_xla_flags()  # before JAX starts its backends, as the CLI does
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
-_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps (after 3 warm-up steps).')
-_ACCUM = flags.DEFINE_list('grad_accum', ['1', '2', '4'], 'grad_accum_steps values whose '
-                           'compiled memory is printed (empty: none).')
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from imgcls import config as config_lib, models, optim, parallel, step as step_lib  # noqa: E402
+from imgcls import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (config mode).')
+_PRESET = flags.DEFINE_enum('preset', None, ['cpu_vs_torch'], 'cpu_vs_torch: ResNet-18 '
+                            '32 px CIFAR stem b128 SGD, ResNet-50 224 b8 SGD, ViT-S/16 224 b8 '
+                            'AdamW (issue 17\'s shapes), all float32.')
+_MODEL = flags.DEFINE_string('model', None, 'Registered model name (named mode).')
+_STEM = flags.DEFINE_string('stem', None, 'ResNet stem: imagenet | small | small_s2.')
+_SIZE = flags.DEFINE_integer('image_size', 224, 'Named mode: square image size.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Named mode: global batch.')
+_OPT = flags.DEFINE_enum('optimizer', 'sgd', ['sgd', 'adamw'], 'Named mode: optimizer.')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', "Named mode: model.dtype ('auto' allowed).")
+_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Named mode: classes.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round (after warm-up).')
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds (imgcls, torch, imgcls, ...).')
+_TORCH = flags.DEFINE_string('torch_python', None, 'Python with torch + timm for the '
+                             'comparison (default: $IMGCLS_TORCH_PYTHON, else this one if '
+                             'torch imports; none: no comparison).')
+_LEVERS = flags.DEFINE_enum('levers', 'on', ['on', 'both'], 'both: also time imgcls with '
+                            'IMGCLS_CPU_LEVERS=0 (trace-time levers; XLA flags stay as set).')
+_PIPELINE = flags.DEFINE_bool('pipeline', False, 'Measure the JPEG input pipeline at 224.')
+_ACCUM = flags.DEFINE_list('grad_accum', ['1', '2', '4'], 'Config mode: grad_accum_steps '
+                           'values whose compiled memory is printed (empty: none).')
+_JSON = flags.DEFINE_string('json', None, 'Write every figure here as JSON.')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes, 1 round: checks the script runs.')
 
 
-def step_memory(train_fn, state, batch) -> dict[str, float]:
-  """MiB of the compiled step's arguments, outputs and temporaries (XLA memory analysis)."""
-  m = train_fn.lower(state, batch).compile().memory_analysis()
-  mib = lambda b: b / 2**20  # noqa: E731
-  return {'arguments': mib(m.argument_size_in_bytes), 'outputs': mib(m.output_size_in_bytes),
-          'temporaries': mib(m.temp_size_in_bytes)}
+@dataclasses.dataclass
+class Spec:
+  """One model/shape/batch/optimizer/precision to time."""
+  model: str
+  image_size: int
+  batch: int
+  optimizer: str = 'sgd'
+  dtype: str = 'float32'
+  num_classes: int = 1000
+  stem: str | None = None
+  width: int | None = None
+
+  @property
+  def lr(self) -> float:
+    return 0.1 if self.optimizer == 'sgd' else 1e-3
+
+  @property
+  def weight_decay(self) -> float:
+    return 1e-4 if self.optimizer == 'sgd' else 0.05
+
+  def name(self) -> str:
+    stem = f' {self.stem} stem' if self.stem else ''
+    return (f'{self.model}{stem} {self.image_size}px b{self.batch} {self.optimizer} '
+            f'{self.dtype}')
+
+  def config(self):
+    c = config_lib.defaults()
+    c.model.name = self.model
+    for key in ('stem', 'width', 'dtype'):
+      if getattr(self, key) is not None:
+        c.model[key] = getattr(self, key)
+    c.dataset.num_classes = self.num_classes
+    c.batch_size = self.batch
+    c.optimizer.name = self.optimizer
+    c.lr.base = self.lr
+    c.weight_decay = self.weight_decay
+    c.label_smoothing = 0.0
+    return c
 
 
-def _rate(fn, steps: int, batch_size: int) -> float:
-  for _ in range(3):
-    out = fn()
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return steps * batch_size / (time.perf_counter() - t0)
+PRESETS = {
+    'cpu_vs_torch': [
+        Spec('resnet18', 32, 128, 'sgd', num_classes=10, stem='small'),
+        Spec('resnet50', 224, 8, 'sgd'),
+        Spec('vit_s16', 224, 8, 'adamw'),
+    ],
+    'smoke': [Spec('resnet18', 16, 8, 'sgd', num_classes=10, stem='small', width=8)],
+}
 
 
-def main(_):
-  config = config_lib.validate(_CONFIG.value)
-  mesh = parallel.make_mesh()
+def cpu_name() -> str:
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return 'unknown CPU'
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', 0.0))
+
+
+def matmul_ceiling(dtype: str, n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of the best of `reps` n x n matmuls in `dtype` on device 0: the MFU denominator."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def train_fn_for(config, model, tx, mesh, donate: bool = True):
+  """The data-parallel train step exactly as train.py builds it (shard_map, donated state)."""
+  return train.make_train_fn(config, model, tx, mesh, donate=donate)
+
+
+class Imgcls:
+  """imgcls's train and eval steps for one config, compiled ahead of time on fake data."""
+
+  def __init__(self, config, mesh, image_shape: tuple[int, ...], levers: bool = True):
+    self.image_shape = image_shape
+    old = os.environ.get(cpu.OFF_ENV)
+    os.environ[cpu.OFF_ENV] = '1' if levers else '0'  # read while tracing
+    try:
+      self._build(config, mesh)
+    finally:
+      if old is None:
+        del os.environ[cpu.OFF_ENV]
+      else:
+        os.environ[cpu.OFF_ENV] = old
+
+  def _build(self, config, mesh):
+    s = config.batch_size
+    rng = np.random.default_rng(0)
+    self.batch_size = s
+    model = models.from_config(config)
+    tx, _ = optim.make_optimizer(config, total_steps=10_000)
+    n = config.dataset.num_classes
+    host = {'image': rng.standard_normal((s, *self.image_shape), np.float32),
+            'labels': np.eye(n, dtype=np.float32)[rng.integers(0, n, s)],
+            'mask': np.ones((s,), np.float32)}
+    self.state = train.init_state(model, tx, 0, self.image_shape, mesh)
+    self.batch = parallel.shard_batch(host, mesh)
+    t0 = time.perf_counter()
+    fn = train_fn_for(config, model, tx, mesh)
+    self.train_compiled = fn.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.train_flops = _flops(self.train_compiled)
+    eval_fn = parallel.data_parallel(
+        functools.partial(step_lib.eval_step, model=model, axis_name=parallel.AXIS),
+        mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+    self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
+    self.eval_flops = _flops(self.eval_compiled)
+    self.dtype = str(jnp.dtype(getattr(model, 'dtype', 'float32')))
+    for _ in range(2):
+      self._train_once()
+      self._eval_once()
+
+  def _train_once(self):
+    self.state, metrics = self.train_compiled(self.state, self.batch)
+    return metrics['loss']
+
+  def _eval_once(self):
+    return self.eval_compiled(self.state, self.batch)[0]['top1']
+
+  def rate(self, what: str, steps: int) -> float:
+    fn = self._train_once if what == 'train' else self._eval_once
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = fn()
+    jax.block_until_ready(out)
+    return steps * self.batch_size / (time.perf_counter() - t0)
+
+
+def make_imgcls(spec: Spec, mesh, levers: bool) -> Imgcls:
+  config = config_lib.validate(spec.config())
+  return Imgcls(config, mesh, (spec.image_size, spec.image_size, 3), levers)
+
+
+class Torch:
+  """The PyTorch worker (scripts/bench_torch.py) in its own process, kept warm."""
+
+  def __init__(self, python: str, spec: Spec):
+    here = pathlib.Path(__file__).resolve().parent
+    self.proc = subprocess.Popen([python, str(here / 'bench_torch.py')], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    self.info = self._ask({'cmd': 'setup', **dataclasses.asdict(spec), 'lr': spec.lr,
+                           'weight_decay': spec.weight_decay})
+
+  def _ask(self, msg: dict) -> dict:
+    self.proc.stdin.write(json.dumps(msg) + '\n')
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the torch worker stopped (exit {self.proc.wait()}); see its error '
+                         'above')
+    return json.loads(line)
+
+  def rate(self, what: str, steps: int) -> float:
+    return self._ask({'cmd': what, 'steps': steps})['img_s']
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def torch_python() -> str | None:
+  if _TORCH.value is not None:
+    return _TORCH.value or None
+  if os.environ.get('IMGCLS_TORCH_PYTHON'):
+    return os.environ['IMGCLS_TORCH_PYTHON']
+  if importlib.util.find_spec('torch') and importlib.util.find_spec('timm'):
+    return sys.executable
+  return None
+
+
+def _spread(xs: list[float]) -> str:
+  return ' / '.join(f'{x:.3g}' for x in xs)
+
+
+def compare(spec: Spec, mesh, ceilings: dict[str, float], steps: int, rounds: int,
+            python: str | None) -> dict:
+  """Interleaved rounds of imgcls (levers on, optionally off) and torch for one spec."""
+  print(f'\n== {spec.name()}', flush=True)
+  runners = {'imgcls': make_imgcls(spec, mesh, levers=True)}
+  if _LEVERS.value == 'both':
+    runners['imgcls_levers_off'] = make_imgcls(spec, mesh, levers=False)
+  first = runners['imgcls']
+  out = {'spec': dataclasses.asdict(spec), 'dtype': first.dtype,
+         'compile_s': {k: r.compile_s for k, r in runners.items()},
+         'train_flops_per_step': first.train_flops, 'eval_flops_per_step': first.eval_flops}
+  print(f'compile: {", ".join(f"{k} {r.compile_s:.1f} s" for k, r in runners.items())}; '
+        f'model GFLOPs/step (XLA cost analysis): train {first.train_flops / 1e9:.2f}, '
+        f'eval {first.eval_flops / 1e9:.2f}', flush=True)
+  torch_runner = None
+  if python and spec.width in (None, 64):
+    torch_runner = Torch(python, spec)
+    runners['torch'] = torch_runner
+    out['torch'] = torch_runner.info
+  rates = {what: {k: [] for k in runners} for what in ('train', 'eval')}
+  for _ in range(rounds):
+    for what in ('train', 'eval'):
+      for k, r in runners.items():  # A B A B: the same window for each framework
+        rates[what][k].append(r.rate(what, steps))
+  if torch_runner:
+    torch_runner.close()
+  out['img_s'] = rates
+  ceiling = ceilings[first.dtype]
+  for what in ('train', 'eval'):
+    flops = first.train_flops if what == 'train' else first.eval_flops
+    for k, xs in rates[what].items():
+      med = float(np.median(xs))
+      mfu = flops / spec.batch * med / ceiling
+      out.setdefault('mfu', {}).setdefault(what, {})[k] = mfu
+      print(f'{what:5s} {k:18s} img/s {_spread(xs):28s} MFU {100 * mfu:5.1f}%', flush=True)
+    if 'torch' in rates[what]:
+      ratios = [a / b for a, b in zip(rates[what]['imgcls'], rates[what]['torch'])]
+      out.setdefault('ratio_vs_torch', {})[what] = ratios
+      print(f'{what:5s} imgcls/torch per round: {_spread(ratios)}', flush=True)
+    if 'imgcls_levers_off' in rates[what]:
+      gains = [a / b for a, b in zip(rates[what]['imgcls'], rates[what]['imgcls_levers_off'])]
+      out.setdefault('levers_gain', {})[what] = gains
+      print(f'{what:5s} levers on/off per round: {_spread(gains)}', flush=True)
+  return out
+
+
+def config_mode(config, mesh) -> dict:
+  """The config's own step, its own input pipeline, and compiled memory per grad_accum k."""
+  from imgcls import data  # noqa: PLC0415  (TensorFlow only here)
   ds = config.dataset
   builder = data.builder_for(ds)
   batches = data.train_iterator(builder, split=ds.train_split, pp=config.pp_train,
                                 global_batch_size=config.batch_size, seed=0,
                                 shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
   host = next(batches)
-  host = {k: host[k] for k in ('image', 'labels')}
+  image_shape = tuple(host['image'].shape[1:])
   model = models.from_config(config)
   tx, _ = optim.make_optimizer(config, total_steps=1000)
-  state = train.init_state(model, tx, 0, host['image'].shape[1:], mesh)
-  batch = parallel.shard_batch(host, mesh)
-
-  def make_step(k):
-    return parallel.data_parallel(
-        functools.partial(step_lib.train_step, model=model, tx=tx, grad_accum_steps=k),
-        mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
-
+  state = train.init_state(model, tx, 0, image_shape, mesh)
+  batch = parallel.shard_batch({k: host[k] for k in ('image', 'labels')}, mesh)
+  out: dict = {'config_model': config.model.to_dict(), 'batch': config.batch_size,
+               'memory_mib': {}}
   per_device = config.batch_size // mesh.size
   for k in map(int, _ACCUM.value):
     if per_device % k:
       print(f'grad_accum {k}: does not divide the per-device batch {per_device}, skipped')
       continue
-    m = step_memory(make_step(k), state, batch)
+    c = config.copy_and_resolve_references()
+    c.grad_accum_steps = k
+    m = train.make_train_fn(c, model, tx, mesh, donate=False).lower(
+        state, batch).compile().memory_analysis()
+    mib = {'arguments': m.argument_size_in_bytes / 2**20,
+           'outputs': m.output_size_in_bytes / 2**20, 'temporaries': m.temp_size_in_bytes / 2**20}
+    out['memory_mib'][k] = mib
     print(f'grad_accum {k} (microbatch {per_device // k}/device, global batch '
-          f'{config.batch_size}): compiled memory arguments {m["arguments"]:.1f} MiB, '
-          f'outputs {m["outputs"]:.1f} MiB, temporaries {m["temporaries"]:.1f} MiB', flush=True)
-  train_fn = make_step(config.grad_accum_steps)
+          f'{config.batch_size}): compiled memory arguments {mib["arguments"]:.1f} MiB, '
+          f'outputs {mib["outputs"]:.1f} MiB, temporaries {mib["temporaries"]:.1f} MiB',
+          flush=True)
+  t0 = time.perf_counter()
+  compiled = train.make_train_fn(config, model, tx, mesh).lower(state, batch).compile()
+  out['compile_s'] = time.perf_counter() - t0
+  out['train_flops_per_step'] = _flops(compiled)
 
   def one_step():
     nonlocal state
-    state, metrics = train_fn(state, batch)
+    state, metrics = compiled(state, batch)
     return metrics['loss']
 
-  step_rate = _rate(one_step, _STEPS.value, config.batch_size)
-  pipe_rate = _rate(lambda: np.asarray(next(batches)['image']), _STEPS.value,
-                    config.batch_size)
+  def rate(fn):
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(_STEPS.value):
+      x = fn()
+    jax.block_until_ready(x)
+    return _STEPS.value * config.batch_size / (time.perf_counter() - t0)
+
+  out['train_img_s'] = rate(one_step)
+  out['pipeline_img_s'] = rate(lambda: np.asarray(next(batches)['image']))
   print(f'model {config.model.to_dict()} batch {config.batch_size} on {mesh.size} device(s)')
-  print(f'train step (fake data, fixed batch): {step_rate:8.0f} images/s')
-  print(f'input pipeline alone:                {pipe_rate:8.0f} images/s')
-  print(f'pipeline / step ratio:               {pipe_rate / step_rate:8.2f}')
+  print(f'compile {out["compile_s"]:.1f} s; train GFLOPs/step {out["train_flops_per_step"] / 1e9:.2f}')
+  print(f'train step (fake data, fixed batch): {out["train_img_s"]:8.0f} images/s')
+  print(f'input pipeline alone:                {out["pipeline_img_s"]:8.0f} images/s')
+  print(f'pipeline / step ratio:               '
+        f'{out["pipeline_img_s"] / out["train_img_s"]:8.2f}')
+  return out
+
+
+def main(_):
+  mesh = parallel.make_mesh()
+  report: dict = {'cpu': cpu_name(), 'native_bf16': cpu.native_bf16(),
+                  'cores': os.cpu_count(), 'devices': mesh.size, 'backend': jax.default_backend(),
+                  'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                  'levers': cpu.levers_on()}
+  print(f'CPU: {report["cpu"]} ({report["cores"]} cores, native bf16: {report["native_bf16"]}); '
+        f'backend {report["backend"]} x{mesh.size}; jax {jax.__version__}; '
+        f'XLA_FLAGS={report["xla_flags"]!r}', flush=True)
+  steps, rounds = (2, 1) if _SMOKE.value else (_STEPS.value, _ROUNDS.value)
+  if _CONFIG.value is not None:
+    report['config'] = config_mode(config_lib.validate(_CONFIG.value), mesh)
+  specs = PRESETS['smoke'] if _SMOKE.value else PRESETS.get(_PRESET.value or '', [])
+  if _MODEL.value:
+    specs = [Spec(_MODEL.value, _SIZE.value, _BATCH.value, _OPT.value, _DTYPE.value,
+                  _CLASSES.value, _STEM.value)]
+  if specs:
+    dtypes = {make_dtype(s.dtype) for s in specs}
+    report['matmul_ceiling_flops'] = {d: matmul_ceiling(d, n=256 if _SMOKE.value else 2048)
+                                      for d in dtypes}
+    print('matmul ceiling: ' + ', '.join(f'{d} {v / 1e9:.0f} GFLOP/s'
+                                         for d, v in report['matmul_ceiling_flops'].items()))
+    python = torch_python()
+    report['torch_python'] = python
+    if not python:
+      print('torch: not importable here (uv sync --extra bench, or --torch_python=PATH); '
+            'imgcls only')
+    report['runs'] = [compare(s, mesh, report['matmul_ceiling_flops'], steps, rounds, python)
+                      for s in specs]
+  if _PIPELINE.value or _SMOKE.value:
+    import bench_pipeline  # noqa: PLC0415  (scripts/, beside this file)
+    report['pipeline'] = bench_pipeline.compare(smoke=_SMOKE.value)
+  if _JSON.value:
+    pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=1, default=str))
+    print(f'wrote {_JSON.value}')
+
+
+def make_dtype(name: str) -> str:
+  return cpu.auto_dtype() if name == 'auto' else str(jnp.dtype(name))
 
 
 if __name__ == '__main__':
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
   app.run(main)
