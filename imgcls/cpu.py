@@ -6,8 +6,8 @@ keep reading as the math: they call `conv2d` here instead of `lax.conv_general_d
                       CPUs, float32 elsewhere (emulated bf16 is no faster than float32 there)
   set_xla_flags()     XLA CPU flags, set before JAX starts its backends (the CLI and the
                       benchmark call it): oneDNN for bf16 convs and matmuls on native-bf16 CPUs
-  conv2d()            convolution lowering: on a CPU backend, 1x1 and stride-1 convs become
-                      matmuls (im2col) with their own gradient; elsewhere lax's convolution
+  conv2d()            convolution lowering on a CPU backend: 1x1 convs as matmuls, stride-1
+                      convs with an im2col + matmul gradient; elsewhere lax's convolution
 
 Each lever was kept because scripts/benchmark.py measured it winning (README, "Speed").
 """
@@ -80,9 +80,10 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
   On a CPU backend, where XLA's convolutions (their backward above all) are slow, the same
   math as matmuls, which XLA:CPU runs at near its matmul peak (FACTS, scripts/benchmark.py):
   - 1x1 convs: (strided) slice, then one matmul; autodiff's gradients are matmuls too;
-  - stride-1 k x k convs padded k // 2 each side: im2col + matmul, with a custom gradient
-    that is itself im2col + matmul (the input gradient is the same conv of the output
-    gradient with the kernel flipped and transposed), not autodiff's pad-and-add chain;
+  - stride-1 k x k convs padded k // 2 each side: XLA's forward conv (im2col measured 2x
+    slower forward at 32 px, batch 128), with a custom gradient of im2col + matmuls (the
+    input gradient is the same conv of the output gradient with the kernel flipped and
+    transposed; the kernel gradient one matmul), in place of XLA's slow backward convs;
   - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col.
   Elsewhere, and for strided k x k convs (im2col measured slower there), lax's convolution.
   """
@@ -123,9 +124,10 @@ def _same_conv_fn():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  def fwd_math(x, kernel):
+  def fwd_math(x, kernel):  # XLA:CPU's forward conv is fast; its backward is what is slow
     k = kernel.shape[0]
-    return _same_cols(x, k) @ kernel.reshape(-1, kernel.shape[-1])
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((k // 2,) * 2,) * 2,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   @jax.custom_vjp
   def same_conv(x, kernel):

@@ -36,7 +36,7 @@ def test_conv2d_equals_lax_with_gradients(size, kernel, stride):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_conv2d_lowers_to_matmuls_on_cpu_only_when_levers_on(monkeypatch):
+def test_conv2d_gradient_is_matmuls_on_cpu_only_when_levers_on(monkeypatch):
   x = jnp.ones((1, 8, 8, 4))
   k = jnp.ones((3, 3, 4, 4))
 
