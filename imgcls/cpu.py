@@ -20,6 +20,10 @@ from typing import Any
 
 ONEDNN_FLAG = '--xla_cpu_experimental_onednn_custom_call=true'
 OFF_ENV = 'IMGCLS_CPU_LEVERS'  # =0 turns every lever here off (for A/B measurements)
+# The im2col gradient of a stride-1 conv pays off while its k*k copy of the input is small:
+# ResNet-50 at 224 px, batch 8 (stage 1: 58 MiB) trains 1.37x faster with it, ResNet-18 at
+# 32 px, batch 128 (stage 1: 302 MiB) 0.84-0.9x (scripts/benchmark.py --levers=both).
+IM2COL_MAX_BYTES = 64 << 20
 
 
 def levers_on() -> bool:
@@ -83,7 +87,8 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
   - stride-1 k x k convs padded k // 2 each side: XLA's forward conv (im2col measured 2x
     slower forward at 32 px, batch 128), with a custom gradient of im2col + matmuls (the
     input gradient is the same conv of the output gradient with the kernel flipped and
-    transposed; the kernel gradient one matmul), in place of XLA's slow backward convs;
+    transposed; the kernel gradient one matmul), in place of XLA's slow backward convs,
+    while the k*k copy of the input stays under IM2COL_MAX_BYTES;
   - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col.
   Elsewhere, and for strided k x k convs (im2col measured slower there), lax's convolution.
   """
@@ -95,7 +100,9 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
     out_w = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
       return x[:, ::sh, ::sw] @ kernel.reshape(kernel.shape[2:])
-    if (sh, sw) == (1, 1) and kh == kw and kh % 2 and padding == ((kh // 2,) * 2,) * 2:
+    cols_bytes = x.size * kh * kw * x.dtype.itemsize
+    if ((sh, sw) == (1, 1) and kh == kw and kh % 2 and padding == ((kh // 2,) * 2,) * 2
+        and cols_bytes <= IM2COL_MAX_BYTES):
       return _same_conv(x, kernel)
     if max(out_h, out_w) <= 2:
       return _im2col(x, kh, kw, strides, padding, out_h, out_w) @ kernel.reshape(
