@@ -12,7 +12,7 @@ from imgcls.config import defaults, parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, epochs=30.0, width=32, stem='small_s2', batch=128,
-                  erase=0.5)
+                  erase=0.5, dtype='float32')
   c = defaults()
   c.dataset.name = 'fashion_mnist'
   c.dataset.num_classes = 10
@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.model.name = 'resnet18'
   c.model.width = arg.width
   c.model.stem = arg.stem
+  c.model.dtype = arg.dtype
   c.batch_size = arg.batch
   c.num_epochs = arg.epochs
   c.optimizer.name = 'sgd'
