@@ -14,6 +14,7 @@ Each lever was kept because scripts/benchmark.py measured it winning (README, "S
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any
@@ -28,6 +29,21 @@ IM2COL_MAX_BYTES = 64 << 20
 
 def levers_on() -> bool:
   return os.environ.get(OFF_ENV, '1') != '0'
+
+
+@contextlib.contextmanager
+def levers_off():
+  """Functions traced inside see no trace-time lever (plain lax convs): for graphs that leave
+  this machine, such as `imgcls export`'s, and that may have a symbolic batch."""
+  old = os.environ.get(OFF_ENV)
+  os.environ[OFF_ENV] = '0'
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop(OFF_ENV, None)
+    else:
+      os.environ[OFF_ENV] = old
 
 
 @functools.cache

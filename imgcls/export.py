@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls import inference, step as step_lib
+from imgcls import cpu, inference, step as step_lib
 from imgcls.data import preprocess
 from imgcls.data.ops_image import NORMALIZE_PRESETS
 from imgcls.errors import UserError
@@ -240,8 +240,9 @@ def export_classifier(clf: inference.Classifier, fmt: str, out: str | os.PathLik
   caller_pp, graph_ops = split_pp(clf.pp)
   fn = serving_fn(clf)
   start = time.perf_counter()
-  run, runtime = (_export_onnx if fmt == 'onnx' else _export_stablehlo)(
-      fn, clf.image_shape, out)
+  with cpu.levers_off():  # a portable graph: plain convolutions, whatever machine exports it
+    run, runtime = (_export_onnx if fmt == 'onnx' else _export_stablehlo)(
+        fn, clf.image_shape, out)
   seconds = time.perf_counter() - start
   images = check_images(clf.image_shape) if images is None else np.asarray(images, np.uint8)
   diff = 0.0
