@@ -32,11 +32,12 @@ def levers_on() -> bool:
 
 
 @contextlib.contextmanager
-def levers_off():
-  """Functions traced inside see no trace-time lever (plain lax convs): for graphs that leave
-  this machine, such as `imgcls export`'s, and that may have a symbolic batch."""
+def levers(on: bool):
+  """Functions traced inside see the trace-time levers on or off. Off gives plain lax convs:
+  for graphs that leave this machine, such as `imgcls export`'s, which may have a symbolic
+  batch; scripts/benchmark.py traces both ways for its A/B."""
   old = os.environ.get(OFF_ENV)
-  os.environ[OFF_ENV] = '0'
+  os.environ[OFF_ENV] = '1' if on else '0'
   try:
     yield
   finally:
@@ -59,9 +60,12 @@ def cpu_flags() -> frozenset[str]:
   return frozenset()
 
 
+BF16_FEATURES = {'amx_bf16': 'AMX-BF16', 'avx512_bf16': 'AVX512-BF16'}  # /proc/cpuinfo names
+
+
 def native_bf16() -> bool:
   """True on CPUs with AMX-BF16 or AVX512-BF16 (bf16 matmuls in hardware)."""
-  return bool({'amx_bf16', 'avx512_bf16'} & cpu_flags())
+  return bool(BF16_FEATURES.keys() & cpu_flags())
 
 
 def set_xla_flags() -> str:
@@ -79,12 +83,20 @@ def set_xla_flags() -> str:
 
 def auto_dtype(platform: str | None = None) -> str:
   """model.dtype='auto': 'bfloat16' on GPU/TPU and on native-bf16 CPUs, else 'float32'."""
+  return auto_dtype_and_why(platform)[0]
+
+
+def auto_dtype_and_why(platform: str | None = None) -> tuple[str, str]:
+  """auto_dtype's choice and the reason, for the log."""
   if platform is None:
     import jax  # noqa: PLC0415  (only when asked: config validation must not start JAX)
     platform = jax.default_backend()
-  if platform != 'cpu' or native_bf16():
-    return 'bfloat16'
-  return 'float32'
+  if platform != 'cpu':
+    return 'bfloat16', platform.upper()
+  if native_bf16():
+    features = [name for flag, name in BF16_FEATURES.items() if flag in cpu_flags()]
+    return 'bfloat16', f'CPU with {" and ".join(features) or "native bf16"}'
+  return 'float32', 'CPU without native bf16: emulated bf16 is no faster than float32'
 
 
 def on_cpu() -> bool:

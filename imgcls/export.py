@@ -240,7 +240,7 @@ def export_classifier(clf: inference.Classifier, fmt: str, out: str | os.PathLik
   caller_pp, graph_ops = split_pp(clf.pp)
   fn = serving_fn(clf)
   start = time.perf_counter()
-  with cpu.levers_off():  # a portable graph: plain convolutions, whatever machine exports it
+  with cpu.levers(on=False):  # a portable graph: plain convolutions, whatever machine exports it
     run, runtime = (_export_onnx if fmt == 'onnx' else _export_stablehlo)(
         fn, clf.image_shape, out)
   seconds = time.perf_counter() - start

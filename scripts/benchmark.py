@@ -156,25 +156,13 @@ def matmul_ceiling(dtype: str, n: int = 2048, reps: int = 5) -> float:
   return max(rates)
 
 
-def train_fn_for(config, model, tx, mesh, donate: bool = True):
-  """The data-parallel train step exactly as train.py builds it (shard_map, donated state)."""
-  return train.make_train_fn(config, model, tx, mesh, donate=donate)
-
-
 class Imgcls:
   """imgcls's train and eval steps for one config, compiled ahead of time on fake data."""
 
   def __init__(self, config, mesh, image_shape: tuple[int, ...], levers: bool = True):
     self.image_shape = image_shape
-    old = os.environ.get(cpu.OFF_ENV)
-    os.environ[cpu.OFF_ENV] = '1' if levers else '0'  # read while tracing
-    try:
+    with cpu.levers(levers):  # read while tracing
       self._build(config, mesh)
-    finally:
-      if old is None:
-        del os.environ[cpu.OFF_ENV]
-      else:
-        os.environ[cpu.OFF_ENV] = old
 
   def _build(self, config, mesh):
     s = config.batch_size
@@ -189,7 +177,7 @@ class Imgcls:
     self.state = train.init_state(model, tx, 0, self.image_shape, mesh)
     self.batch = parallel.shard_batch(host, mesh)
     t0 = time.perf_counter()
-    fn = train_fn_for(config, model, tx, mesh)
+    fn = train.make_train_fn(config, model, tx, mesh)  # exactly train.py's step
     self.train_compiled = fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     self.train_flops = _flops(self.train_compiled)
@@ -211,13 +199,18 @@ class Imgcls:
     return self.eval_compiled(self.state, self.batch)[0]['top1']
 
   def rate(self, what: str, steps: int) -> float:
-    fn = self._train_once if what == 'train' else self._eval_once
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      out = fn()
-    jax.block_until_ready(out)
-    return steps * self.batch_size / (time.perf_counter() - t0)
+    return images_per_s(self._train_once if what == 'train' else self._eval_once, steps,
+                        self.batch_size)
+
+
+def images_per_s(fn, steps: int, batch_size: int) -> float:
+  """Images/s of `steps` calls of fn (one warm call first), waiting for the last result."""
+  jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return steps * batch_size / (time.perf_counter() - t0)
 
 
 def make_imgcls(spec: Spec, mesh, levers: bool) -> Imgcls:
@@ -354,16 +347,9 @@ def config_mode(config, mesh) -> dict:
     state, metrics = compiled(state, batch)
     return metrics['loss']
 
-  def rate(fn):
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    for _ in range(_STEPS.value):
-      x = fn()
-    jax.block_until_ready(x)
-    return _STEPS.value * config.batch_size / (time.perf_counter() - t0)
-
-  out['train_img_s'] = rate(one_step)
-  out['pipeline_img_s'] = rate(lambda: np.asarray(next(batches)['image']))
+  out['train_img_s'] = images_per_s(one_step, _STEPS.value, config.batch_size)
+  out['pipeline_img_s'] = images_per_s(lambda: np.asarray(next(batches)['image']),
+                                       _STEPS.value, config.batch_size)
   print(f'model {config.model.to_dict()} batch {config.batch_size} on {mesh.size} device(s)')
   print(f'compile {out["compile_s"]:.1f} s; train GFLOPs/step {out["train_flops_per_step"] / 1e9:.2f}')
   print(f'train step (fake data, fixed batch): {out["train_img_s"]:8.0f} images/s')

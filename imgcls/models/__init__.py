@@ -74,16 +74,7 @@ _LOGGED_AUTO: set[str] = set()
 def auto_dtype() -> str:
   """model.dtype='auto' on this machine (imgcls.cpu.auto_dtype): 'bfloat16' on GPUs, TPUs and
   CPUs with native bf16, 'float32' elsewhere. Logs its choice and why, once."""
-  platform = jax.default_backend()
-  dtype = cpu.auto_dtype(platform)
-  if platform != 'cpu':
-    why = platform.upper()
-  elif dtype == 'bfloat16':
-    names = [n for f, n in (('amx_bf16', 'AMX-BF16'), ('avx512_bf16', 'AVX512-BF16'))
-             if f in cpu.cpu_flags()]
-    why = f'CPU with {" and ".join(names) or "native bf16"}'
-  else:
-    why = 'CPU without native bf16: emulated bf16 is no faster than float32'
+  dtype, why = cpu.auto_dtype_and_why(jax.default_backend())
   message = f"model.dtype='auto' -> {dtype} ({why})"
   if message not in _LOGGED_AUTO:
     _LOGGED_AUTO.add(message)
