@@ -6,8 +6,9 @@ keep reading as the math: they call `conv2d` here instead of `lax.conv_general_d
                       CPUs, float32 elsewhere (emulated bf16 is no faster than float32 there)
   set_xla_flags()     XLA CPU flags, set before JAX starts its backends (the CLI and the
                       benchmark call it): oneDNN for bf16 convs and matmuls on native-bf16 CPUs
-  conv2d()            convolution lowering on a CPU backend: 1x1 convs as matmuls, stride-1
-                      convs with an im2col + matmul gradient; elsewhere lax's convolution
+  conv2d()            convolution lowering on a CPU backend: 1x1 convs and tiny outputs as
+                      matmuls, other convs with a chunked im2col + matmul kernel gradient;
+                      elsewhere lax's convolution
 
 Each lever was kept because scripts/benchmark.py measured it winning (README, "Speed").
 """
@@ -21,10 +22,15 @@ from typing import Any
 
 ONEDNN_FLAG = '--xla_cpu_experimental_onednn_custom_call=true'
 OFF_ENV = 'IMGCLS_CPU_LEVERS'  # =0 turns every lever here off (for A/B measurements)
-# The im2col gradient of a stride-1 conv pays off while its k*k copy of the input is small:
-# ResNet-50 at 224 px, batch 8 (stage 1: 58 MiB) trains 1.37x faster with it, ResNet-18 at
-# 32 px, batch 128 (stage 1: 302 MiB) 0.84-0.9x (scripts/benchmark.py --levers=both).
+# `_kernel_grad` takes the batch a few images at a time, so that each chunk's im2col copy
+# stays in cache: the fastest chunk measured was 5-15 MiB and at most 8 images, at
+# ResNet-18 (32 px, batch 128) and ResNet-50 (224 px, batch 8) shapes.
+KERNEL_GRAD_CHUNK_BYTES = 16 << 20
+# XLA:CPU's conv is slow with large kernels: from this many weights (3x3x512x512 has 2.4M;
+# 3x3x256x256, 0.6M, was even), im2col + one matmul while the copy is under 64 MiB.
+IM2COL_MIN_WEIGHTS = 1 << 20
 IM2COL_MAX_BYTES = 64 << 20
+KERNEL_GRAD_MAX_CHUNK = 8
 
 
 def levers_on() -> bool:
@@ -109,16 +115,18 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
   """NHWC x HWIO convolution, zero padding `padding` ((top, bottom), (left, right)).
 
-  On a CPU backend, where XLA's convolutions (their backward above all) are slow, the same
-  math as matmuls, which XLA:CPU runs at near its matmul peak (FACTS, scripts/benchmark.py):
+  On a CPU backend the same math, lowered the way XLA:CPU runs fastest (each measured with
+  scripts/benchmark.py; the README's "Speed" section has the figures):
   - 1x1 convs: (strided) slice, then one matmul; autodiff's gradients are matmuls too;
-  - stride-1 k x k convs padded k // 2 each side: XLA's forward conv (im2col measured 2x
-    slower forward at 32 px, batch 128), with a custom gradient of im2col + matmuls (the
-    input gradient is the same conv of the output gradient with the kernel flipped and
-    transposed; the kernel gradient one matmul), in place of XLA's slow backward convs,
-    while the k*k copy of the input stays under IM2COL_MAX_BYTES;
-  - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col.
-  Elsewhere, and for strided k x k convs (im2col measured slower there), lax's convolution.
+    likewise convs whose stride is their size (a ViT's patch embedding): 4x faster;
+  - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col and a
+    matmul (XLA:CPU runs such a conv as a naive loop fusion, 30x slower); likewise convs
+    with a large kernel (3x3x512x512) while their im2col copy is small, 2-2.5x faster
+    forward and backward than XLA's conv at ResNet-18/50's last stage;
+  - other k x k convs: XLA's forward conv and XLA's input gradient (both run near matmul
+    speed), with the kernel gradient computed by `_kernel_grad` (XLA's own runs at a quarter
+    of matmul speed).
+  Elsewhere (GPU, TPU, levers off) lax's convolution and its autodiff.
   """
   import jax  # noqa: PLC0415
   kh, kw = kernel.shape[:2]
@@ -128,13 +136,22 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
     out_w = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
       return x[:, ::sh, ::sw] @ kernel.reshape(kernel.shape[2:])
-    cols_bytes = x.size * kh * kw * x.dtype.itemsize
-    if ((sh, sw) == (1, 1) and kh == kw and kh % 2 and padding == ((kh // 2,) * 2,) * 2
-        and cols_bytes <= IM2COL_MAX_BYTES):
-      return _same_conv(x, kernel)
-    if max(out_h, out_w) <= 2:
+    if (sh, sw) == (kh, kw) and padding == ((0, 0), (0, 0)):  # patches: a ViT's embedding
+      b, c = x.shape[0], x.shape[3]
+      x = x[:, :out_h * kh, :out_w * kw].reshape(b, out_h, kh, out_w, kw, c)
+      patches = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, out_h, out_w, kh * kw * c)
+      return patches @ kernel.reshape(-1, kernel.shape[-1])
+    cols_bytes = x.shape[0] * out_h * out_w * kh * kw * x.shape[3] * x.dtype.itemsize
+    if max(out_h, out_w) <= 2 or (kernel.size >= IM2COL_MIN_WEIGHTS
+                                  and cols_bytes <= IM2COL_MAX_BYTES):
       return _im2col(x, kh, kw, strides, padding, out_h, out_w) @ kernel.reshape(
           -1, kernel.shape[-1])
+    return _conv_fast_kernel_grad(x, kernel, tuple(strides), tuple(map(tuple, padding)))
+  return _lax_conv(x, kernel, strides, padding)
+
+
+def _lax_conv(x: Any, kernel: Any, strides, padding) -> Any:
+  import jax  # noqa: PLC0415
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -150,38 +167,64 @@ def _im2col(x: Any, kh: int, kw: int, strides: tuple[int, int],
                           for i in range(kh) for j in range(kw)], axis=-1)
 
 
-def _same_cols(x: Any, k: int) -> Any:
-  return _im2col(x, k, k, (1, 1), ((k // 2,) * 2,) * 2, x.shape[1], x.shape[2])
+def chunk_images(batch: int, cols_bytes_per_image: int) -> int:
+  """Images per chunk of `_kernel_grad`: the largest divisor of the batch, at most
+  KERNEL_GRAD_MAX_CHUNK, whose im2col copy fits KERNEL_GRAD_CHUNK_BYTES (at least 1)."""
+  fits = [n for n in range(1, min(batch, KERNEL_GRAD_MAX_CHUNK) + 1)
+          if batch % n == 0 and n * cols_bytes_per_image <= KERNEL_GRAD_CHUNK_BYTES]
+  return max(fits, default=1)
+
+
+def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, padding) -> Any:
+  """d(loss)/d(kernel) = sum over pixels of im2col(x)^T dy, one chunk of images at a time.
+
+  All of a batch's im2col copy at once is k*k times the input (302 MiB for ResNet-18's first
+  stage at 32 px, batch 128) and costs more memory traffic than the matmul saves; a scan over
+  chunks of a few images keeps each copy in cache. 2-3.5x faster than XLA:CPU's kernel
+  gradient at ResNet shapes (scripts/benchmark.py, README "Speed").
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  kh, kw, cin, cout = kernel_shape
+  b, out_h, out_w = dy.shape[:3]
+  n = chunk_images(b, out_h * out_w * kh * kw * cin * x.dtype.itemsize)
+  xs = x.reshape(b // n, n, *x.shape[1:])
+  dys = dy.reshape(b // n, n, *dy.shape[1:])
+
+  def body(acc, chunk):
+    xc, dyc = chunk
+    cols = _im2col(xc, kh, kw, strides, padding, out_h, out_w).reshape(-1, kh * kw * cin)
+    return acc + jnp.matmul(cols.T, dyc.reshape(-1, cout),
+                            preferred_element_type=jnp.float32), None
+
+  acc = jnp.zeros((kh * kw * cin, cout), jnp.float32)
+  axes = tuple(_varying(x) | _varying(dy))
+  if axes:  # under shard_map the carry varies over the batch axis as each chunk's sum does
+    acc = jax.lax.pcast(acc, axes, to='varying')
+  acc, _ = jax.lax.scan(body, acc, (xs, dys))
+  return acc.reshape(kernel_shape)
 
 
 @functools.cache
-def _same_conv_fn():
+def _conv_fast_kernel_grad_fn():
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  def fwd_math(x, kernel):  # XLA:CPU's forward conv is fast; its backward is what is slow
-    k = kernel.shape[0]
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((k // 2,) * 2,) * 2,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def conv(x, kernel, strides, padding):
+    return _lax_conv(x, kernel, strides, padding)
 
-  @jax.custom_vjp
-  def same_conv(x, kernel):
-    return fwd_math(x, kernel)
+  def fwd(x, kernel, strides, padding):
+    return _lax_conv(x, kernel, strides, padding), (x, kernel)
 
-  def fwd(x, kernel):
-    return fwd_math(x, kernel), (x, kernel)
-
-  def bwd(res, dy):
+  def bwd(strides, padding, res, dy):
     x, kernel = res
-    k = kernel.shape[0]
-    cols = _same_cols(x, k)  # recomputed: cheaper than keeping k*k copies of x alive
-    dkernel = jnp.einsum('bhwk,bhwo->ko', cols, dy).reshape(kernel.shape)
-    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)  # [k, k, O, I]
-    dx = _same_cols(dy, k) @ flipped.reshape(-1, kernel.shape[2])
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+    _, input_grad = jax.vjp(lambda x: _lax_conv(x, kernel, strides, padding), x)
+    dx, = input_grad(dy)
+    dkernel = _kernel_grad(x, dy, kernel.shape, strides, padding)
+    return dx, dkernel.astype(kernel.dtype)
 
-  same_conv.defvjp(fwd, bwd)
-  return same_conv
+  conv.defvjp(fwd, bwd)
+  return conv
 
 
 def _varying(a: Any) -> frozenset[str]:
@@ -192,7 +235,7 @@ def _varying(a: Any) -> frozenset[str]:
   return frozenset(axes.varying) if axes is not None else frozenset(getattr(aval, 'vma', ()))
 
 
-def _same_conv(x: Any, kernel: Any) -> Any:
+def _conv_fast_kernel_grad(x: Any, kernel: Any, strides, padding) -> Any:
   import jax  # noqa: PLC0415
   # Under shard_map a replicated kernel meets a batch-sharded x. Autodiff would insert the
   # cast to 'varying' itself (and psum the kernel's gradient, its transpose); a custom_vjp
@@ -200,4 +243,4 @@ def _same_conv(x: Any, kernel: Any) -> Any:
   missing = tuple(_varying(x) - _varying(kernel))
   if missing:
     kernel = jax.lax.pcast(kernel, missing, to='varying')
-  return _same_conv_fn()(x, kernel)
+  return _conv_fast_kernel_grad_fn()(x, kernel, strides, padding)

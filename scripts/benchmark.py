@@ -9,6 +9,8 @@
   # The JPEG input pipeline at 224 (fused decode + crop, before/after):
   uv run python scripts/benchmark.py --pipeline
   uv run python scripts/benchmark.py --smoke        # seconds; the test suite runs it
+  # Where the step's time goes, per XLA op, named by the model code that emitted it:
+  uv run python scripts/benchmark.py --config=configs/fashion_mnist_resnet.py --grad_accum= --ops=15
 
 Per model it prints compile time apart from steady-state train and eval images/s; the
 model FLOPs of one step from XLA's cost analysis; the FLOP/s achieved against a matmul
@@ -70,6 +72,8 @@ _ACCUM = flags.DEFINE_list('grad_accum', ['1', '2', '4'], 'Config mode: grad_acc
                            'values whose compiled memory is printed (empty: none).')
 _JSON = flags.DEFINE_string('json', None, 'Write every figure here as JSON.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes, 1 round: checks the script runs.')
+_OPS = flags.DEFINE_integer('ops', 0, 'Also print where the train step spends its time: the '
+                            'N slowest XLA ops of a profiled step and the time per op kind.')
 
 
 @dataclasses.dataclass
@@ -154,6 +158,54 @@ def matmul_ceiling(dtype: str, n: int = 2048, reps: int = 5) -> float:
   if dtype == 'float32':
     rates.append(best(lambda a: a @ a, np.ones((n, n), np.float32)))
   return max(rates)
+
+
+def op_split(compiled, run_once, top: int, steps: int = 3) -> dict:
+  """Where a compiled step spends its time: a jax.profiler trace of `steps` calls, summed per
+  XLA op (ms per step), each named by the model code it came from (the op's metadata).
+
+  What TensorBoard's profile tab shows, as text: found that XLA:CPU ran 3x3 convs with a 2x2
+  output as loop fusions, 100 ms each (imgcls/cpu.py). XLA:CPU runs independent ops side by
+  side, so the per-op sum can exceed the step's wall time.
+  """
+  import collections  # noqa: PLC0415
+  import gzip  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+  jax.block_until_ready(run_once())
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = run_once()
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - t0) / steps
+    jax.profiler.stop_trace()
+    trace, = pathlib.Path(tmp).rglob('*.trace.json.gz')
+    events = json.loads(gzip.decompress(trace.read_bytes()))
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  hlo = {}  # every instruction's name -> the jax/flax scope that emitted it ('' if none)
+  for line in compiled.as_text().splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = ', line)
+    if m:
+      scope = re.search(r'op_name="([^"]+)"', line)
+      hlo[m.group(1)] = scope.group(1) if scope else ''
+  per_op: collections.Counter = collections.Counter()
+  for e in events:  # the trace's complete events named after an instruction: one op each
+    name = e.get('name', '').split('__')[0]  # 'custom-call.3.clone__onednn$matmul'
+    if e.get('ph') == 'X' and name in hlo and not name.startswith('while'):  # body ops count
+      per_op[name] += e.get('dur', 0) / 1e3 / steps  # us -> ms per step
+  kinds: collections.Counter = collections.Counter()
+  for name, ms in per_op.items():
+    kinds[re.sub(r'(\.\d+)+$', '', name)] += ms
+  print(f'\nop split: step {wall * 1e3:.1f} ms wall; {sum(per_op.values()):.1f} ms summed '
+        f'over ops (independent ops run side by side)')
+  for name, ms in kinds.most_common(8):
+    print(f'  {ms:8.1f} ms/step  {name} (all)')
+  for name, ms in per_op.most_common(top):
+    print(f'  {ms:8.1f} ms/step  {name:32s} {hlo.get(name, "")[-90:]}')
+  return {'step_ms': wall * 1e3, 'ops_ms': dict(per_op.most_common(top)),
+          'kinds_ms': dict(kinds.most_common(8))}
 
 
 class Imgcls:
@@ -285,6 +337,8 @@ def compare(spec: Spec, mesh, ceilings: dict[str, float], steps: int, rounds: in
         rates[what][k].append(r.rate(what, steps))
   if torch_runner:
     torch_runner.close()
+  if _OPS.value:
+    out['op_split'] = op_split(first.train_compiled, first._train_once, _OPS.value)
   out['img_s'] = rates
   ceiling = ceilings[first.dtype]
   for what in ('train', 'eval'):
@@ -348,6 +402,8 @@ def config_mode(config, mesh) -> dict:
     return metrics['loss']
 
   out['train_img_s'] = images_per_s(one_step, _STEPS.value, config.batch_size)
+  if _OPS.value:
+    out['op_split'] = op_split(compiled, one_step, _OPS.value)
   out['pipeline_img_s'] = images_per_s(lambda: np.asarray(next(batches)['image']),
                                        _STEPS.value, config.batch_size)
   print(f'model {config.model.to_dict()} batch {config.batch_size} on {mesh.size} device(s)')

@@ -16,16 +16,18 @@ def _lax(x, k, strides, pad):
 
 
 @pytest.mark.parametrize('size,kernel,stride', [
-    (8, 3, 1),   # stride-1 3x3: im2col + matmul, custom gradient
-    (7, 5, 1),   # any odd stride-1 kernel padded k // 2
+    (8, 3, 1),   # stride-1 3x3: chunked im2col kernel gradient
+    (7, 5, 1),   # any kernel size
+    (10, 7, 2),  # a strided 7x7 (ImageNet stem)
     (8, 1, 1),   # 1x1: a matmul
     (8, 1, 2),   # strided 1x1 (projection shortcut): slice + matmul
     (3, 3, 2),   # 2x2 output: im2col
-    (9, 3, 2),   # strided 3x3: lax's convolution
+    (9, 3, 2),   # strided 3x3: chunked im2col kernel gradient
 ])
 def test_conv2d_equals_lax_with_gradients(size, kernel, stride):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, size, size, 4)), jnp.float32)
+  # batch 12: chunks of at most 8 images, so the kernel gradient's scan runs twice
+  x = jnp.asarray(rng.standard_normal((12, size, size, 4)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((kernel, kernel, 4, 6)), jnp.float32)
   pad = ((kernel // 2, kernel // 2),) * 2
   ours = lambda x, k: jnp.sum(jnp.sin(cpu.conv2d(x, k, (stride, stride), pad)))  # noqa: E731
@@ -36,19 +38,34 @@ def test_conv2d_equals_lax_with_gradients(size, kernel, stride):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_conv2d_gradient_is_matmuls_on_cpu_only_when_levers_on(monkeypatch):
-  x = jnp.ones((1, 8, 8, 4))
+@pytest.mark.parametrize('stride', [1, 2])
+def test_kernel_gradient_is_chunked_matmuls_on_cpu_only_when_levers_on(monkeypatch, stride):
+  x = jnp.ones((4, 9, 9, 4))
   k = jnp.ones((3, 3, 4, 4))
 
   def hlo():  # a new function each time: the levers are read while tracing
-    grad = jax.grad(lambda x: jnp.sum(cpu.conv2d(x, k, (1, 1), ((1, 1), (1, 1)))))
-    return jax.jit(grad).lower(x).as_text()
+    grad = jax.grad(lambda k: jnp.sum(cpu.conv2d(x, k, (stride, stride), ((1, 1), (1, 1)))))
+    return jax.jit(grad).lower(k).as_text()
 
   hlo_on = hlo()
   monkeypatch.setenv(cpu.OFF_ENV, '0')
   hlo_off = hlo()
-  assert 'convolution' not in hlo_on and 'dot_general' in hlo_on
+  # On: a scan (while loop) over chunks of images, each an im2col and a matmul.
+  assert 'stablehlo.while' in hlo_on and 'dot_general' in hlo_on
+  assert 'stablehlo.while' not in hlo_off and 'dot_general' not in hlo_off
   assert 'convolution' in hlo_off
+
+
+@pytest.mark.parametrize('batch,per_image,want', [
+    (128, 1024 * 576 * 4, 4),   # ResNet-18 at 32 px, stage 1: 2.25 MiB per image
+    (128, 64 * 2304 * 4, 8),    # small per-image copies: capped at 8 images
+    (8, 3136 * 576 * 4, 2),     # ResNet-50 at 224 px, stage 1: 6.9 MiB per image
+    (6, 40 << 20, 1),           # larger than a chunk: one image at a time
+    (7, 1 << 20, 7),            # a divisor of the batch
+])
+def test_kernel_grad_chunks(batch, per_image, want):
+  assert cpu.chunk_images(batch, per_image) == want
+  assert batch % want == 0
 
 
 def test_resnet_same_outputs_and_gradients_with_levers_off(monkeypatch):
@@ -92,3 +109,18 @@ def test_xla_flags_only_on_native_bf16_cpus(monkeypatch):
   monkeypatch.setenv(cpu.OFF_ENV, '0')
   assert cpu.set_xla_flags() == ''
   assert os.environ['XLA_FLAGS'] == ''
+
+
+@pytest.mark.parametrize('size', [8, 10])  # 10: VALID drops the last 2 rows and columns
+def test_patch_conv_equals_lax_with_gradients(size):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, size, size, 5)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((4, 4, 5, 7)), jnp.float32)
+  valid = ((0, 0), (0, 0))
+  ours = lambda x, k: jnp.sum(jnp.sin(cpu.conv2d(x, k, (4, 4), valid)))  # noqa: E731
+  ref = lambda x, k: jnp.sum(jnp.sin(_lax(x, k, (4, 4), valid)))  # noqa: E731
+  np.testing.assert_allclose(cpu.conv2d(x, k, (4, 4), valid), _lax(x, k, (4, 4), valid),
+                             atol=2e-5)
+  assert 'convolution' not in jax.jit(jax.grad(ours, (0, 1))).lower(x, k).as_text()
+  for got, want in zip(jax.grad(ours, (0, 1))(x, k), jax.grad(ref, (0, 1))(x, k)):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)

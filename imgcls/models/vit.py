@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imgcls import cpu
 from imgcls.models.layers import drop_path
 from imgcls.models.registry import MODELS
 
@@ -88,6 +89,26 @@ def patch_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -
   std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
   flat = jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), dtype)
   return (flat * std).reshape(shape)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches, each linearly projected: a p x p conv of stride p with
+  bias, with nn.Conv's parameters (kernel [p, p, in, features], bias). imgcls.cpu.conv2d
+  computes it as one matmul over the patches on CPUs."""
+  features: int
+  patch: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch
+    kernel = self.param('kernel', self.kernel_init, (p, p, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
+    return cpu.conv2d(x, kernel, (p, p), ((0, 0), (0, 0))) + bias
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -271,8 +292,8 @@ class ViT(nn.Module):
                        f'size {p}.')
 
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(d['width'], (p, p), strides=(p, p), padding='VALID', kernel_init=patch_init,
-                dtype=self.dtype, param_dtype=self.param_dtype, name='embedding')(x)
+    x = PatchEmbed(d['width'], p, kernel_init=patch_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='embedding')(x)
     n, gh, gw, c = x.shape
     x = x.reshape(n, gh * gw, c)
     if self.posemb == 'sincos2d':
