@@ -124,3 +124,20 @@ def test_patch_conv_equals_lax_with_gradients(size):
   assert 'convolution' not in jax.jit(jax.grad(ours, (0, 1))).lower(x, k).as_text()
   for got, want in zip(jax.grad(ours, (0, 1))(x, k), jax.grad(ref, (0, 1))(x, k)):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('size,pad', [(9, 1), (8, 1), (9, 0)])
+def test_max_pool_equals_reduce_window_with_gradients(monkeypatch, size, pad):
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, size, size, 3)), jnp.float32)
+  padding = ((pad, pad), (pad, pad))
+
+  def pooled_loss(x):
+    return jnp.sum(jnp.sin(cpu.max_pool(x, (3, 3), (2, 2), padding)))
+
+  on = cpu.max_pool(x, (3, 3), (2, 2), padding), jax.grad(pooled_loss)(x)
+  assert 'reduce_window' not in jax.jit(jax.grad(pooled_loss)).lower(x).as_text()
+  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  off = cpu.max_pool(x, (3, 3), (2, 2), padding), jax.grad(pooled_loss)(x)
+  assert 'reduce_window' in jax.jit(pooled_loss).lower(x).as_text()
+  for got, want in zip(on, off):
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -88,7 +88,7 @@ def fixed_stem_pool(x: jax.Array) -> jax.Array:
   the official BiT PyTorch / timm stem_type='fixed' (ConstantPad2d(1, 0) + MaxPool2d(3, 2)).
   """
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+  return cpu.max_pool(x, (3, 3), (2, 2), ((0, 0), (0, 0)))
 
 
 class PreActBottleneck(nn.Module):

@@ -138,7 +138,7 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = conv(self.width, (7, 7), (2, 2), name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = cpu.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:  # small: 3x3/1, full resolution; small_s2: 3x3/2 (28 px -> 14, ~3x faster on CPU)
       s = 2 if self.stem == 'small_s2' else 1
       x = conv(self.width, (3, 3), (s, s), name='conv_init')(x)
