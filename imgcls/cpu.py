@@ -7,9 +7,9 @@ keep reading as the math: they call `conv2d` here instead of `lax.conv_general_d
   set_xla_flags()     XLA CPU flags, set before JAX starts its backends (the CLI and the
                       benchmark call it): oneDNN for bf16 convs and matmuls on native-bf16 CPUs
   max_pool()          max-pool with an element-wise gradient on a CPU backend
-  conv2d()            convolution lowering on a CPU backend: 1x1 convs and tiny outputs as
-                      matmuls, other convs with a chunked im2col + matmul kernel gradient;
-                      elsewhere lax's convolution
+  conv2d()            convolution lowering on a CPU backend: 1x1 convs, patch embeddings,
+                      tiny outputs and 3x3x512x512 kernels as matmuls, other convs with a
+                      chunked im2col + matmul kernel gradient; elsewhere lax's convolution
 
 Each lever was kept because scripts/benchmark.py measured it winning (README, "Speed").
 """
@@ -27,11 +27,11 @@ OFF_ENV = 'IMGCLS_CPU_LEVERS'  # =0 turns every lever here off (for A/B measurem
 # stays in cache: the fastest chunk measured was 5-15 MiB and at most 8 images, at
 # ResNet-18 (32 px, batch 128) and ResNet-50 (224 px, batch 8) shapes.
 KERNEL_GRAD_CHUNK_BYTES = 16 << 20
+KERNEL_GRAD_MAX_CHUNK = 8
 # XLA:CPU's conv is slow with large kernels: from this many weights (3x3x512x512 has 2.4M;
 # 3x3x256x256, 0.6M, was even), im2col + one matmul while the copy is under 64 MiB.
 IM2COL_MIN_WEIGHTS = 1 << 20
 IM2COL_MAX_BYTES = 64 << 20
-KERNEL_GRAD_MAX_CHUNK = 8
 
 
 def levers_on() -> bool:
@@ -39,19 +39,37 @@ def levers_on() -> bool:
 
 
 @contextlib.contextmanager
-def levers(on: bool):
-  """Functions traced inside see the trace-time levers on or off. Off gives plain lax convs:
-  for graphs that leave this machine, such as `imgcls export`'s, which may have a symbolic
-  batch; scripts/benchmark.py traces both ways for its A/B."""
-  old = os.environ.get(OFF_ENV)
-  os.environ[OFF_ENV] = '1' if on else '0'
+def env_var(name: str, value: str):
+  """Sets environment variable `name` inside the block and restores it after."""
+  old = os.environ.get(name)
+  os.environ[name] = value
   try:
     yield
   finally:
     if old is None:
-      os.environ.pop(OFF_ENV, None)
+      os.environ.pop(name, None)
     else:
-      os.environ[OFF_ENV] = old
+      os.environ[name] = old
+
+
+def levers(on: bool):
+  """Functions traced inside see the trace-time levers on or off. Off gives plain lax convs:
+  for graphs that leave this machine, such as `imgcls export`'s, which may have a symbolic
+  batch; scripts/benchmark.py traces both ways for its A/B."""
+  return env_var(OFF_ENV, '1' if on else '0')
+
+
+@functools.cache
+def model_name() -> str:
+  """The CPU's model name from /proc/cpuinfo, to print beside every speed figure."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return 'unknown CPU'
 
 
 @functools.cache
@@ -118,8 +136,9 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
 
   On a CPU backend the same math, lowered the way XLA:CPU runs fastest (each measured with
   scripts/benchmark.py; the README's "Speed" section has the figures):
-  - 1x1 convs: (strided) slice, then one matmul; autodiff's gradients are matmuls too;
-    likewise convs whose stride is their size (a ViT's patch embedding): 4x faster;
+  - unpadded 1x1 convs: (strided) slice, then one matmul; autodiff's gradients are matmuls
+    too; likewise unpadded convs whose stride is their size (a ViT's patch embedding, which XLA's conv
+    ran at 25 GFLOP/s);
   - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col and a
     matmul (XLA:CPU runs such a conv as a naive loop fusion, 30x slower); likewise convs
     with a large kernel (3x3x512x512) while their im2col copy is small, 2-2.5x faster
@@ -129,10 +148,9 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
     of matmul speed).
   Elsewhere (GPU, TPU, levers off) lax's convolution and its autodiff.
   """
-  import jax  # noqa: PLC0415
   kh, kw = kernel.shape[:2]
   (sh, sw) = strides
-  if on_cpu():
+  if on_cpu() and all(isinstance(d, int) for d in x.shape):  # (not a symbolic batch)
     out_h = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
     out_w = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
@@ -154,23 +172,37 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
 def max_pool(x: Any, window: tuple[int, int], strides: tuple[int, int],
              padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
   """NHWC max-pool, padded with -inf: nn.max_pool's math. On a CPU backend the max of the
-  window's strided slices, whose gradient is element-wise selects; XLA:CPU's gradient of
-  lax's reduce_window tracks argmax indices in unfused loops (ResNet-50's stem pool: 160 ms
-  of a 2.6 s step at 224 px, batch 8). Ties pass the gradient to each tied input in part,
-  where reduce_window picks one; after a ReLU the only ties are zeros, whose gradient the
-  ReLU stops either way."""
+  window's strided slices (max_pool_slices), whose gradient is element-wise selects; XLA:CPU's
+  gradient of lax's reduce_window tracks argmax indices in unfused loops (ResNet-50's stem
+  pool: about 160 ms of op time in a 2.6 s step at 224 px, batch 8). Where inputs tie
+  exactly, the slices' gradient is shared among them and reduce_window's goes to one: both
+  are valid subgradients with the same total."""
+  if on_cpu():
+    return max_pool_slices(x, window, strides, padding)
+  import flax.linen as nn  # noqa: PLC0415  (looked up here: `imgcls export` swaps it for ONNX)
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def max_pool_slices(inputs: Any, window_shape, strides=None, padding='VALID') -> Any:
+  """flax.linen.max_pool (channels last, -inf padding) as the max of the window's strided
+  slices: exactly equal, element-wise ops only (also what `imgcls export` gives ONNX)."""
+  import itertools  # noqa: PLC0415
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  (kh, kw), (sh, sw) = window, strides
-  if not on_cpu():
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, kh, kw, 1), (1, sh, sw, 1),
-                                 ((0, 0), *padding, (0, 0)))
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  out_h = (x.shape[1] - kh) // sh + 1
-  out_w = (x.shape[2] - kw) // sw + 1
-  return functools.reduce(jnp.maximum, [
-      x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
-      for i in range(kh) for j in range(kw)])
+  nd = len(window_shape)
+  strides = tuple(strides or (1,) * nd)
+  lead = inputs.ndim - nd - 1
+  spatial = inputs.shape[lead:lead + nd]
+  pads = (jax.lax.padtype_to_pads(spatial, window_shape, strides, padding)
+          if isinstance(padding, str) else [tuple(p) for p in padding])
+  x = jnp.pad(inputs, [(0, 0)] * lead + list(pads) + [(0, 0)], constant_values=-jnp.inf)
+  sizes = [(x.shape[lead + d] - window_shape[d]) // strides[d] + 1 for d in range(nd)]
+  out = None
+  for offsets in itertools.product(*(range(k) for k in window_shape)):
+    index = ((slice(None),) * lead +
+             tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offsets, strides, sizes)))
+    out = x[index] if out is None else jnp.maximum(out, x[index])
+  return out
 
 
 def _lax_conv(x: Any, kernel: Any, strides, padding) -> Any:
@@ -201,7 +233,7 @@ def chunk_images(batch: int, cols_bytes_per_image: int) -> int:
 def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, padding) -> Any:
   """d(loss)/d(kernel) = sum over pixels of im2col(x)^T dy, one chunk of images at a time.
 
-  All of a batch's im2col copy at once is k*k times the input (302 MiB for ResNet-18's first
+  All of a batch's im2col copy at once is k*k / stride^2 times the input (302 MiB for ResNet-18's first
   stage at 32 px, batch 128) and costs more memory traffic than the matmul saves; a scan over
   chunks of a few images keeps each copy in cache. 2-3.5x faster than XLA:CPU's kernel
   gradient at ResNet shapes (scripts/benchmark.py, README "Speed").
@@ -214,13 +246,15 @@ def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, paddin
   xs = x.reshape(b // n, n, *x.shape[1:])
   dys = dy.reshape(b // n, n, *dy.shape[1:])
 
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # bf16 sums in float32
+
   def body(acc, chunk):
     xc, dyc = chunk
     cols = _im2col(xc, kh, kw, strides, padding, out_h, out_w).reshape(-1, kh * kw * cin)
     return acc + jnp.matmul(cols.T, dyc.reshape(-1, cout),
-                            preferred_element_type=jnp.float32), None
+                            preferred_element_type=acc_dtype), None
 
-  acc = jnp.zeros((kh * kw * cin, cout), jnp.float32)
+  acc = jnp.zeros((kh * kw * cin, cout), acc_dtype)
   axes = tuple(_varying(x) | _varying(dy))
   if axes:  # under shard_map the carry varies over the batch axis as each chunk's sum does
     acc = jax.lax.pcast(acc, axes, to='varying')

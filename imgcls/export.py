@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import inspect
-import itertools
 import json
 import os
 import time
@@ -123,31 +122,13 @@ def serving_fn(clf: inference.Classifier) -> Callable[[jax.Array], jax.Array]:
 
 # --------------------------------------------------------------------- ONNX
 
-def max_pool_slices(inputs: jax.Array, window_shape, strides=None, padding='VALID') -> jax.Array:
-  """flax.linen.max_pool (channels last, -inf padding) as the max of the window's strided
-  slices: exactly equal, and made of ops jax2onnx and onnxruntime both take."""
-  nd = len(window_shape)
-  strides = tuple(strides or (1,) * nd)
-  lead = inputs.ndim - nd - 1
-  spatial = inputs.shape[lead:lead + nd]
-  pads = (jax.lax.padtype_to_pads(spatial, window_shape, strides, padding)
-          if isinstance(padding, str) else [tuple(p) for p in padding])
-  x = jnp.pad(inputs, [(0, 0)] * lead + list(pads) + [(0, 0)], constant_values=-jnp.inf)
-  sizes = [(x.shape[lead + d] - window_shape[d]) // strides[d] + 1 for d in range(nd)]
-  out = None
-  for offsets in itertools.product(*(range(k) for k in window_shape)):
-    index = ((slice(None),) * lead +
-             tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offsets, strides, sizes)))
-    out = x[index] if out is None else jnp.maximum(out, x[index])
-  return out
-
-
 @contextlib.contextmanager
 def _slices_max_pool():
-  """The models call nn.max_pool at apply time: trace them with max_pool_slices instead."""
+  """The models' pools (cpu.max_pool with the levers off) call nn.max_pool at apply time:
+  trace them with cpu.max_pool_slices instead, made of ops jax2onnx and onnxruntime take."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   original = nn.max_pool
-  nn.max_pool = max_pool_slices
+  nn.max_pool = cpu.max_pool_slices
   try:
     yield
   finally:

@@ -22,7 +22,6 @@ prints (scripts/benchmark.py --pipeline calls it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -34,11 +33,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from imgcls import cpu  # stdlib only: loads neither JAX nor TensorFlow
+
 TRAIN_PP = 'decode(3)|inception_crop(224)|flip_lr|value_range(-1, 1)|onehot(10)'
 EVAL_PP = 'decode(3)|resize_small(256)|central_crop(224)|value_range(-1, 1)|onehot(10)'
 CLASSES = 10
 FUSE_ENV = 'IMGCLS_PP_FUSE'  # = imgcls.data.preprocess.FUSE_ENV (read there, not imported:
-                             # importing it here would load the package before main() runs)
+                             # importing it would load imgcls.data, TensorFlow, at import)
 
 
 def default_cache_dir() -> str:
@@ -87,20 +88,6 @@ def _mean_kb(root: pathlib.Path) -> float:
   return sum(sizes) / max(1, len(sizes)) / 1024
 
 
-@contextlib.contextmanager
-def _fusion(fuse: bool) -> Iterator[None]:
-  """IMGCLS_PP_FUSE for the pipelines built inside (get_pp_fn reads it when called)."""
-  old = os.environ.get(FUSE_ENV)
-  os.environ[FUSE_ENV] = '1' if fuse else '0'
-  try:
-    yield
-  finally:
-    if old is None:
-      del os.environ[FUSE_ENV]
-    else:
-      os.environ[FUSE_ENV] = old
-
-
 def _cores(threads: int | None) -> int:
   if threads:
     return threads
@@ -142,7 +129,8 @@ def measure(pp: str = TRAIN_PP, *, n_images: int = 512, size: tuple[int, int] = 
   """
   root = write_jpegs(n_images, size, cache_dir)
   data_dir = str(pathlib.Path(cache_dir or default_cache_dir()) / 'tfds')
-  with _fusion(fuse):  # The pp function is built on the first next().
+  # The pp function is built (and reads FUSE_ENV) on the first next().
+  with cpu.env_var(FUSE_ENV, '1' if fuse else '0'):
     batches = _batches(pp, mode, root, data_dir, batch_size, threads)
     next(batches)
   start = time.perf_counter()
@@ -216,18 +204,7 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
             f'{s["after_img_per_s_per_core"]:.1f} img/s per core (x{s["ratio"]:.2f}); '
             f'{s["before_img_per_cpu_s"]:.1f} -> {s["after_img_per_cpu_s"]:.1f} img per '
             f'CPU-s (x{s["ratio_cpu_s"]:.2f})  [{s["pp"]}]')
-  return {'cpu': _cpu_name(), 'runs': runs, 'summary': summary}
-
-
-def _cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown'
+  return {'cpu': cpu.model_name(), 'runs': runs, 'summary': summary}
 
 
 def main() -> None:
@@ -242,7 +219,7 @@ def main() -> None:
   parser.add_argument('--json', default=None, help='also write the report here')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  print(f'CPU: {_cpu_name()}, {_cores(args.threads)} core(s) for tf.data')
+  print(f'CPU: {cpu.model_name()}, {_cores(args.threads)} core(s) for tf.data')
   report = compare(args.smoke, repeats=args.repeats, seconds=args.seconds,
                    n_images=args.n_images, threads=args.threads, cache_dir=args.cache_dir)
   text = json.dumps(report, indent=1)

@@ -26,7 +26,6 @@ changes between machines.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -42,12 +41,12 @@ cpu.set_xla_flags()  # before JAX starts its backends, as the CLI does
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from imgcls import config as config_lib, models, optim, parallel, step as step_lib  # noqa: E402
+from imgcls import config as config_lib, models, optim, parallel  # noqa: E402
 from imgcls import train  # noqa: E402
+from imgcls.evaluators import base as evaluators_base  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (config mode).')
 _PRESET = flags.DEFINE_enum('preset', None, ['cpu_vs_torch'], 'cpu_vs_torch: ResNet-18 '
@@ -124,16 +123,6 @@ PRESETS = {
     ],
     'smoke': [Spec('resnet18', 16, 8, 'sgd', num_classes=10, stem='small', width=8)],
 }
-
-
-def cpu_name() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown CPU'
 
 
 def _flops(compiled) -> float:
@@ -233,9 +222,7 @@ class Imgcls:
     self.train_compiled = fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     self.train_flops = _flops(self.train_compiled)
-    eval_fn = parallel.data_parallel(
-        functools.partial(step_lib.eval_step, model=model, axis_name=parallel.AXIS),
-        mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh)
     self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
     self.eval_flops = _flops(self.eval_compiled)
     self.dtype = str(jnp.dtype(getattr(model, 'dtype', 'float32')))
@@ -417,7 +404,7 @@ def config_mode(config, mesh) -> dict:
 
 def main(_):
   mesh = parallel.make_mesh()
-  report: dict = {'cpu': cpu_name(), 'native_bf16': cpu.native_bf16(),
+  report: dict = {'cpu': cpu.model_name(), 'native_bf16': cpu.native_bf16(),
                   'cores': os.cpu_count(), 'devices': mesh.size, 'backend': jax.default_backend(),
                   'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                   'levers': cpu.levers_on()}

@@ -40,7 +40,7 @@ def test_conv2d_equals_lax_with_gradients(size, kernel, stride):
 
 @pytest.mark.parametrize('stride', [1, 2])
 def test_kernel_gradient_is_chunked_matmuls_on_cpu_only_when_levers_on(monkeypatch, stride):
-  x = jnp.ones((4, 9, 9, 4))
+  x = jnp.ones((16, 9, 9, 4))  # chunks of 8 images: the scan runs twice
   k = jnp.ones((3, 3, 4, 4))
 
   def hlo():  # a new function each time: the levers are read while tracing
@@ -141,3 +141,30 @@ def test_max_pool_equals_reduce_window_with_gradients(monkeypatch, size, pad):
   assert 'reduce_window' in jax.jit(pooled_loss).lower(x).as_text()
   for got, want in zip(on, off):
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_large_kernel_conv_is_a_matmul_with_lax_values_and_gradients():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 5, 5, 512)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 512, 256)) * 0.02, jnp.float32)  # 1.2M weights
+  assert k.size >= cpu.IM2COL_MIN_WEIGHTS
+  pad = ((1, 1), (1, 1))
+  ours = lambda x, k: jnp.sum(jnp.sin(cpu.conv2d(x, k, (1, 1), pad)))  # noqa: E731
+  ref = lambda x, k: jnp.sum(jnp.sin(_lax(x, k, (1, 1), pad)))  # noqa: E731
+  assert 'convolution' not in jax.jit(ours).lower(x, k).as_text()
+  np.testing.assert_allclose(cpu.conv2d(x, k, (1, 1), pad), _lax(x, k, (1, 1), pad),
+                             atol=1e-4, rtol=1e-4)
+  for got, want in zip(jax.grad(ours, (0, 1))(x, k), jax.grad(ref, (0, 1))(x, k)):
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_bfloat16_kernel_gradient_matches_float32():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((16, 8, 8, 8)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((3, 3, 8, 8)) * 0.1, jnp.bfloat16)
+  pad = ((1, 1), (1, 1))
+  grad = jax.grad(lambda k: jnp.sum(cpu.conv2d(x, k, (1, 1), pad).astype(jnp.float32)))(k)
+  want = jax.grad(lambda k: jnp.sum(_lax(x.astype(jnp.float32), k, (1, 1), pad)))(
+      k.astype(jnp.float32))
+  assert grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(grad, np.float32), want, rtol=2e-2, atol=0.5)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 import imgcls
-from imgcls import checkpoints, export, models
+from imgcls import checkpoints, cpu, export, models
 
 LABELS = ['cat', 'dog', 'owl']
 MODELS = {
@@ -59,7 +59,7 @@ def test_max_pool_as_slices_equals_reduce_window():
   for window, strides, padding in (((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem
                                    ((3, 3), (2, 2), 'VALID'), ((2, 3), (1, 2), 'SAME')):
     pools = [jax.jit(lambda x, f=f: f(x, window, strides, padding))
-             for f in (export.max_pool_slices, nn.max_pool)]
+             for f in (cpu.max_pool_slices, nn.max_pool)]
     np.testing.assert_array_equal(*[np.asarray(pool(x)) for pool in pools])
 
 

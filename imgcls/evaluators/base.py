@@ -14,6 +14,14 @@ from imgcls.registry import Registry
 EVALUATORS = Registry('evaluator')
 
 
+def make_eval_fn(model, loss: str, mesh):
+  """step.eval_step under shard_map over the mesh's batch axis: (global sums, batch-sharded
+  per-example outputs). Every evaluator's step; scripts/benchmark.py times this same one."""
+  return parallel.data_parallel(
+      functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS),
+      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+
+
 class Evaluator:
   """Base of the registered evaluators: `OPTIONS` (name -> default) are the options a
   config may set; `check` reports bad ones before anything runs; `__call__(state)` returns
@@ -59,10 +67,7 @@ class Context:
   @functools.cached_property
   def eval_fn(self):
     """The data-parallel eval step: (global sums, batch-sharded per-example outputs)."""
-    return parallel.data_parallel(
-        functools.partial(step_lib.eval_step, model=self.model, loss=self.config.loss,
-                          axis_name=parallel.AXIS),
-        self.mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+    return make_eval_fn(self.model, self.config.loss, self.mesh)
 
   def image_shape(self) -> tuple[int, ...]:
     """The shape of one image as the eval pipeline (pp_eval on eval_split) gives it."""
