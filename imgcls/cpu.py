@@ -137,8 +137,8 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
   On a CPU backend the same math, lowered the way XLA:CPU runs fastest (each measured with
   scripts/benchmark.py; the README's "Speed" section has the figures):
   - unpadded 1x1 convs: (strided) slice, then one matmul; autodiff's gradients are matmuls
-    too; likewise unpadded convs whose stride is their size (a ViT's patch embedding, which XLA's conv
-    ran at 25 GFLOP/s);
+    too; likewise unpadded convs whose stride is their size (a ViT's patch embedding, which
+    XLA's conv ran at 25 GFLOP/s);
   - convs with at most 2x2 output pixels (the last stage of a small-image net): im2col and a
     matmul (XLA:CPU runs such a conv as a naive loop fusion, 30x slower); likewise convs
     with a large kernel (3x3x512x512) while their im2col copy is small, 2-2.5x faster
@@ -233,9 +233,9 @@ def chunk_images(batch: int, cols_bytes_per_image: int) -> int:
 def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, padding) -> Any:
   """d(loss)/d(kernel) = sum over pixels of im2col(x)^T dy, one chunk of images at a time.
 
-  All of a batch's im2col copy at once is k*k / stride^2 times the input (302 MiB for ResNet-18's first
-  stage at 32 px, batch 128) and costs more memory traffic than the matmul saves; a scan over
-  chunks of a few images keeps each copy in cache. 2-3.5x faster than XLA:CPU's kernel
+  All of a batch's im2col copy at once is k*k / stride^2 times the input (302 MiB for
+  ResNet-18's first stage at 32 px, batch 128) and costs more memory traffic than the matmul
+  saves; a scan over chunks of a few images keeps each copy in cache. 2-3.5x faster than XLA:CPU's kernel
   gradient at ResNet shapes (scripts/benchmark.py, README "Speed").
   """
   import jax  # noqa: PLC0415

@@ -394,7 +394,8 @@ def config_mode(config, mesh) -> dict:
   out['pipeline_img_s'] = images_per_s(lambda: np.asarray(next(batches)['image']),
                                        _STEPS.value, config.batch_size)
   print(f'model {config.model.to_dict()} batch {config.batch_size} on {mesh.size} device(s)')
-  print(f'compile {out["compile_s"]:.1f} s; train GFLOPs/step {out["train_flops_per_step"] / 1e9:.2f}')
+  print(f'compile {out["compile_s"]:.1f} s; '
+        f'train GFLOPs/step {out["train_flops_per_step"] / 1e9:.2f}')
   print(f'train step (fake data, fixed batch): {out["train_img_s"]:8.0f} images/s')
   print(f'input pipeline alone:                {out["pipeline_img_s"]:8.0f} images/s')
   print(f'pipeline / step ratio:               '
