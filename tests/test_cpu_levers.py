@@ -158,13 +158,29 @@ def test_large_kernel_conv_is_a_matmul_with_lax_values_and_gradients():
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
 
 
-def test_bfloat16_kernel_gradient_matches_float32():
+@pytest.mark.parametrize('size,stride,pad', [
+    (8, 1, 1),   # stride 1: input gradient as a forward conv of the rotated kernel
+    (8, 1, 0),   # unpadded
+    (8, 1, 2),   # padded more than SAME
+    (9, 2, 1),   # strided: autodiff's input gradient
+    (40, 1, 1),  # 12,800 pixels summed per weight, in float32 across chunks
+])
+def test_bfloat16_gradients_match_float32(size, stride, pad):
+  """bf16 convs: both gradients within bf16 rounding of float32 autodiff on the same inputs."""
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((16, 8, 8, 8)), jnp.bfloat16)
-  k = jnp.asarray(rng.standard_normal((3, 3, 8, 8)) * 0.1, jnp.bfloat16)
-  pad = ((1, 1), (1, 1))
-  grad = jax.grad(lambda k: jnp.sum(cpu.conv2d(x, k, (1, 1), pad).astype(jnp.float32)))(k)
-  want = jax.grad(lambda k: jnp.sum(_lax(x.astype(jnp.float32), k, (1, 1), pad)))(
-      k.astype(jnp.float32))
-  assert grad.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(grad, np.float32), want, rtol=2e-2, atol=0.5)
+  x = jnp.asarray(rng.standard_normal((8, size, size, 8)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.1, jnp.bfloat16)
+  padding = ((pad, pad), (pad, pad))
+  out = (size + 2 * pad - 3) // stride + 1
+  dy = jnp.asarray(rng.standard_normal((8, out, out, 16)), jnp.bfloat16)
+
+  def grads(conv, x, k, dy):
+    return jax.vjp(lambda x, k: conv(x, k, (stride, stride), padding), x, k)[1](dy)
+
+  assert cpu._input_grad_as_conv_applies(x, k, (stride, stride), padding) == (stride == 1)
+  dx, dk = jax.jit(lambda x, k, dy: grads(cpu.conv2d, x, k, dy))(x, k, dy)
+  want_dx, want_dk = grads(_lax, *(a.astype(jnp.float32) for a in (x, k, dy)))
+  assert dx.dtype == dk.dtype == jnp.bfloat16
+  for got, want in ((dx, want_dx), (dk, want_dk)):
+    err = np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max()
+    assert err < 2e-2, err
