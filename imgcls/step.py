@@ -216,14 +216,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, metrics
 
 
+# Test-time augmentation at evaluation: '' none, 'flip' averages the probabilities of each
+# image and its left-right mirror (what `imgcls predict --tta=flip` does).
+TTA = ('', 'flip')
+
+
+def eval_logits(model: nn.Module, variables: dict[str, Any], images: jax.Array,
+                loss: str = 'softmax_xent', tta: str = '') -> jax.Array:
+  """The model's eval-mode logits; with tta='flip', the logits of the probabilities averaged
+  over the image and its mirror (log p for softmax, logit p for sigmoid scores), so that
+  loss, top-k and the reports all score the averaged prediction."""
+  logits = model.apply(variables, images, train=False)
+  if not tta:
+    return logits
+  if tta != 'flip':
+    raise ValueError(f"tta must be one of {TTA}, got {tta!r}.")
+  mirrored = model.apply(variables, images[:, :, ::-1], train=False)  # NHWC: flip W
+  probs = (probabilities(logits, loss) + probabilities(mirrored, loss)) / 2
+  tiny = jnp.finfo(jnp.float32).tiny
+  if loss == 'sigmoid_xent':
+    return jnp.log(jnp.maximum(probs, tiny)) - jnp.log(jnp.maximum(1 - probs, tiny))
+  return jnp.log(jnp.maximum(probs, tiny))
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              loss: str = 'softmax_xent', axis_name: str = 'batch'
+              loss: str = 'softmax_xent', axis_name: str = 'batch', tta: str = ''
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Global sums of loss and top-1/top-5 hits over the real (mask 1) examples, and this
   shard's per-example probabilities (softmax, or sigmoid scores for multi-label) for the
-  reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], train=False)
+  reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5.
+  tta='flip' scores each image with its mirror (`eval_logits`)."""
+  logits = eval_logits(model, {'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'], loss, tta)
   mask = batch['mask']
   labels = batch['labels']
   k = min(5, logits.shape[-1])

@@ -30,6 +30,8 @@ def test_older_fields_map_onto_one_eval_evaluator(tiny_config):
      "best_metric 'eval_top1' is not written by any evaluator"),
     ({'fs': {'type': 'fewshot', 'shots': (0,)}}, 'fs_fewshot_1shot_top1',
      'evals.fs: shots must be positive ints'),
+    ({'val': {'type': 'classification', 'tta': 'rot90'}}, 'val_top1',
+     "evals.val: tta must be 'flip'"),
 ])
 def test_bad_evaluator_lists_are_refused_before_anything_runs(tiny_config, evals, best,
                                                               message):
@@ -44,6 +46,7 @@ def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path
   c = tiny_config(data_dir, total_steps=6, eval_every_steps=3)
   c.evals.test = dict(type='classification', split='test', reports=True)
   c.evals.train = dict(type='classification', split='train[:40]', reports=False)
+  c.evals.flip = dict(type='classification', split='test', reports=False, tta='flip')
   c.best_metric = 'test_top1'
   workdir = str(tmp_path / 'two')
   result = train.train_and_evaluate(c, workdir)
@@ -54,6 +57,7 @@ def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path
     assert r['test_examples'] == NUM_TEST and r['train_examples'] == 40
     assert 'test_ece' in r and 'train_ece' not in r  # reports only where asked
     assert 'eval_top1' not in r
+    assert r['flip_examples'] == NUM_TEST and 'flip_ece' not in r
   assert result['test_top1'] == evals[-1]['test_top1']
   assert result['train_top1'] == evals[-1]['train_top1']
   # The reports of an evaluator other than `eval` go to reports/PREFIX/.

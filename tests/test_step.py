@@ -158,3 +158,42 @@ def test_sigmoid_xent_and_precision_at_1():
   np.testing.assert_array_equal(step_lib.top1_hits(logits, labels), [True, False])
   with pytest.raises(ValueError, match='sigmoid_xent'):
     step_lib.loss_fn_for('hinge')
+
+
+@pytest.mark.parametrize('loss', ['softmax_xent', 'sigmoid_xent'])
+def test_flip_tta_scores_the_average_of_image_and_mirror(loss):
+  """eval_step(tta='flip') scores the mean of the image's and its mirror's probabilities:
+  its probabilities, top-1 and loss are those of that mean, not of either view alone."""
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  model = _tiny_model()
+  tx, _ = optim.make_optimizer(_config(), total_steps=10)
+  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
+                                    input_shape=(16, 16, 1)),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  batch = _batch()
+  batch['mask'] = np.ones(16, np.float32)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def probs_of(images):
+    logits = model.apply(variables, images, train=False)
+    return np.asarray(step_lib.probabilities(logits, loss))
+
+  plain, mirrored = probs_of(batch['image']), probs_of(batch['image'][:, :, ::-1])
+  assert np.abs(plain - mirrored).max() > 1e-4  # the mirror changes the prediction
+  expected = (plain + mirrored) / 2
+  fn = parallel.data_parallel(functools.partial(step_lib.eval_step, model=model, loss=loss,
+                                                tta='flip'), mesh,
+                              in_specs=(P(), P(parallel.AXIS)),
+                              out_specs=(P(), P(parallel.AXIS)))
+  sums, per_example = jax.device_get(fn(state, parallel.shard_batch(batch, mesh)))
+  np.testing.assert_allclose(per_example['probs'], expected, rtol=1e-5, atol=1e-6)
+  hits = step_lib.top1_hits(jnp.asarray(expected), jnp.asarray(batch['labels']))
+  assert float(sums['top1']) == float(np.sum(hits))
+  if loss == 'softmax_xent':
+    nll = -np.sum(np.log(np.sum(expected * batch['labels'], -1)))
+  else:
+    y = batch['labels']
+    nll = -np.sum(y * np.log(expected) + (1 - y) * np.log(1 - expected))
+  np.testing.assert_allclose(float(sums['loss']), nll, rtol=1e-4)
+  with pytest.raises(ValueError, match='tta must be one of'):
+    step_lib.eval_logits(model, variables, batch['image'], loss, 'rot90')

@@ -14,11 +14,12 @@ from imgcls.registry import Registry
 EVALUATORS = Registry('evaluator')
 
 
-def make_eval_fn(model, loss: str, mesh):
+def make_eval_fn(model, loss: str, mesh, tta: str = ''):
   """step.eval_step under shard_map over the mesh's batch axis: (global sums, batch-sharded
   per-example outputs). Every evaluator's step; scripts/benchmark.py times this same one."""
   return parallel.data_parallel(
-      functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS),
+      functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS,
+                        tta=tta),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
 
 
@@ -59,15 +60,22 @@ class Context:
     self.builder = builder
     self.label_names = label_names
     self._data: dict[tuple[str, str], data.EvalData] = {}
+    self._eval_fns: dict[str, Any] = {}
 
   @property
   def multilabel(self) -> bool:
     return self.config.loss == 'sigmoid_xent'
 
-  @functools.cached_property
+  @property
   def eval_fn(self):
     """The data-parallel eval step: (global sums, batch-sharded per-example outputs)."""
-    return make_eval_fn(self.model, self.config.loss, self.mesh)
+    return self.eval_fn_for('')
+
+  def eval_fn_for(self, tta: str = ''):
+    """The eval step with test-time augmentation `tta` (step.TTA), built once per kind."""
+    if tta not in self._eval_fns:
+      self._eval_fns[tta] = make_eval_fn(self.model, self.config.loss, self.mesh, tta)
+    return self._eval_fns[tta]
 
   def image_shape(self) -> tuple[int, ...]:
     """The shape of one image as the eval pipeline (pp_eval on eval_split) gives it."""

@@ -14,7 +14,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from imgcls import evaluate, reports
+from imgcls import evaluate, reports, step
 from imgcls.evaluators.base import EVALUATORS, Evaluator
 
 
@@ -22,12 +22,14 @@ from imgcls.evaluators.base import EVALUATORS, Evaluator
 class Classification(Evaluator):
   """Scores a split; options: split ('' = dataset.eval_split), pp ('' = pp_eval), reports
   (write the figures and add their numbers), val_split (multi-label: where the F1
-  threshold is tuned; '' = none), keep_images (confidently wrong images in the report)."""
-  OPTIONS = dict(split='', pp='', reports=True, val_split='', keep_images=16)
+  threshold is tuned; '' = none), keep_images (confidently wrong images in the report), tta
+  ('flip': score each image with its left-right mirror, probabilities averaged)."""
+  OPTIONS = dict(split='', pp='', reports=True, val_split='', keep_images=16, tta='')
 
   def __init__(self, name, context, *, split: str = '', pp: str = '', reports: bool = True,
-               val_split: str = '', keep_images: int = 16):
+               val_split: str = '', keep_images: int = 16, tta: str = ''):
     super().__init__(name, context)
+    self.eval_fn = context.eval_fn_for(tta)
     config = context.config
     self.split = split or config.dataset.eval_split
     self.data = context.eval_data(self.split, pp)
@@ -40,15 +42,18 @@ class Classification(Evaluator):
   @classmethod
   def check(cls, options, config):
     keep = options.get('keep_images', 16)
+    errors = []
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-      return [f'keep_images must be an int >= 0, got {keep!r}.']
-    return []
+      errors.append(f'keep_images must be an int >= 0, got {keep!r}.')
+    if options.get('tta', '') not in step.TTA:
+      errors.append(f"tta must be 'flip' or '' (none), got {options['tta']!r}.")
+    return errors
 
   def _score(self, state, **collect):
-    result, outputs = evaluate.evaluate(self.context.eval_fn, state, self.data,
+    result, outputs = evaluate.evaluate(self.eval_fn, state, self.data,
                                         self.context.mesh, **collect)
     if state.ema_params is not None:
-      ema, _ = evaluate.evaluate(self.context.eval_fn, state.ema(), self.data,
+      ema, _ = evaluate.evaluate(self.eval_fn, state.ema(), self.data,
                                  self.context.mesh)
       result.update({f'ema_{k}': v for k, v in ema.items() if k != 'examples'})
     return result, outputs
@@ -62,7 +67,7 @@ class Classification(Evaluator):
     if self.context.multilabel:
       val = None
       if self.val_data is not None:
-        val = evaluate.evaluate(self.context.eval_fn, state, self.val_data, self.context.mesh,
+        val = evaluate.evaluate(self.eval_fn, state, self.val_data, self.context.mesh,
                                 collect=True)[1]
       report = reports.multi_label_report(
           outputs.probs, outputs.labels, names,
