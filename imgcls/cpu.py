@@ -9,7 +9,8 @@ keep reading as the math: they call `conv2d` here instead of `lax.conv_general_d
   max_pool()          max-pool with an element-wise gradient on a CPU backend
   conv2d()            convolution lowering on a CPU backend: 1x1 convs, patch embeddings,
                       tiny outputs and 3x3x512x512 kernels as matmuls, other convs with a
-                      chunked im2col + matmul kernel gradient; elsewhere lax's convolution
+                      chunked im2col + matmul kernel gradient (and, in bf16, an input
+                      gradient oneDNN runs); elsewhere lax's convolution
 
 Each lever was kept because scripts/benchmark.py measured it winning (README, "Speed").
 """
@@ -144,8 +145,9 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
     with a large kernel (3x3x512x512) while their im2col copy is small, 2-2.5x faster
     forward and backward than XLA's conv at ResNet-18/50's last stage;
   - other k x k convs: XLA's forward conv and XLA's input gradient (both run near matmul
-    speed), with the kernel gradient computed by `_kernel_grad` (XLA's own runs at a quarter
-    of matmul speed).
+    speed; in bf16 a stride-1 conv's input gradient is written as a forward conv, which
+    XLA gives to oneDNN), with the kernel gradient computed by `_kernel_grad` (XLA's own
+    runs at a quarter of matmul speed).
   Elsewhere (GPU, TPU, levers off) lax's convolution and its autodiff.
   """
   kh, kw = kernel.shape[:2]
