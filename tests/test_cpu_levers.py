@@ -143,6 +143,23 @@ def test_max_pool_equals_reduce_window_with_gradients(monkeypatch, size, pad):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_bfloat16_max_pool_is_pooled_in_float32_with_bfloat16_values_and_gradients():
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 3)), jnp.bfloat16)
+  padding = ((1, 1), (1, 1))
+  out, vjp = jax.vjp(lambda x: cpu.max_pool(x, (3, 3), (2, 2), padding), x)
+  g = jnp.asarray(np.random.default_rng(5).standard_normal(out.shape), jnp.bfloat16)
+  dx, = vjp(g)
+  assert out.dtype == dx.dtype == jnp.bfloat16
+  want, want_vjp = jax.vjp(lambda x: cpu.max_pool_slices(x, (3, 3), (2, 2), padding),
+                           x.astype(jnp.float32))
+  np.testing.assert_array_equal(np.asarray(out, np.float32), want)  # a max is exact
+  np.testing.assert_allclose(np.asarray(dx, np.float32), want_vjp(g.astype(jnp.float32))[0],
+                             rtol=1e-2, atol=1e-2)
+  hlo = jax.jit(lambda x, g: jax.vjp(lambda x: cpu.max_pool(x, (3, 3), (2, 2), padding),
+                                     x)[1](g)).lower(x, g).as_text()
+  assert 'reduce_window' not in hlo and 'f32' in hlo
+
+
 def test_large_kernel_conv_is_a_matmul_with_lax_values_and_gradients():
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((2, 5, 5, 512)), jnp.float32)
