@@ -78,13 +78,19 @@ def test_step_updates_parameters():
   assert sum(changed) > len(changed) // 2
 
 
-def test_eval_step_counts_only_masked_in_examples():
+def _eval_setup():
+  """An 8-device mesh, the tiny model and its freshly initialised state, replicated."""
   mesh = parallel.make_mesh(jax.devices()[:8])
   model = _tiny_model()
   tx, _ = optim.make_optimizer(_config(), total_steps=10)
   state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
                                     input_shape=(16, 16, 1)),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  return mesh, model, state
+
+
+def test_eval_step_counts_only_masked_in_examples():
+  mesh, model, state = _eval_setup()
   batch = _batch()
   batch['mask'] = (np.arange(16) < 11).astype(np.float32)
   fn = parallel.data_parallel(functools.partial(step_lib.eval_step, model=model), mesh,
@@ -164,12 +170,7 @@ def test_sigmoid_xent_and_precision_at_1():
 def test_flip_tta_scores_the_average_of_image_and_mirror(loss):
   """eval_step(tta='flip') scores the mean of the image's and its mirror's probabilities:
   its probabilities, top-1 and loss are those of that mean, not of either view alone."""
-  mesh = parallel.make_mesh(jax.devices()[:8])
-  model = _tiny_model()
-  tx, _ = optim.make_optimizer(_config(), total_steps=10)
-  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
-                                    input_shape=(16, 16, 1)),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  mesh, model, state = _eval_setup()
   batch = _batch()
   batch['mask'] = np.ones(16, np.float32)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
