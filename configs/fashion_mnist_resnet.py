@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.label_smoothing = 0.1
   c.log_every_steps = 200
   if arg.tta:
+    # An explicit list: turn its reports off with --config.evals.eval.reports=False.
     c.evals.eval = dict(type='classification', tta=arg.tta)
     c.evals.plain = dict(type='classification', reports=False)
   return c

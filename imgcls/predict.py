@@ -27,11 +27,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from imgcls import inference
+from imgcls import inference, step
 from imgcls.data.folder_layout import EXTENSIONS
 from imgcls.errors import UserError
 
-TTA = ('', 'flip')
+TTA = step.TTA  # '' or 'flip', as the classification evaluator's option
 
 
 class PredictError(UserError):

@@ -223,20 +223,21 @@ TTA = ('', 'flip')
 
 def eval_logits(model: nn.Module, variables: dict[str, Any], images: jax.Array,
                 loss: str = 'softmax_xent', tta: str = '') -> jax.Array:
-  """The model's eval-mode logits; with tta='flip', the logits of the probabilities averaged
-  over the image and its mirror (log p for softmax, logit p for sigmoid scores), so that
-  loss, top-k and the reports all score the averaged prediction."""
+  """The model's eval-mode logits; with tta='flip', logits whose probabilities are the mean of
+  the image's and its mirror's (log p for softmax, logit p for sigmoid scores, computed in
+  log space so that confident scores neither saturate nor tie), so that loss, top-k and the
+  reports all score the averaged prediction."""
   logits = model.apply(variables, images, train=False)
   if not tta:
     return logits
   if tta != 'flip':
     raise ValueError(f"tta must be one of {TTA}, got {tta!r}.")
   mirrored = model.apply(variables, images[:, :, ::-1], train=False)  # NHWC: flip W
-  probs = (probabilities(logits, loss) + probabilities(mirrored, loss)) / 2
-  tiny = jnp.finfo(jnp.float32).tiny
-  if loss == 'sigmoid_xent':
-    return jnp.log(jnp.maximum(probs, tiny)) - jnp.log(jnp.maximum(1 - probs, tiny))
-  return jnp.log(jnp.maximum(probs, tiny))
+  a, b = logits.astype(jnp.float32), mirrored.astype(jnp.float32)
+  if loss == 'sigmoid_xent':  # log(mean p) - log(mean (1 - p)); the halves cancel
+    return (jnp.logaddexp(jax.nn.log_sigmoid(a), jax.nn.log_sigmoid(b)) -
+            jnp.logaddexp(jax.nn.log_sigmoid(-a), jax.nn.log_sigmoid(-b)))
+  return jnp.logaddexp(jax.nn.log_softmax(a), jax.nn.log_softmax(b)) - jnp.log(2.0)
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,

@@ -379,9 +379,14 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
   config_lib.upgrade(config)
   if data_dir:
     config.dataset.data_dir = data_dir
-  if split:  # one classification evaluator on that split, named as the default one
+  if split:  # one classification evaluator on that split, named as the default one, with
+    # the run's test-time augmentation (so that eval_top1 means what it meant in the run)
+    tta = evaluators.specs(config).get('eval', {}).get('tta', '')
     config.dataset.eval_split = split
     config.evals = ml_collections.ConfigDict()
+    if tta:
+      config.evals.eval = dict(type='classification', split=split, reports=False,
+                               val_split=config.dataset.val_split, tta=tta)
     config.fewshot.shots = ()
   config.eval_reports = False  # the numbers only: `imgcls eval` writes no figures
   mesh = parallel.make_mesh()

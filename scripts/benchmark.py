@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from imgcls import config as config_lib, models, optim, parallel  # noqa: E402
 from imgcls import train  # noqa: E402
+from imgcls import evaluators  # noqa: E402
 from imgcls.evaluators import base as evaluators_base  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (config mode).')
@@ -222,7 +223,8 @@ class Imgcls:
     self.train_compiled = fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     self.train_flops = _flops(self.train_compiled)
-    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh)
+    tta = evaluators.specs(config).get('eval', {}).get('tta', '')  # the run's eval step
+    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta)
     self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
     self.eval_flops = _flops(self.eval_compiled)
     self.dtype = str(jnp.dtype(getattr(model, 'dtype', 'float32')))

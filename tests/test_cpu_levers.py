@@ -175,26 +175,28 @@ def test_large_kernel_conv_is_a_matmul_with_lax_values_and_gradients():
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize('size,stride,pad', [
-    (8, 1, 1),   # stride 1: input gradient as a forward conv of the rotated kernel
-    (8, 1, 0),   # unpadded
-    (8, 1, 2),   # padded more than SAME
-    (9, 2, 1),   # strided: autodiff's input gradient
-    (40, 1, 1),  # 12,800 pixels summed per weight, in float32 across chunks
+@pytest.mark.parametrize('size,stride,kernel,pad', [
+    (8, 1, (3, 3), ((1, 1), (1, 1))),  # stride 1: input gradient by the rotated kernel
+    (8, 1, (3, 3), ((0, 0), (0, 0))),  # unpadded
+    (8, 1, (3, 3), ((2, 2), (2, 2))),  # padded more than SAME
+    (8, 1, (3, 2), ((0, 2), (1, 0))),  # a non-square kernel, padded unevenly
+    (9, 2, (3, 3), ((1, 1), (1, 1))),  # strided: autodiff's input gradient
+    (40, 1, (3, 3), ((1, 1), (1, 1))),  # 12,800 pixels per weight, float32 across chunks
 ])
-def test_bfloat16_gradients_match_float32(size, stride, pad):
+def test_bfloat16_gradients_match_float32(monkeypatch, size, stride, kernel, pad):
   """bf16 convs: both gradients within bf16 rounding of float32 autodiff on the same inputs."""
+  monkeypatch.delenv(cpu.OFF_ENV, raising=False)  # the levers on, whatever the caller set
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((8, size, size, 8)), jnp.bfloat16)
-  k = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.1, jnp.bfloat16)
-  padding = ((pad, pad), (pad, pad))
-  out = (size + 2 * pad - 3) // stride + 1
-  dy = jnp.asarray(rng.standard_normal((8, out, out, 16)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((*kernel, 8, 16)) * 0.1, jnp.bfloat16)
+  out_h = (size + sum(pad[0]) - kernel[0]) // stride + 1
+  out_w = (size + sum(pad[1]) - kernel[1]) // stride + 1
+  dy = jnp.asarray(rng.standard_normal((8, out_h, out_w, 16)), jnp.bfloat16)
 
   def grads(conv, x, k, dy):
-    return jax.vjp(lambda x, k: conv(x, k, (stride, stride), padding), x, k)[1](dy)
+    return jax.vjp(lambda x, k: conv(x, k, (stride, stride), pad), x, k)[1](dy)
 
-  assert cpu._input_grad_as_conv_applies(x, k, (stride, stride), padding) == (stride == 1)
+  assert cpu._input_grad_as_conv_applies(x, k, (stride, stride), pad) == (stride == 1)
   dx, dk = jax.jit(lambda x, k, dy: grads(cpu.conv2d, x, k, dy))(x, k, dy)
   want_dx, want_dk = grads(_lax, *(a.astype(jnp.float32) for a in (x, k, dy)))
   assert dx.dtype == dk.dtype == jnp.bfloat16

@@ -75,3 +75,15 @@ def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path
   np.testing.assert_allclose(scored['test_top1'], result['test_top1'], atol=1e-6)
   np.testing.assert_allclose(scored['train_top1'], result['train_top1'], atol=1e-6)
   assert scored['step'] == 6
+
+
+def test_imgcls_eval_on_a_split_keeps_the_runs_test_time_augmentation(data_dir, tiny_config,
+                                                                      tmp_path):
+  c = tiny_config(data_dir, total_steps=2, eval_every_steps=2)
+  c.evals.eval = dict(type='classification', tta='flip', reports=False)
+  workdir = str(tmp_path / 'tta')
+  result = train.train_and_evaluate(c, workdir)
+  scored = train.evaluate_checkpoint(workdir, 'latest', split='test')
+  # The same split, scored with the mirror as in the run: the same numbers.
+  np.testing.assert_allclose(scored['eval_top1'], result['eval_top1'], atol=1e-6)
+  np.testing.assert_allclose(scored['eval_loss'], result['eval_loss'], rtol=1e-5)

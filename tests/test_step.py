@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
@@ -198,3 +199,32 @@ def test_flip_tta_scores_the_average_of_image_and_mirror(loss):
   np.testing.assert_allclose(float(sums['loss']), nll, rtol=1e-4)
   with pytest.raises(ValueError, match='tta must be one of'):
     step_lib.eval_logits(model, variables, batch['image'], loss, 'rot90')
+
+
+class _PixelLogits(nn.Module):
+  """Logits = the pixels of a 1 x K x 1 image, so its mirror's logits are reversed."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return x.reshape(x.shape[0], -1)
+
+
+def test_flip_tta_is_exact_for_confident_scores():
+  """Averaged in log space: saturated sigmoid scores keep their size and order, and tiny
+  softmax probabilities keep theirs (float32 probabilities would give 1.0 and 0.0)."""
+  images = np.asarray([[40.0, -40.0, 30.0], [0.0, -200.0, 0.0]], np.float32)[:, None, :, None]
+  a = images.reshape(2, 3).astype(np.float64)
+  b = a[:, ::-1]
+  got = np.asarray(step_lib.eval_logits(_PixelLogits(), {}, jnp.asarray(images),
+                                        'sigmoid_xent', 'flip'))
+  p = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+  mean_p = (p(a) + p(b)) / 2
+  mean_q = (p(-a) + p(-b)) / 2  # 1 - mean_p, without cancellation
+  np.testing.assert_allclose(got, np.log(mean_p) - np.log(mean_q), rtol=1e-5, atol=1e-5)
+  assert got[0, 0] == pytest.approx(30 + np.log(2), abs=1e-4)  # not clamped to ~87
+  got = np.asarray(step_lib.eval_logits(_PixelLogits(), {}, jnp.asarray(images),
+                                        'softmax_xent', 'flip'))
+  log_softmax = lambda z: z - np.logaddexp.reduce(z, axis=-1, keepdims=True)  # noqa: E731
+  want = np.logaddexp(log_softmax(a), log_softmax(b)) - np.log(2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  assert got[1, 1] < -150  # e^-200: far below float32's smallest probability

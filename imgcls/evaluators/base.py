@@ -50,7 +50,8 @@ class Evaluator:
 
 class Context:
   """What a run's evaluators share: the config, the model, the mesh, the dataset's builder
-  and class names, and the jitted eval step (compiled once for all of them)."""
+  and class names, and the jitted eval steps (one per kind of test-time augmentation,
+  compiled once for all the evaluators that use it)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: Any, builder: Any,
                label_names: list[str] | None = None):
@@ -66,13 +67,9 @@ class Context:
   def multilabel(self) -> bool:
     return self.config.loss == 'sigmoid_xent'
 
-  @property
-  def eval_fn(self):
-    """The data-parallel eval step: (global sums, batch-sharded per-example outputs)."""
-    return self.eval_fn_for('')
-
   def eval_fn_for(self, tta: str = ''):
-    """The eval step with test-time augmentation `tta` (step.TTA), built once per kind."""
+    """The data-parallel eval step (global sums, batch-sharded per-example outputs) with
+    test-time augmentation `tta` (step.TTA: '' none), built once per kind."""
     if tta not in self._eval_fns:
       self._eval_fns[tta] = make_eval_fn(self.model, self.config.loss, self.mesh, tta)
     return self._eval_fns[tta]
