@@ -243,8 +243,8 @@ def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, paddin
 
   All of a batch's im2col copy at once is k*k / stride^2 times the input (302 MiB for
   ResNet-18's first stage at 32 px, batch 128) and costs more memory traffic than the matmul
-  saves; a scan over chunks of a few images keeps each copy in cache. 2-3.5x faster than XLA:CPU's kernel
-  gradient at ResNet shapes (scripts/benchmark.py, README "Speed").
+  saves; a scan over chunks of a few images keeps each copy in cache. 2-3.5x faster than
+  XLA:CPU's kernel gradient at ResNet shapes (scripts/benchmark.py, README "Speed").
   """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
