@@ -131,6 +131,11 @@ def on_cpu() -> bool:
   return levers_on() and jax.default_backend() == 'cpu'
 
 
+def _half(x: Any) -> bool:
+  """Whether x is a 16-bit float (bf16 or float16): the dtypes the bf16 levers are for."""
+  return x.dtype.itemsize == 2
+
+
 def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
   """NHWC x HWIO convolution, zero padding `padding` ((top, bottom), (left, right)).
@@ -183,7 +188,7 @@ def max_pool(x: Any, window: tuple[int, int], strides: tuple[int, int],
   loops 6-10x slower than float32 ones (ResNet-50's stem pool, batch 8, forward and
   gradient: 332 ms in bf16, 43 ms through float32)."""
   if on_cpu():
-    if x.dtype.itemsize == 2:
+    if _half(x):
       import jax.numpy as jnp  # noqa: PLC0415
       return max_pool_slices(x.astype(jnp.float32), window, strides, padding).astype(x.dtype)
     return max_pool_slices(x, window, strides, padding)
@@ -265,7 +270,7 @@ def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, paddin
     xc, dyc = chunk
     cols = _im2col(xc, kh, kw, strides, padding, out_h, out_w).reshape(-1, kh * kw * cin)
     partial = jnp.matmul(cols.T, dyc.reshape(-1, cout),
-                         preferred_element_type=None if x.dtype.itemsize == 2 else acc_dtype)
+                         preferred_element_type=None if _half(x) else acc_dtype)
     return acc + partial.astype(acc_dtype), None
 
   acc = jnp.zeros((kh * kw * cin, cout), acc_dtype)
@@ -280,7 +285,7 @@ def _input_grad_as_conv_applies(x: Any, kernel: Any, strides, padding) -> bool:
   """Whether `_input_grad_as_conv` serves: 16-bit dtypes (in float32 XLA's own input
   gradient is as fast or faster), stride 1, padding within 0..k-1 on each side."""
   kh, kw = kernel.shape[:2]
-  return (x.dtype.itemsize == 2 and tuple(strides) == (1, 1) and
+  return (_half(x) and tuple(strides) == (1, 1) and
           all(0 <= p <= kh - 1 for p in padding[0]) and
           all(0 <= p <= kw - 1 for p in padding[1]))
 

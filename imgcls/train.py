@@ -381,7 +381,7 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
     config.dataset.data_dir = data_dir
   if split:  # one classification evaluator on that split, named as the default one, with
     # the run's test-time augmentation (so that eval_top1 means what it meant in the run)
-    tta = evaluators.specs(config).get('eval', {}).get('tta', '')
+    tta = evaluators.eval_tta(config)
     config.dataset.eval_split = split
     config.evals = ml_collections.ConfigDict()
     if tta:

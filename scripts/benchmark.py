@@ -223,7 +223,7 @@ class Imgcls:
     self.train_compiled = fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     self.train_flops = _flops(self.train_compiled)
-    tta = evaluators.specs(config).get('eval', {}).get('tta', '')  # the run's eval step
+    tta = evaluators.eval_tta(config)  # the run's eval step
     eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta)
     self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
     self.eval_flops = _flops(self.eval_compiled)

@@ -30,7 +30,7 @@ from imgcls.evaluators.base import EVALUATORS, Context, Evaluator
 # Each module registers its evaluator types where they are defined.
 from imgcls.evaluators import classification, fewshot  # noqa: F401  pylint: disable=unused-import
 
-__all__ = ['EVALUATORS', 'Context', 'Evaluator', 'build', 'check', 'run', 'specs']
+__all__ = ['EVALUATORS', 'Context', 'Evaluator', 'build', 'check', 'eval_tta', 'run', 'specs']
 
 GENERIC_OPTIONS = ('type', 'prefix')
 
@@ -53,6 +53,13 @@ def specs(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
                           seeds=tuple(fs.seeds), train_split=fs.train_split,
                           test_split=fs.test_split, max_test_examples=fs.max_test_examples)
   return out
+
+
+def eval_tta(config: ml_collections.ConfigDict) -> str:
+  """The test-time augmentation of the run's `eval` evaluator ('' if none): what its
+  eval_* metrics were scored with, so `imgcls eval --split` and the benchmark's config mode
+  score and time the same eval step."""
+  return specs(config).get('eval', {}).get('tta', '')
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
