@@ -143,6 +143,24 @@ def test_max_pool_equals_reduce_window_with_gradients(monkeypatch, size, pad):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_bfloat16_relu_is_computed_in_float32_with_the_same_values_and_gradients(monkeypatch):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((4, 5, 3)), jnp.bfloat16).at[0, 0].set(0)  # a tie at 0
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+  out, vjp = jax.vjp(cpu.relu, x)
+  want, want_vjp = jax.vjp(jax.nn.relu, x)
+  assert out.dtype == vjp(g)[0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32),
+                                np.asarray(want_vjp(g)[0], np.float32))
+  hlo = jax.jit(lambda x, g: jax.vjp(cpu.relu, x)[1](g)).lower(x, g).as_text()
+  assert 'f32' in hlo
+  monkeypatch.setenv(cpu.OFF_ENV, '0')  # levers off: plain bf16, as on accelerators
+  assert 'f32' not in jax.jit(lambda x, g: jax.vjp(cpu.relu, x)[1](g)).lower(x, g).as_text()
+  x32 = x.astype(jnp.float32)
+  np.testing.assert_array_equal(cpu.relu(x32), jax.nn.relu(x32))
+
+
 def test_bfloat16_max_pool_is_pooled_in_float32_with_bfloat16_values_and_gradients():
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 3)), jnp.bfloat16)
   padding = ((1, 1), (1, 1))

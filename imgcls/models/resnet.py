@@ -77,11 +77,11 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     s = (self.strides, self.strides)
     y = self.conv(self.features, (3, 3), s, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = cpu.relu(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), name='conv2')(y)
     last_scale = nn.initializers.zeros if self.zero_init else nn.initializers.ones
     y = self.norm(name='bn2', scale_init=last_scale)(y)
-    return nn.relu(y + _shortcut(x, self.features, self.strides, self.conv, self.norm))
+    return cpu.relu(y + _shortcut(x, self.features, self.strides, self.conv, self.norm))
 
 
 class Bottleneck(nn.Module):
@@ -97,14 +97,14 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out = self.features * self.expansion
     y = self.conv(self.features, (1, 1), name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = cpu.relu(self.norm(name='bn1')(y))
     s = (self.strides, self.strides)
     y = self.conv(self.features, (3, 3), s, name='conv2')(y)
-    y = nn.relu(self.norm(name='bn2')(y))
+    y = cpu.relu(self.norm(name='bn2')(y))
     y = self.conv(out, (1, 1), name='conv3')(y)
     last_scale = nn.initializers.zeros if self.zero_init else nn.initializers.ones
     y = self.norm(name='bn3', scale_init=last_scale)(y)
-    return nn.relu(y + _shortcut(x, out, self.strides, self.conv, self.norm))
+    return cpu.relu(y + _shortcut(x, out, self.strides, self.conv, self.norm))
 
 
 class ResNet(nn.Module):
@@ -137,12 +137,12 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.width, (7, 7), (2, 2), name='conv_init')(x)
-      x = nn.relu(norm(name='bn_init')(x))
+      x = cpu.relu(norm(name='bn_init')(x))
       x = cpu.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:  # small: 3x3/1, full resolution; small_s2: 3x3/2 (28 px -> 14, ~3x faster on CPU)
       s = 2 if self.stem == 'small_s2' else 1
       x = conv(self.width, (3, 3), (s, s), name='conv_init')(x)
-      x = nn.relu(norm(name='bn_init')(x))
+      x = cpu.relu(norm(name='bn_init')(x))
 
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
