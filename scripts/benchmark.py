@@ -64,7 +64,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round (after warm-up
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds (imgcls, torch, imgcls, ...).')
 _TORCH = flags.DEFINE_string('torch_python', None, 'Python with torch + timm for the '
                              'comparison (default: $IMGCLS_TORCH_PYTHON, else this one if '
-                             'torch imports; none: no comparison).')
+                             "torch imports; 'none' or empty: no comparison).")
 _LEVERS = flags.DEFINE_enum('levers', 'on', ['on', 'both'], 'both: also time imgcls with '
                             'IMGCLS_CPU_LEVERS=0 (trace-time levers; XLA flags stay as set).')
 _PIPELINE = flags.DEFINE_bool('pipeline', False, 'Measure the JPEG input pipeline at 224.')
@@ -287,8 +287,8 @@ class Torch:
 
 
 def torch_python() -> str | None:
-  if _TORCH.value is not None:
-    return _TORCH.value or None
+  if _TORCH.value is not None:  # 'none' or '': asked for no comparison
+    return None if _TORCH.value.lower() in ('', 'none') else _TORCH.value
   if os.environ.get('IMGCLS_TORCH_PYTHON'):
     return os.environ['IMGCLS_TORCH_PYTHON']
   if importlib.util.find_spec('torch') and importlib.util.find_spec('timm'):

@@ -86,6 +86,82 @@ def test_resnet_same_outputs_and_gradients_with_levers_off(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+def _dot_ranks(fn, *args):
+  """The operand ranks of every dot_general in fn's gradient jaxpr."""
+  jaxpr = jax.make_jaxpr(jax.grad(fn, tuple(range(len(args)))))(*args)
+  ranks = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        ranks.append(tuple(v.aval.ndim for v in eqn.invars))
+      for value in eqn.params.values():  # nested jaxprs (pjit, custom_jvp, scan, cond)
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, 'jaxpr', sub)
+          if hasattr(sub, 'eqns'):
+            walk(sub)
+  walk(jaxpr.jaxpr)
+  return ranks
+
+
+@pytest.mark.parametrize('lhs,rhs,contract', [
+    ((2, 5, 8), (8, 6), 1),        # Dense on [batch, tokens, width]
+    ((2, 5, 8), (8, 3, 4), 1),     # attention's qkv projection (DenseGeneral)
+    ((2, 5, 3, 4), (3, 4, 8), 2),  # attention's output projection
+    ((8,), (8, 6), 1),             # a vector
+])
+def test_dot_general_is_a_2d_matmul_with_lax_values_and_gradients(monkeypatch, lhs, rhs,
+                                                                  contract):
+  rng = np.random.default_rng(7)
+  a = jnp.asarray(rng.standard_normal(lhs), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(rhs), jnp.float32)
+  dims = ((tuple(range(len(lhs) - contract, len(lhs))), tuple(range(contract))), ((), ()))
+  ours = lambda a, b: jnp.sum(jnp.sin(cpu.dot_general(a, b, dims)))  # noqa: E731
+  ref = lambda a, b: jnp.sum(jnp.sin(jax.lax.dot_general(a, b, dims)))  # noqa: E731
+  np.testing.assert_allclose(cpu.dot_general(a, b, dims), jax.lax.dot_general(a, b, dims),
+                             rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(ours, (0, 1))(a, b), jax.grad(ref, (0, 1))(a, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Forward and both gradients are 2-D products: XLA:CPU copies an N-D product's output
+  # gradient into a transposed array before the kernel gradient's matmul.
+  assert set(_dot_ranks(ours, a, b)) == {(2, 2)}
+  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  if len(lhs) > 2:
+    assert (2, 2) not in _dot_ranks(ours, a, b)  # levers off: lax's product, untouched
+
+
+def test_dot_general_leaves_batched_products_to_lax():
+  a = jnp.ones((2, 5, 8))
+  b = jnp.ones((2, 8, 6))
+  dims = (((2,), (1,)), ((0,), (0,)))
+  np.testing.assert_array_equal(cpu.dot_general(a, b, dims), jax.lax.dot_general(a, b, dims))
+  assert _dot_ranks(lambda a, b: jnp.sum(cpu.dot_general(a, b, dims)), a, b)[0] == (3, 3)
+
+
+def test_one_by_one_conv_gradients_are_2d_matmuls():
+  x = jnp.ones((2, 6, 6, 4))
+  k = jnp.ones((1, 1, 4, 5))
+  ranks = _dot_ranks(lambda x, k: jnp.sum(cpu.conv2d(x, k, (2, 2), ((0, 0), (0, 0)))), x, k)
+  assert ranks and set(ranks) == {(2, 2)}
+
+
+def test_vit_same_outputs_and_gradients_with_levers_off(monkeypatch):
+  model = models.get_model('vit', num_classes=5, patch_size=4, width=16, depth=2,
+                           num_heads=2, mlp_dim=32, pool='map', head_zero_init=False)
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, 8, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+
+  def loss(params):
+    return jnp.sum(model.apply({'params': params}, x) ** 2)
+
+  on = jax.value_and_grad(loss)(variables['params'])
+  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  off = jax.value_and_grad(loss)(variables['params'])
+  np.testing.assert_allclose(on[0], off[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(on[1]), jax.tree.leaves(off[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize('flags,platform,want', [
     ({'avx512f', 'amx_bf16'}, 'cpu', 'bfloat16'),
     ({'avx512f', 'avx512_bf16'}, 'cpu', 'bfloat16'),

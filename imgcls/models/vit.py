@@ -130,7 +130,8 @@ def _attention(num_heads: int, dtype: Any, param_dtype: Any, dropout: float = 0.
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout,
       broadcast_dropout=False, kernel_init=nn.initializers.xavier_uniform(),
-      force_fp32_for_softmax=True, name=name)
+      force_fp32_for_softmax=True, qkv_dot_general=cpu.dot_general,
+      out_dot_general=cpu.dot_general, name=name)
 
 
 class MlpBlock(nn.Module):
@@ -146,7 +147,7 @@ class MlpBlock(nn.Module):
     dense = lambda n, name: nn.Dense(  # noqa: E731
         n, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+        bias_init=nn.initializers.normal(stddev=1e-6), dot_general=cpu.dot_general, name=name)
     y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=self.approximate_gelu)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = dense(x.shape[-1], 'Dense_1')(y)
