@@ -8,6 +8,7 @@ keep reading as the math: they call `conv2d` here instead of `lax.conv_general_d
                       benchmark call it): oneDNN for bf16 convs and matmuls on native-bf16 CPUs
   max_pool()          max-pool with an element-wise gradient on a CPU backend
   relu()              a bf16 ReLU (and its gradient's test) computed in float32: same values
+  dot_general()       flax's Dense and attention products on N-D activations as 2-D matmuls
   conv2d()            convolution lowering on a CPU backend: 1x1 convs, patch embeddings,
                       tiny outputs and 3x3x512x512 kernels as matmuls, other convs with a
                       chunked im2col + matmul kernel gradient (and, in bf16, an input
