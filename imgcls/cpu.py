@@ -1,5 +1,6 @@
 """CPU speed levers, all in this one place. Each is off on GPUs and TPUs, and the model files
-keep reading as the math: they call `conv2d` here instead of `lax.conv_general_dilated`.
+keep reading as the math: they call `conv2d`, `max_pool`, `relu` and `dot_general` here
+instead of lax's convolution, flax's pool and ReLU, and lax.dot_general.
 
   native_bf16()       does this CPU compute bfloat16 itself (AMX or AVX512-BF16)?
   auto_dtype()        what model.dtype='auto' means: bfloat16 on GPUs, TPUs and native-bf16
@@ -136,7 +137,8 @@ def on_cpu() -> bool:
 
 def _half(x: Any) -> bool:
   """Whether x is a 16-bit float (bf16 or float16): the dtypes the bf16 levers are for."""
-  return x.dtype.itemsize == 2
+  import jax.numpy as jnp  # noqa: PLC0415
+  return x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
@@ -183,8 +185,8 @@ def relu(x: Any) -> Any:
   """max(x, 0). On a CPU backend a 16-bit x takes the max in float32 (the same values: a max
   picks one of its inputs), and so does its gradient's x > 0 test: XLA:CPU's bf16 maximum
   and compare loops run 2-3x slower than float32 ones with the converts around them. The
-  bf16 Fashion-MNIST ResNet step (batch 256) ran 1.06-1.16x faster with it; ResNet-50 at
-  224 px, batch 8, was even (0.97-1.08x)."""
+  bf16 Fashion-MNIST ResNet step (batch 256) ran 0.96-1.16x as fast with it, median 1.09x
+  over five rounds; ResNet-50 at 224 px, batch 8, was even (0.97-1.08x)."""
   import jax  # noqa: PLC0415
   if on_cpu() and _half(x):
     import jax.numpy as jnp  # noqa: PLC0415
@@ -239,7 +241,8 @@ def _matmul_2d(x: Any, w: Any) -> Any:
   then x2d^T @ dy2d, which oneDNN reads in place; from the 4-D product XLA:CPU copied the
   gradient dy into a transposed [n, B*H*W] array first (ResNet-50, batch 8: about 500 ms
   of copies per step, 0.5-0.9 GB/s each)."""
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+  return (x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) @ w).reshape(*x.shape[:-1],
+                                                                      w.shape[-1])
 
 
 def dot_general(lhs: Any, rhs: Any, dimension_numbers, precision=None,
@@ -253,12 +256,14 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers, precision=None,
   (lc, rc), (lb, rb) = dimension_numbers
   lc, rc = tuple(lc), tuple(rc)
   k = len(lc)
-  if (on_cpu() and not lb and not rb and k and (lhs.ndim, rhs.ndim, k) != (2, 2, 1)
+  if (on_cpu() and not lb and not rb and k and not kwargs  # (an out_sharding is N-D)
+      and (lhs.ndim, rhs.ndim, k) != (2, 2, 1)
       and lc == tuple(range(lhs.ndim - k, lhs.ndim)) and rc == tuple(range(k))
       and all(isinstance(d, int) for d in (*lhs.shape, *rhs.shape))):
     lead, contract, rest = lhs.shape[:lhs.ndim - k], lhs.shape[lhs.ndim - k:], rhs.shape[k:]
+    size = math.prod(contract)
     out = jax.lax.dot_general(
-        lhs.reshape(-1, math.prod(contract)), rhs.reshape(math.prod(contract), -1),
+        lhs.reshape(math.prod(lead), size), rhs.reshape(size, math.prod(rest)),
         (((1,), (0,)), ((), ())), precision=precision,
         preferred_element_type=preferred_element_type, **kwargs)
     return out.reshape(*lead, *rest)

@@ -429,7 +429,9 @@ def main(_):
                                          for d, v in report['matmul_ceiling_flops'].items()))
     python = torch_python()
     report['torch_python'] = python
-    if not python:
+    if not python and _TORCH.value is not None:
+      print('torch: comparison off (--torch_python); imgcls only')
+    elif not python:
       print('torch: not importable here (uv sync --extra bench, or --torch_python=PATH); '
             'imgcls only')
     report['runs'] = [compare(s, mesh, report['matmul_ceiling_flops'], steps, rounds, python)

@@ -109,9 +109,11 @@ def _dot_ranks(fn, *args):
     ((2, 5, 8), (8, 3, 4), 1),     # attention's qkv projection (DenseGeneral)
     ((2, 5, 3, 4), (3, 4, 8), 2),  # attention's output projection
     ((8,), (8, 6), 1),             # a vector
+    ((2, 5, 0), (0, 6), 1),        # an empty contraction: zeros, as lax gives
 ])
 def test_dot_general_is_a_2d_matmul_with_lax_values_and_gradients(monkeypatch, lhs, rhs,
                                                                   contract):
+  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
   rng = np.random.default_rng(7)
   a = jnp.asarray(rng.standard_normal(lhs), jnp.float32)
   b = jnp.asarray(rng.standard_normal(rhs), jnp.float32)
@@ -138,7 +140,8 @@ def test_dot_general_leaves_batched_products_to_lax():
   assert _dot_ranks(lambda a, b: jnp.sum(cpu.dot_general(a, b, dims)), a, b)[0] == (3, 3)
 
 
-def test_one_by_one_conv_gradients_are_2d_matmuls():
+def test_one_by_one_conv_gradients_are_2d_matmuls(monkeypatch):
+  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
   x = jnp.ones((2, 6, 6, 4))
   k = jnp.ones((1, 1, 4, 5))
   ranks = _dot_ranks(lambda x, k: jnp.sum(cpu.conv2d(x, k, (2, 2), ((0, 0), (0, 0)))), x, k)
@@ -154,9 +157,15 @@ def test_vit_same_outputs_and_gradients_with_levers_off(monkeypatch):
   def loss(params):
     return jnp.sum(model.apply({'params': params}, x) ** 2)
 
+  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
   on = jax.value_and_grad(loss)(variables['params'])
+  # The Dense layers and attention projections are 2-D products; what stays N-D is
+  # attention's batched q.k and weights.v einsums (rank 4 by 4).
+  ranks_on = set(_dot_ranks(loss, variables['params']))
+  assert (2, 2) in ranks_on and ranks_on <= {(2, 2), (4, 4)}, ranks_on
   monkeypatch.setenv(cpu.OFF_ENV, '0')
   off = jax.value_and_grad(loss)(variables['params'])
+  assert (3, 2) in set(_dot_ranks(loss, variables['params']))  # lax's Dense on [b, n, d]
   np.testing.assert_allclose(on[0], off[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(on[1]), jax.tree.leaves(off[1])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
@@ -220,6 +229,7 @@ def test_max_pool_equals_reduce_window_with_gradients(monkeypatch, size, pad):
 
 
 def test_bfloat16_relu_is_computed_in_float32_with_the_same_values_and_gradients(monkeypatch):
+  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal((4, 5, 3)), jnp.bfloat16).at[0, 0].set(0)  # a tie at 0
   g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
