@@ -9,7 +9,8 @@ instead of lax's convolution, flax's pool and ReLU, and lax.dot_general.
                       benchmark call it): oneDNN for bf16 convs and matmuls on native-bf16 CPUs
   max_pool()          max-pool with an element-wise gradient on a CPU backend
   relu()              a bf16 ReLU (and its gradient's test) computed in float32: same values
-  dot_general()       flax's Dense and attention products on N-D activations as 2-D matmuls
+  dot_general()       flax's Dense and attention products and the matmul convs on N-D
+                      activations as 2-D matmuls
   conv2d()            convolution lowering on a CPU backend: 1x1 convs, patch embeddings,
                       tiny outputs and 3x3x512x512 kernels as matmuls, other convs with a
                       chunked im2col + matmul kernel gradient (and, in bf16, an input
@@ -141,6 +142,16 @@ def _half(x: Any) -> bool:
   return x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def _via_float32(fn: Any, x: Any) -> Any:
+  """fn(x), through float32 when x is a 16-bit float (cast back after): for the levers whose
+  fn picks one of its inputs (max, ReLU), so the values are the same, and XLA:CPU runs the
+  float32 loop with its converts faster than the bf16 one."""
+  if _half(x):
+    import jax.numpy as jnp  # noqa: PLC0415
+    return fn(x.astype(jnp.float32)).astype(x.dtype)
+  return fn(x)
+
+
 def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
   """NHWC x HWIO convolution, zero padding `padding` ((top, bottom), (left, right)).
@@ -166,16 +177,16 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
     out_h = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
     out_w = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-      return _matmul_2d(x[:, ::sh, ::sw], kernel.reshape(kernel.shape[2:]))
+      return _matmul(x[:, ::sh, ::sw], kernel.reshape(kernel.shape[2:]))
     if (sh, sw) == (kh, kw) and padding == ((0, 0), (0, 0)):  # patches: a ViT's embedding
       b, c = x.shape[0], x.shape[3]
       x = x[:, :out_h * kh, :out_w * kw].reshape(b, out_h, kh, out_w, kw, c)
       patches = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, out_h, out_w, kh * kw * c)
-      return _matmul_2d(patches, kernel.reshape(-1, kernel.shape[-1]))
+      return _matmul(patches, kernel.reshape(-1, kernel.shape[-1]))
     cols_bytes = x.shape[0] * out_h * out_w * kh * kw * x.shape[3] * x.dtype.itemsize
     if max(out_h, out_w) <= 2 or (kernel.size >= IM2COL_MIN_WEIGHTS
                                   and cols_bytes <= IM2COL_MAX_BYTES):
-      return _matmul_2d(_im2col(x, kh, kw, strides, padding, out_h, out_w),
+      return _matmul(_im2col(x, kh, kw, strides, padding, out_h, out_w),
                         kernel.reshape(-1, kernel.shape[-1]))
     return _conv_fast_kernel_grad(x, kernel, tuple(strides), tuple(map(tuple, padding)))
   return _lax_conv(x, kernel, strides, padding)
@@ -188,10 +199,7 @@ def relu(x: Any) -> Any:
   bf16 Fashion-MNIST ResNet step (batch 256) ran 0.96-1.16x as fast with it, median 1.09x
   over five rounds; ResNet-50 at 224 px, batch 8, was even (0.97-1.08x)."""
   import jax  # noqa: PLC0415
-  if on_cpu() and _half(x):
-    import jax.numpy as jnp  # noqa: PLC0415
-    return jax.nn.relu(x.astype(jnp.float32)).astype(x.dtype)
-  return jax.nn.relu(x)
+  return _via_float32(jax.nn.relu, x) if on_cpu() else jax.nn.relu(x)
 
 
 def max_pool(x: Any, window: tuple[int, int], strides: tuple[int, int],
@@ -206,10 +214,7 @@ def max_pool(x: Any, window: tuple[int, int], strides: tuple[int, int],
   loops 6-10x slower than float32 ones (ResNet-50's stem pool, batch 8, forward and
   gradient: 332 ms in bf16, 43 ms through float32)."""
   if on_cpu():
-    if _half(x):
-      import jax.numpy as jnp  # noqa: PLC0415
-      return max_pool_slices(x.astype(jnp.float32), window, strides, padding).astype(x.dtype)
-    return max_pool_slices(x, window, strides, padding)
+    return _via_float32(lambda v: max_pool_slices(v, window, strides, padding), x)
   import flax.linen as nn  # noqa: PLC0415  (looked up here: `imgcls export` swaps it for ONNX)
   return nn.max_pool(x, window, strides=strides, padding=padding)
 
@@ -236,22 +241,20 @@ def max_pool_slices(inputs: Any, window_shape, strides=None, padding='VALID') ->
   return out
 
 
-def _matmul_2d(x: Any, w: Any) -> Any:
-  """x [..., k] @ w [k, n] as one 2-D matmul, reshaped back. Autodiff's kernel gradient is
-  then x2d^T @ dy2d, which oneDNN reads in place; from the 4-D product XLA:CPU copied the
-  gradient dy into a transposed [n, B*H*W] array first (ResNet-50, batch 8: about 500 ms
-  of copies per step, 0.5-0.9 GB/s each)."""
-  return (x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) @ w).reshape(*x.shape[:-1],
-                                                                      w.shape[-1])
+def _matmul(x: Any, w: Any) -> Any:
+  """x [..., k] @ w [k, n] (same dtypes), through `dot_general`'s 2-D product."""
+  return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def dot_general(lhs: Any, rhs: Any, dimension_numbers, precision=None,
                 preferred_element_type=None, **kwargs) -> Any:
-  """lax.dot_general, for flax's Dense and attention layers (their `dot_general` field). On a
-  CPU backend a product that contracts lhs's trailing axes with rhs's leading ones (a Dense
-  on [batch, tokens, width], attention's qkv and output projections) runs as one 2-D matmul,
-  as `_matmul_2d` does for convs: from the N-D product XLA:CPU copies the output gradient
-  into a transposed array before the kernel gradient's matmul."""
+  """lax.dot_general, for flax's Dense and attention layers (their `dot_general` field) and
+  the matmul convs (`_matmul`). On a CPU backend a product that contracts lhs's trailing
+  axes with rhs's leading ones (a 1x1 conv or im2col on [B, H, W, C], a Dense on [batch,
+  tokens, width], attention's qkv and output projections) runs as one 2-D matmul, reshaped
+  back. Autodiff's kernel gradient is then lhs2d^T @ dy2d, which oneDNN reads in place; from
+  the N-D product XLA:CPU copied the output gradient dy into a transposed [n, B*H*W] array
+  first (ResNet-50, batch 8: about 500 ms of copies per step, 0.5-0.9 GB/s each)."""
   import jax  # noqa: PLC0415
   (lc, rc), (lb, rb) = dimension_numbers
   lc, rc = tuple(lc), tuple(rc)
