@@ -8,6 +8,9 @@ Variants: --config=configs/fashion_mnist_resnet.py:epochs=15,width=64,stem=small
   tta=flip  scores the test set with each image's mirror too (`eval_*`, the checkpoint
             ranking) and without it (`plain_*`)
   The 30-minute recipe: epochs=16,batch=256,lr=0.2,dtype=auto,tta=flip
+  95%: epochs=40,width=64,dtype=auto,tta=flip (94.81%), then a second cycle from its
+       weights: epochs=12,width=64,lr=0.02,dtype=auto,tta=flip
+       --config.model_init=WORKDIR_OF_THE_FIRST (95.06%)
 """
 
 from imgcls.config import defaults, parse_arg
