@@ -31,9 +31,13 @@ ONEDNN_FLAG = '--xla_cpu_experimental_onednn_custom_call=true'
 OFF_ENV = 'IMGCLS_CPU_LEVERS'  # =0 turns every lever here off (for A/B measurements)
 # `_kernel_grad` takes the batch a few images at a time, so that each chunk's im2col copy
 # stays in cache: the fastest chunk measured was 5-15 MiB and at most 8 images, at
-# ResNet-18 (32 px, batch 128) and ResNet-50 (224 px, batch 8) shapes.
+# ResNet-18 (32 px, batch 128) and ResNet-50 (224 px, batch 8) shapes. In bf16 (oneDNN's
+# AMX matmuls want long contractions) up to 32 images: the Fashion-MNIST ResNet's step
+# (batch 256) ran 1.03-1.24x as fast, the width-64 one (batch 128) 1.01-1.11x; in float32
+# 32 was even with 8 (0.89-1.08x at Fashion-MNIST and 32 px CIFAR shapes), so 8 stays.
 KERNEL_GRAD_CHUNK_BYTES = 16 << 20
 KERNEL_GRAD_MAX_CHUNK = 8
+KERNEL_GRAD_MAX_CHUNK_HALF = 32
 # XLA:CPU's conv is slow with large kernels: from this many weights (3x3x512x512 has 2.4M;
 # 3x3x256x256, 0.6M, was even), im2col + one matmul while the copy is under 64 MiB.
 IM2COL_MIN_WEIGHTS = 1 << 20
@@ -291,10 +295,12 @@ def _im2col(x: Any, kh: int, kw: int, strides: tuple[int, int],
                           for i in range(kh) for j in range(kw)], axis=-1)
 
 
-def chunk_images(batch: int, cols_bytes_per_image: int) -> int:
+def chunk_images(batch: int, cols_bytes_per_image: int, half: bool = False) -> int:
   """Images per chunk of `_kernel_grad`: the largest divisor of the batch, at most
-  KERNEL_GRAD_MAX_CHUNK, whose im2col copy fits KERNEL_GRAD_CHUNK_BYTES (at least 1)."""
-  fits = [n for n in range(1, min(batch, KERNEL_GRAD_MAX_CHUNK) + 1)
+  KERNEL_GRAD_MAX_CHUNK (KERNEL_GRAD_MAX_CHUNK_HALF for 16-bit `half` inputs), whose im2col
+  copy fits KERNEL_GRAD_CHUNK_BYTES (at least 1)."""
+  most = KERNEL_GRAD_MAX_CHUNK_HALF if half else KERNEL_GRAD_MAX_CHUNK
+  fits = [n for n in range(1, min(batch, most) + 1)
           if batch % n == 0 and n * cols_bytes_per_image <= KERNEL_GRAD_CHUNK_BYTES]
   return max(fits, default=1)
 
@@ -311,7 +317,7 @@ def _kernel_grad(x: Any, dy: Any, kernel_shape: tuple[int, ...], strides, paddin
   import jax.numpy as jnp  # noqa: PLC0415
   kh, kw, cin, cout = kernel_shape
   b, out_h, out_w = dy.shape[:3]
-  n = chunk_images(b, out_h * out_w * kh * kw * cin * x.dtype.itemsize)
+  n = chunk_images(b, out_h * out_w * kh * kw * cin * x.dtype.itemsize, _half(x))
   xs = x.reshape(b // n, n, *x.shape[1:])
   dys = dy.reshape(b // n, n, *dy.shape[1:])
 

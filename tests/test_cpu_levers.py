@@ -56,15 +56,18 @@ def test_kernel_gradient_is_chunked_matmuls_on_cpu_only_when_levers_on(monkeypat
   assert 'convolution' in hlo_off
 
 
-@pytest.mark.parametrize('batch,per_image,want', [
-    (128, 1024 * 576 * 4, 4),   # ResNet-18 at 32 px, stage 1: 2.25 MiB per image
-    (128, 64 * 2304 * 4, 8),    # small per-image copies: capped at 8 images
-    (8, 3136 * 576 * 4, 2),     # ResNet-50 at 224 px, stage 1: 6.9 MiB per image
-    (6, 40 << 20, 1),           # larger than a chunk: one image at a time
-    (7, 1 << 20, 7),            # a divisor of the batch
+@pytest.mark.parametrize('batch,per_image,half,want', [
+    (128, 1024 * 576 * 4, False, 4),   # ResNet-18 at 32 px, stage 1: 2.25 MiB per image
+    (128, 64 * 2304 * 4, False, 8),    # small per-image copies: capped at 8 images
+    (256, 196 * 288 * 2, True, 32),    # bf16 Fashion-MNIST ResNet, stage 1: capped at 32
+    (256, 196 * 576 * 2, True, 32),    # its width-64 variant: 7 MiB a chunk
+    (128, 1024 * 576 * 2, True, 8),    # bf16 at 32 px, stage 1: the 16 MiB bound
+    (8, 3136 * 576 * 4, False, 2),     # ResNet-50 at 224 px, stage 1: 6.9 MiB per image
+    (6, 40 << 20, True, 1),            # larger than a chunk: one image at a time
+    (7, 1 << 20, False, 7),            # a divisor of the batch
 ])
-def test_kernel_grad_chunks(batch, per_image, want):
-  assert cpu.chunk_images(batch, per_image) == want
+def test_kernel_grad_chunks(batch, per_image, half, want):
+  assert cpu.chunk_images(batch, per_image, half) == want
   assert batch % want == 0
 
 
