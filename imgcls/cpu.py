@@ -191,7 +191,7 @@ def conv2d(x: Any, kernel: Any, strides: tuple[int, int],
     if max(out_h, out_w) <= 2 or (kernel.size >= IM2COL_MIN_WEIGHTS
                                   and cols_bytes <= IM2COL_MAX_BYTES):
       return _matmul(_im2col(x, kh, kw, strides, padding, out_h, out_w),
-                        kernel.reshape(-1, kernel.shape[-1]))
+                     kernel.reshape(-1, kernel.shape[-1]))
     return _conv_fast_kernel_grad(x, kernel, tuple(strides), tuple(map(tuple, padding)))
   return _lax_conv(x, kernel, strides, padding)
 
