@@ -1,16 +1,19 @@
 """Tests for the Vision Transformer: sizes by abstract evaluation, behaviour on tiny models."""
 
+import functools
 import importlib.util
 import pathlib
 
 import jax
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from imgcls import config as config_lib, models
-from imgcls.models import vit
+from imgcls import config as config_lib, models, optim, parallel, step as step_lib
+from imgcls.models import layers, vit
 from imgcls.step import softmax_xent
 
 from conftest import count_params, shapes
@@ -273,3 +276,43 @@ def test_layer_index_for_layer_decay():
       'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel',
       'Transformer/encoderblock_11/LayerNorm_2/bias', 'Transformer/encoder_norm/scale',
       'MAPHead_0/probe', 'head/kernel')] == [0, 0, 0, 1, 12, 13, 13, 13]
+
+
+def test_exact_gelu_trains_in_the_data_parallel_step():
+  """JAX 0.12 cannot differentiate lax.erf inside shard_map (check_vma): layers.gelu's exact
+  form states its own derivative, equal to autodiff's outside shard_map."""
+
+  x = jnp.linspace(-6.0, 6.0, 97)
+  np.testing.assert_allclose(layers.gelu(x, approximate=False),
+                             jax.nn.gelu(x, approximate=False), atol=1e-6)
+  exact_grad = jax.vmap(jax.grad(functools.partial(jax.nn.gelu, approximate=False)))(x)
+  np.testing.assert_allclose(
+      jax.vmap(jax.grad(functools.partial(layers.gelu, approximate=False)))(x), exact_grad,
+      atol=1e-6)
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  grad = parallel.data_parallel(
+      jax.grad(lambda v: jnp.sum(layers.gelu(v, approximate=False))), mesh,
+      in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS))
+  np.testing.assert_allclose(grad(jnp.concatenate([x, x[:1]])),
+                             jnp.concatenate([exact_grad, exact_grad[:1]]), atol=1e-6)
+
+  model = models.get_model('vit', num_classes=4, width=32, depth=1, num_heads=2, mlp_dim=64,
+                           patch_size=4, pool='gap', approximate_gelu=False)
+  c = ml_collections.ConfigDict(dict(
+      optimizer=dict(name='sgd', momentum=0.9, nesterov=False),
+      lr=dict(base=0.1, schedule='constant', warmup_steps=0, end_factor=0.0),
+      weight_decay=0.0, weight_decay_mask='no_bias_norm', grad_clip_norm=0.0))
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
+                                    input_shape=(16, 16, 1)),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  step = parallel.data_parallel(functools.partial(step_lib.train_step, model=model, tx=tx),
+                                mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
+           'labels': np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)]}
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    losses.append(float(metrics['loss']))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

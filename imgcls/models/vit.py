@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgcls import cpu
+from imgcls.models import layers
 from imgcls.models.layers import drop_path
 from imgcls.models.registry import MODELS
 
@@ -148,7 +149,7 @@ class MlpBlock(nn.Module):
         n, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), dot_general=cpu.dot_general, name=name)
-    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=self.approximate_gelu)
+    y = layers.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=self.approximate_gelu)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = dense(x.shape[-1], 'Dense_1')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
