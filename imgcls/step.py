@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from imgcls import augment
+from imgcls.value_range import value_range_math
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 
@@ -131,13 +132,23 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
   return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
 
+def device_value_range(images: jax.Array, value_range: dict[str, float]) -> jax.Array:
+  """The pp string's final value_range, applied on the device to a uint8 batch: the same
+  bits as tf.data's op (each pass rounded on its own, no fused multiply-add)."""
+  return value_range_math(images.astype(jnp.float32), **value_range,
+                          barrier=lax.optimization_barrier)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
                loss: str = 'softmax_xent', mix: augment.MixConfig = augment.MixConfig(),
                ema_decay: float = 0.0, skip_nonfinite_steps: int = 0,
-               grad_accum_steps: int = 1,
+               grad_accum_steps: int = 1, value_range: dict[str, float] | None = None,
                axis_name: str = 'batch') -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's shard; gradients are the global-batch mean.
+
+  value_range: the pp string's final value_range op, applied here to the (uint8) batch
+  with the same float32 arithmetic (`imgcls.data.preprocess.split_value_range`).
 
   With grad_accum_steps = k > 1 the (mixed) per-device batch is split into k equal
   microbatches that run one after another under `lax.scan` (activation memory of one
@@ -150,7 +161,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                            lax.axis_index(axis_name))
   rng, mix_rng = jax.random.split(rng)
   per_example_loss = loss_fn_for(loss)
-  images, labels, _ = augment.mix_batch(mix_rng, batch['image'], batch['labels'], mix)
+  images = batch['image']
+  if value_range is not None:
+    images = device_value_range(images, value_range)
+  images, labels, _ = augment.mix_batch(mix_rng, images, batch['labels'], mix)
 
   def loss_and_grad(params, batch_stats, images, labels, rng):
     def loss_fn(params):

@@ -20,6 +20,7 @@ import numpy as np
 
 from imgcls import augment, checkpoints, config as config_lib, data, evaluate, evaluators
 from imgcls import models, optim, parallel, preemption, run_config, step as step_lib, writers
+from imgcls.data import preprocess
 from imgcls.errors import UserError
 from imgcls.lock import WorkdirLock
 from imgcls.models import weights
@@ -33,9 +34,18 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bo
       jax.random.PRNGKey(seed))
 
 
+def train_pp(config: ml_collections.ConfigDict) -> tuple[str, dict[str, float] | None]:
+  """(the pp string tf.data runs for training, the value_range the train step applies on the
+  device or None): config.value_range_on_device moves a final value_range into the step."""
+  if config.value_range_on_device:
+    return preprocess.split_value_range(config.pp_train)
+  return config.pp_train, None
+
+
 def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bool = True):
   """The run's data-parallel train step: step.train_step under shard_map over the mesh's batch
-  axis, the state donated (scripts/benchmark.py times this same function)."""
+  axis, the state donated (scripts/benchmark.py times this same function). It expects the
+  batches of data.train_iterator(pp=train_pp(config)[0])."""
   return parallel.data_parallel(
       functools.partial(step_lib.train_step, model=model, tx=tx,
                         label_smoothing=config.label_smoothing, loss=config.loss,
@@ -43,7 +53,7 @@ def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bo
                         ema_decay=config.ema_decay,
                         skip_nonfinite_steps=config.skip_nonfinite_steps,
                         grad_accum_steps=config.grad_accum_steps,
-                        axis_name=parallel.AXIS),
+                        value_range=train_pp(config)[1], axis_name=parallel.AXIS),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()),
       donate_argnums=(0,) if donate else ())
 
@@ -245,7 +255,7 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
 
   # ------------------------------------------------------------------- loop
   train_iter = data.train_iterator(
-      builder, split=ds.train_split, pp=config.pp_train,
+      builder, split=ds.train_split, pp=train_pp(config)[0],
       global_batch_size=config.batch_size, seed=config.seed, start_step=start,
       shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)

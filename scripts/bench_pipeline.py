@@ -7,8 +7,10 @@
 The images (smooth random colour fields with fine texture, JPEG quality 90, 500x375 like a
 typical ImageNet photo) are written once and prepared once as an image folder dataset
 (`folder:` source) under --cache_dir; the batches come from imgcls.data.train_iterator or
-eval_data, the code path of training and evaluation. "Before" is the same pipeline with
-pp fusion off (IMGCLS_PP_FUSE=0: decode the whole JPEG, then crop), "after" with it on.
+eval_data, the code path of training and evaluation. "Before" is the pp string as written
+with pp fusion off (IMGCLS_PP_FUSE=0: decode the whole JPEG, then crop; value_range in
+tf.data), "after" what `imgcls train` runs: fusion on, and the train pp's final value_range
+moved into the train step (config.value_range_on_device), so tf.data batches uint8.
 
 Per-core figures: img/s divided by the cores tf.data may use (--threads, else the CPUs this
 process may run on), and images per CPU-second the process spent (less sensitive to other
@@ -156,12 +158,17 @@ def measure(pp: str = TRAIN_PP, *, n_images: int = 512, size: tuple[int, int] = 
 def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
             n_images: int = 512, threads: int | None = None, cache_dir: str | None = None,
             verbose: bool = True) -> dict[str, Any]:
-  """Before (fusion off) and after (on), A B A B, for the train and the eval pp string.
+  """Before and after, A B A B, for the train and the eval pp string.
 
-  Returns every run and, per pp, the median img/s per core before and after and their ratio.
-  The eval pp has nothing to fuse: its off/on pair runs the same code and shows the noise.
-  smoke: one round of 0.5 s runs on 32 small images (seconds, beside TF's import; for tests).
+  Train: before = the pp string as written, fusion off (decode the whole JPEG, value_range
+  in tf.data); 'fused' = fusion on; after = what `imgcls train` runs, fusion on and the
+  final value_range moved into the train step (config.value_range_on_device: uint8 batches,
+  preprocess.split_value_range). Eval (fusion off and on): nothing to fuse or move, so the
+  pair runs the same code and shows the noise.
+  Returns every run and, per pp, the median img/s per core of each variant and the ratio
+  after / before. smoke: one round of 0.5 s runs on 32 small images (seconds; for tests).
   """
+  from imgcls.data import preprocess  # noqa: PLC0415  (no TensorFlow)
   kwargs: dict[str, Any] = dict(seconds=seconds, n_images=n_images, threads=threads,
                                 cache_dir=cache_dir)
   if smoke:
@@ -171,39 +178,42 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
   if smoke:
     train_pp = TRAIN_PP.replace('224', '64')
     eval_pp = EVAL_PP.replace('256', '72').replace('224', '64')
+  variants = {
+      'train': [('before', False, train_pp), ('fused', True, train_pp),
+                ('after', True, preprocess.split_value_range(train_pp)[0])],
+      'eval': [('before', False, eval_pp), ('after', True, eval_pp)]}
   runs = []
   if verbose:
-    print(f'{"pipeline":6s} {"fusion":6s} {"img/s":>8s} {"img/s/core":>10s} '
-          f'{"img/cpu-s":>9s} {"cores":>5s}')
+    print(f'{"pipeline":6s} {"variant":7s} {"img/s":>8s} {"img/s/core":>10s} '
+          f'{"img/cpu-s":>9s} {"cores":>5s}  pp (fusion)')
   for r in range(repeats):
-    for mode, pp in (('train', train_pp), ('eval', eval_pp)):
-      for fuse in (False, True):
-        run = dict(measure(pp, fuse=fuse, mode=mode, **kwargs), round=r)
+    for mode in ('train', 'eval'):
+      for variant, fuse, pp in variants[mode]:
+        run = dict(measure(pp, fuse=fuse, mode=mode, **kwargs), round=r, variant=variant)
         runs.append(run)
         if verbose:
-          print(f'{mode:6s} {"on" if fuse else "off":6s} {run["img_per_s"]:8.1f} '
+          print(f'{mode:6s} {variant:7s} {run["img_per_s"]:8.1f} '
                 f'{run["img_per_s_per_core"]:10.1f} {run["img_per_cpu_s"]:9.1f} '
-                f'{run["cores"]:5d}', flush=True)
+                f'{run["cores"]:5d}  {pp} ({"on" if fuse else "off"})', flush=True)
   summary = {}
   for mode in ('train', 'eval'):
-    def median(fuse, key, mode=mode):
+    def median(variant, key, mode=mode):
       return round(statistics.median(
-          x[key] for x in runs if x['mode'] == mode and x['fuse'] == fuse), 1)
-    summary[mode] = {
-        'pp': train_pp if mode == 'train' else eval_pp,
-        'before_img_per_s_per_core': median(False, 'img_per_s_per_core'),
-        'after_img_per_s_per_core': median(True, 'img_per_s_per_core'),
-        'before_img_per_cpu_s': median(False, 'img_per_cpu_s'),
-        'after_img_per_cpu_s': median(True, 'img_per_cpu_s'),
-    }
-    s = summary[mode]
+          x[key] for x in runs if x['mode'] == mode and x['variant'] == variant), 1)
+    s = summary[mode] = {'pp': train_pp if mode == 'train' else eval_pp,
+                         'after_pp': variants[mode][-1][2]}
+    for variant, _, _ in variants[mode]:
+      s[f'{variant}_img_per_s_per_core'] = median(variant, 'img_per_s_per_core')
+      s[f'{variant}_img_per_cpu_s'] = median(variant, 'img_per_cpu_s')
     s['ratio'] = round(s['after_img_per_s_per_core'] / s['before_img_per_s_per_core'], 3)
     s['ratio_cpu_s'] = round(s['after_img_per_cpu_s'] / s['before_img_per_cpu_s'], 3)
     if verbose:
+      fused = (f' (fusion alone {s["fused_img_per_s_per_core"]:.1f})'
+               if 'fused_img_per_s_per_core' in s else '')
       print(f'{mode}: {s["before_img_per_s_per_core"]:.1f} -> '
-            f'{s["after_img_per_s_per_core"]:.1f} img/s per core (x{s["ratio"]:.2f}); '
+            f'{s["after_img_per_s_per_core"]:.1f} img/s per core (x{s["ratio"]:.2f}){fused}; '
             f'{s["before_img_per_cpu_s"]:.1f} -> {s["after_img_per_cpu_s"]:.1f} img per '
-            f'CPU-s (x{s["ratio_cpu_s"]:.2f})  [{s["pp"]}]')
+            f'CPU-s (x{s["ratio_cpu_s"]:.2f})  [{s["pp"]} -> {s["after_pp"]}]')
   return {'cpu': cpu.model_name(), 'runs': runs, 'summary': summary}
 
 

@@ -353,7 +353,7 @@ def config_mode(config, mesh) -> dict:
   from imgcls import data  # noqa: PLC0415  (TensorFlow only here)
   ds = config.dataset
   builder = data.builder_for(ds)
-  batches = data.train_iterator(builder, split=ds.train_split, pp=config.pp_train,
+  batches = data.train_iterator(builder, split=ds.train_split, pp=train.train_pp(config)[0],
                                 global_batch_size=config.batch_size, seed=0,
                                 shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
   host = next(batches)

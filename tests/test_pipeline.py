@@ -177,3 +177,41 @@ def test_eval_random_ops_are_deterministic(tfds_dir):
   a, b = next(iter(ev)), next(iter(ev))
   np.testing.assert_array_equal(a['image'], b['image'])
   assert set(a) == {'image', 'label', 'labels', 'mask'}
+
+
+@pytest.mark.parametrize('value_range', ['value_range(-1, 1)',
+                                         'value_range(-0.5, 2.5, in_min=10, in_max=200)',
+                                         'value_range(1, 0)'])
+def test_value_range_on_device_gives_the_same_bits(tfds_dir, value_range):
+  """config.value_range_on_device: tf.data keeps uint8 and the train step (jitted, inside
+  shard_map) applies the pp string's final value_range; the images equal tf.data's own."""
+  import jax  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  from imgcls import parallel, step as step_lib  # noqa: PLC0415
+  from imgcls.data import preprocess  # noqa: PLC0415
+
+  pp = f'decode|random_crop(16, pad=2)|flip_lr|{value_range}|onehot(4)'
+  host_pp, args = preprocess.split_value_range(pp)
+  assert host_pp == 'decode|random_crop(16, pad=2)|flip_lr|onehot(4)' and args
+  builder = data.get_builder('synthetic_shapes', tfds_dir)
+  kw = dict(split='train', global_batch_size=16, seed=3)
+  want = next(data.train_iterator(builder, pp=pp, **kw))
+  got = next(data.train_iterator(builder, pp=host_pp, **kw))
+  assert got['image'].dtype == np.uint8 and want['image'].dtype == np.float32
+  np.testing.assert_array_equal(got['labels'], want['labels'])
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  on_device = parallel.data_parallel(
+      lambda x: step_lib.device_value_range(x, args), mesh,
+      in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS))
+  np.testing.assert_array_equal(np.asarray(on_device(got['image'])), want['image'])
+
+
+def test_split_value_range_only_moves_a_final_unclipped_value_range():
+  from imgcls.data import preprocess  # noqa: PLC0415
+  keep = ['decode|value_range(-1, 1)|random_erasing(0.5)|onehot(4)',  # float op after it
+          'decode|value_range(0, 1, clip_values=True)|onehot(4)', 'decode|onehot(4)',
+          'decode|value_range(-1, 1, key="other")|onehot(4)']
+  for pp in keep:
+    assert preprocess.split_value_range(pp) == (pp, None)
+  assert preprocess.split_value_range('decode|value_range(0, 1)|onehot(4)|keep("image")') == (
+      'decode|onehot(4)|keep("image")', {'vmin': 0, 'vmax': 1, 'in_min': 0, 'in_max': 255})

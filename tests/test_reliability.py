@@ -90,7 +90,8 @@ def test_a_second_signal_during_the_save_does_not_cut_it(data_dir, tiny_config, 
 # --------------------------------------------------------------- divergence
 
 def _poison(batch):
-  batch['image'] = np.full_like(batch['image'], np.nan)
+  # float32 even where tf.data hands the step uint8 images (config.value_range_on_device)
+  batch['image'] = np.full(batch['image'].shape, np.nan, np.float32)
 
 
 def test_divergence_stops_before_any_nan_is_saved(data_dir, tiny_config, tmp_path,

@@ -4,10 +4,9 @@ preprocess.py); factories check their arguments, TensorFlow runs inside the retu
 
 from __future__ import annotations
 
-import math
 
 from imgcls.data.base import DataError
-from imgcls.data.preprocess import Op, on_image, register, to_hw
+from imgcls.data.preprocess import Op, on_image, register, to_hw, value_range_math
 from imgcls.registry import lazy_import
 
 tf = lazy_import('tensorflow')
@@ -222,23 +221,9 @@ def get_value_range(vmin: float, vmax: float, in_min: float = 0, in_max: float =
   """Maps [in_min, in_max] linearly to [vmin, vmax], as float32."""
   if in_max == in_min:
     raise ValueError('in_max must differ from in_min')
-  scale = vmax - vmin
-  # Fewer passes over the image, same bits as (x - in_min) / (in_max - in_min) * scale + vmin:
-  # subtracting 0 changes nothing, nor does adding 0 to a non-negative scale's product, and
-  # when |scale| is a power of two (value_range(-1, 1), (0, 1)) x / (d / scale) rounds
-  # exactly as x / d * scale does, since multiplying by a power of two is exact.
-  exact_fold = scale != 0 and math.frexp(abs(scale))[0] == 0.5
 
   def value_range(image: tf.Tensor) -> tf.Tensor:
-    x = tf.cast(image, tf.float32)
-    if in_min != 0:
-      x = x - in_min
-    if exact_fold:
-      x = x / ((in_max - in_min) / scale)
-    else:
-      x = x / (in_max - in_min) * scale
-    if vmin != 0 or scale < 0:
-      x = vmin + x
+    x = value_range_math(tf.cast(image, tf.float32), vmin, vmax, in_min, in_max)
     return tf.clip_by_value(x, vmin, vmax) if clip_values else x
   return on_image(value_range, key)
 
