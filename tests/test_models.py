@@ -5,8 +5,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 

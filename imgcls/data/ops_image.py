@@ -4,10 +4,10 @@ preprocess.py); factories check their arguments, TensorFlow runs inside the retu
 
 from __future__ import annotations
 
-
 from imgcls.data.base import DataError
-from imgcls.data.preprocess import Op, on_image, register, to_hw, value_range_math
+from imgcls.data.preprocess import Op, on_image, register, to_hw
 from imgcls.registry import lazy_import
+from imgcls.value_range import value_range_math
 
 tf = lazy_import('tensorflow')
 

@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 from imgcls.data.base import DataError
 from imgcls.registry import Registry, lazy_import
-from imgcls.value_range import value_range_math  # noqa: F401  (the ops' and the step's)
 
 tf = lazy_import('tensorflow')
 
@@ -188,7 +187,7 @@ def split_value_range(pp: str) -> tuple[str, dict[str, float] | None]:
 
   The train loop then keeps images uint8 through tf.data (4x fewer bytes to batch, copy and
   send to the device) and the train step applies `value_range_math` to the batch on the
-  device (`config.value_range_on_device`): measured with scripts/bench_pipeline.py, the
+  device (`imgcls.value_range`, `config.value_range_on_device`): measured with scripts/bench_pipeline.py, the
   float32 cast and the larger batches cost about a fifth of the JPEG train pipeline.
   'decode|flip_lr|value_range(-1, 1)|onehot(10)' -> ('decode|flip_lr|onehot(10)',
   {'vmin': -1, 'vmax': 1, 'in_min': 0, 'in_max': 255}).
