@@ -44,9 +44,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.dataset.val_split = ''
   c.pp_train = 'decode|value_range(-1, 1)|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
-  # When pp_train ends in value_range(...) (label ops aside), tf.data keeps the images uint8
-  # and the train step applies that value_range on the device, with the same bits: a fifth
-  # less host work for JPEG pipelines, 4x fewer bytes per batch (README, Input pipeline).
+  # When pp_train (or an evaluator's pp, pp_eval by default) ends in value_range(...) (label
+  # ops aside), tf.data keeps the images uint8 and the train (eval) step applies that
+  # value_range on the device, with the same bits: a fifth less host work for JPEG
+  # pipelines, 4x fewer bytes per batch (README, Input pipeline).
   c.value_range_on_device = True
 
   # Model: `name` from the registry (`imgcls.models.list_models()`), the other keys

@@ -255,14 +255,19 @@ def eval_logits(model: nn.Module, variables: dict[str, Any], images: jax.Array,
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              loss: str = 'softmax_xent', axis_name: str = 'batch', tta: str = ''
+              loss: str = 'softmax_xent', axis_name: str = 'batch', tta: str = '',
+              value_range: dict[str, float] | None = None
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Global sums of loss and top-1/top-5 hits over the real (mask 1) examples, and this
   shard's per-example probabilities (softmax, or sigmoid scores for multi-label) for the
   reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5.
-  tta='flip' scores each image with its mirror (`eval_logits`)."""
+  tta='flip' scores each image with its mirror (`eval_logits`). value_range: the eval pp's
+  final value_range, applied here to the uint8 batch (as in `train_step`)."""
+  images = batch['image']
+  if value_range is not None:
+    images = device_value_range(images, value_range)
   logits = eval_logits(model, {'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], loss, tta)
+                       images, loss, tta)
   mask = batch['mask']
   labels = batch['labels']
   k = min(5, logits.shape[-1])

@@ -9,8 +9,8 @@ typical ImageNet photo) are written once and prepared once as an image folder da
 (`folder:` source) under --cache_dir; the batches come from imgcls.data.train_iterator or
 eval_data, the code path of training and evaluation. "Before" is the pp string as written
 with pp fusion off (IMGCLS_PP_FUSE=0: decode the whole JPEG, then crop; value_range in
-tf.data), "after" what `imgcls train` runs: fusion on, and the train pp's final value_range
-moved into the train step (config.value_range_on_device), so tf.data batches uint8.
+tf.data), "after" what `imgcls train` runs: fusion on, and the pp's final value_range moved
+into the train or eval step (config.value_range_on_device), so tf.data batches uint8.
 
 Per-core figures: img/s divided by the cores tf.data may use (--threads, else the CPUs this
 process may run on), and images per CPU-second the process spent (less sensitive to other
@@ -163,8 +163,9 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
   Train: before = the pp string as written, fusion off (decode the whole JPEG, value_range
   in tf.data); 'fused' = fusion on; after = what `imgcls train` runs, fusion on and the
   final value_range moved into the train step (config.value_range_on_device: uint8 batches,
-  preprocess.split_value_range). Eval (fusion off and on): nothing to fuse or move, so the
-  pair runs the same code and shows the noise.
+  preprocess.split_value_range). Eval: before = the pp string as written, fusion off; after =
+  what the evaluators run, the final value_range moved to the eval step (uint8 batches;
+  the eval pp has no crop after decode to fuse).
   Returns every run and, per pp, the median img/s per core of each variant and the ratio
   after / before. smoke: one round of 0.5 s runs on 32 small images (seconds; for tests).
   """
@@ -181,7 +182,8 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
   variants = {
       'train': [('before', False, train_pp), ('fused', True, train_pp),
                 ('after', True, preprocess.split_value_range(train_pp)[0])],
-      'eval': [('before', False, eval_pp), ('after', True, eval_pp)]}
+      'eval': [('before', False, eval_pp),
+               ('after', True, preprocess.split_value_range(eval_pp)[0])]}
   runs = []
   if verbose:
     print(f'{"pipeline":6s} {"variant":7s} {"img/s":>8s} {"img/s/core":>10s} '

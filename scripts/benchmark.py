@@ -48,6 +48,7 @@ from imgcls import config as config_lib, models, optim, parallel  # noqa: E402
 from imgcls import train  # noqa: E402
 from imgcls import evaluators  # noqa: E402
 from imgcls.evaluators import base as evaluators_base  # noqa: E402
+from imgcls.data import preprocess  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (config mode).')
 _PRESET = flags.DEFINE_enum('preset', None, ['cpu_vs_torch'], 'cpu_vs_torch: ResNet-18 '
@@ -224,7 +225,11 @@ class Imgcls:
     self.compile_s = time.perf_counter() - t0
     self.train_flops = _flops(self.train_compiled)
     tta = evaluators.eval_tta(config)  # the run's eval step
-    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta)
+    # The run's eval step takes uint8 batches and applies pp_eval's value_range itself
+    # (evaluators.base.Context.eval_data); on these float batches it costs the same.
+    eval_vr = (preprocess.split_value_range(config.pp_eval)[1]
+               if config.get('value_range_on_device', False) else None)
+    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta, eval_vr)
     self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
     self.eval_flops = _flops(self.eval_compiled)
     self.dtype = str(jnp.dtype(getattr(model, 'dtype', 'float32')))

@@ -87,3 +87,39 @@ def test_imgcls_eval_on_a_split_keeps_the_runs_test_time_augmentation(data_dir, 
   # The same split, scored with the mirror as in the run: the same numbers.
   np.testing.assert_allclose(scored['eval_top1'], result['eval_top1'], atol=1e-6)
   np.testing.assert_allclose(scored['eval_loss'], result['eval_loss'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('tta', ['', 'flip'])
+def test_uint8_eval_batches_score_exactly_as_float_ones(data_dir, tiny_config, tta):
+  """config.value_range_on_device moves pp_eval's final value_range into the eval step, as
+  for training: the evaluator's batches are uint8 and every figure, per-example
+  probabilities and confidently wrong images included, equals the float32 pipeline's."""
+  import jax  # noqa: PLC0415
+  from imgcls import data, evaluate, models, optim, parallel  # noqa: PLC0415
+
+  scores = {}
+  for on in (True, False):
+    c = tiny_config(data_dir, value_range_on_device=on)
+    c.pp_eval = 'decode|value_range(-0.5, 2.5, in_min=10, in_max=200)|onehot(4)'
+    c.evals.eval = dict(type='classification', tta=tta, reports=False)
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    model = models.from_config(c)
+    context, (ev,) = train.make_evaluators(c, model, mesh, data.builder_for(c.dataset))
+    batch = next(iter(ev.data))
+    if on:
+      assert ev.data.value_range == {'vmin': -0.5, 'vmax': 2.5, 'in_min': 10, 'in_max': 200}
+      assert batch['image'].dtype == np.uint8
+    else:
+      assert ev.data.value_range is None and batch['image'].dtype == np.float32
+    assert context.image_shape() == (16, 16, 1)
+    tx, _ = optim.make_optimizer(c, 10)
+    state = train.init_state(model, tx, 0, context.image_shape(), mesh)
+    scores[on] = evaluate.evaluate(ev.eval_fn, state, ev.data, mesh, collect=True,
+                                   keep_images=5)
+  (on, on_out), (off, off_out) = scores[True], scores[False]
+  assert on == off and on['examples'] == NUM_TEST
+  np.testing.assert_array_equal(on_out.probs, off_out.probs)
+  assert [m[:2] for m in on_out.mistakes] == [m[:2] for m in off_out.mistakes]
+  assert len(on_out.mistakes) == 5
+  for (_, _, a), (_, _, b) in zip(on_out.mistakes, off_out.mistakes):  # uint8 vs its range
+    np.testing.assert_allclose((np.asarray(a, np.float64) - 10) * 3 / 190 - 0.5, b, atol=1e-5)

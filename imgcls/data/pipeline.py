@@ -134,6 +134,9 @@ class EvalData:
     self._ds = ds
     self.num_examples = num_examples  # In the split, over all processes.
     self.num_batches = num_batches  # Per pass; the same on every process.
+    # The value_range the eval step applies to these (uint8) images, or None: set by
+    # evaluators.base.Context.eval_data when it moves the pp's value_range to the device.
+    self.value_range: dict[str, float] | None = None
 
   def __iter__(self) -> Iterator[Batch]:
     return self._ds.as_numpy_iterator()

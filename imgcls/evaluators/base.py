@@ -9,17 +9,20 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from imgcls import data, parallel, step as step_lib
+from imgcls.data import preprocess
 from imgcls.registry import Registry
 
 EVALUATORS = Registry('evaluator')
 
 
-def make_eval_fn(model, loss: str, mesh, tta: str = ''):
+def make_eval_fn(model, loss: str, mesh, tta: str = '',
+                 value_range: dict[str, float] | None = None):
   """step.eval_step under shard_map over the mesh's batch axis: (global sums, batch-sharded
-  per-example outputs). Every evaluator's step; scripts/benchmark.py times this same one."""
+  per-example outputs). Every evaluator's step; scripts/benchmark.py times this same one.
+  value_range: applied on the device to uint8 batches (`EvalData.value_range`)."""
   return parallel.data_parallel(
       functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS,
-                        tta=tta),
+                        tta=tta, value_range=value_range),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
 
 
@@ -61,18 +64,21 @@ class Context:
     self.builder = builder
     self.label_names = label_names
     self._data: dict[tuple[str, str], data.EvalData] = {}
-    self._eval_fns: dict[str, Any] = {}
+    self._eval_fns: dict[tuple[str, tuple[tuple[str, float], ...]], Any] = {}
 
   @property
   def multilabel(self) -> bool:
     return self.config.loss == 'sigmoid_xent'
 
-  def eval_fn_for(self, tta: str = ''):
+  def eval_fn_for(self, tta: str = '', value_range: dict[str, float] | None = None):
     """The data-parallel eval step (global sums, batch-sharded per-example outputs) with
-    test-time augmentation `tta` (step.TTA: '' none), built once per kind."""
-    if tta not in self._eval_fns:
-      self._eval_fns[tta] = make_eval_fn(self.model, self.config.loss, self.mesh, tta)
-    return self._eval_fns[tta]
+    test-time augmentation `tta` (step.TTA: '' none) for batches of an EvalData whose
+    `value_range` is given (None: float batches), built once per kind."""
+    key = (tta, tuple(sorted((value_range or {}).items())))
+    if key not in self._eval_fns:
+      self._eval_fns[key] = make_eval_fn(self.model, self.config.loss, self.mesh, tta,
+                                         value_range)
+    return self._eval_fns[key]
 
   def image_shape(self) -> tuple[int, ...]:
     """The shape of one image as the eval pipeline (pp_eval on eval_split) gives it."""
@@ -80,9 +86,17 @@ class Context:
     return tuple(batch['image'].shape[1:])
 
   def eval_data(self, split: str, pp: str = '') -> data.EvalData:
-    """The exact eval pipeline of a split of the run's dataset (built once per split/pp)."""
+    """The exact eval pipeline of a split of the run's dataset (built once per split/pp).
+
+    With config.value_range_on_device, a final value_range leaves tf.data as for training
+    (`preprocess.split_value_range`): the batches hold uint8 images and `.value_range` the
+    op's arguments, for the eval step (`eval_fn_for(tta, data.value_range)`)."""
     key = (split, pp or self.config.pp_eval)
     if key not in self._data:
-      self._data[key] = data.eval_data(self.builder, split=split, pp=key[1],
+      host_pp, value_range = key[1], None
+      if self.config.get('value_range_on_device', False):
+        host_pp, value_range = preprocess.split_value_range(key[1])
+      self._data[key] = data.eval_data(self.builder, split=split, pp=host_pp,
                                        global_batch_size=self.config.eval_batch_size)
+      self._data[key].value_range = value_range
     return self._data[key]

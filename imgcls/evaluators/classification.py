@@ -29,12 +29,12 @@ class Classification(Evaluator):
   def __init__(self, name, context, *, split: str = '', pp: str = '', reports: bool = True,
                val_split: str = '', keep_images: int = 16, tta: str = ''):
     super().__init__(name, context)
-    self.eval_fn = context.eval_fn_for(tta)
     config = context.config
     self.split = split or config.dataset.eval_split
     self.data = context.eval_data(self.split, pp)
-    self.val_data = (context.eval_data(val_split, pp)
+    self.val_data = (context.eval_data(val_split, pp)  # same pp: same value_range
                      if val_split and context.multilabel and reports else None)
+    self.eval_fn = context.eval_fn_for(tta, self.data.value_range)
     self.reports = reports
     self.keep_images = keep_images
     self._report = None
