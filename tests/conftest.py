@@ -90,3 +90,22 @@ def shapes(model, x_shape, dtype=jnp.float32, **kw):
 
 def count_params(tree) -> int:
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def replicated_state(model, tx, mesh, input_shape, ema=False):
+  """step.create_train_state (seed 0), jitted and replicated over `mesh`."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from imgcls import parallel, step  # pylint: disable=g-import-not-at-top
+  create = functools.partial(step.create_train_state, model, tx, input_shape=input_shape,
+                             ema=ema)
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+
+
+def train_step_fn(mesh, **kw):
+  """step.train_step(**kw) under shard_map over `mesh`'s batch axis, as imgcls train runs it
+  (in: replicated state, batch-sharded batch; out: replicated state and metrics)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from imgcls import parallel, step  # pylint: disable=g-import-not-at-top
+  return parallel.data_parallel(functools.partial(step.train_step, **kw), mesh,
+                                in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))

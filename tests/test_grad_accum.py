@@ -1,9 +1,6 @@
 """Gradient accumulation: k microbatches give the whole batch's update (no BatchNorm)."""
 
-import functools
-
 import jax
-from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
@@ -11,6 +8,8 @@ import pytest
 from imgcls import config as config_lib, optim, parallel, step as step_lib
 from imgcls.errors import ConfigError
 from imgcls.models import resnet, vit
+
+from conftest import train_step_fn
 
 
 def _config():
@@ -52,10 +51,8 @@ def _run(model, n_devices, batch, k, steps=2):
   mesh = parallel.make_mesh(jax.devices()[:n_devices])
   tx, _ = optim.make_optimizer(_config(), total_steps=10)
   state = jax.device_put(_state(model, tx), parallel.replicated(mesh))
-  fn = parallel.data_parallel(
-      functools.partial(step_lib.train_step, model=model, tx=tx, label_smoothing=0.1,
-                        ema_decay=0.9, skip_nonfinite_steps=2, grad_accum_steps=k),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  fn = train_step_fn(mesh, model=model, tx=tx, label_smoothing=0.1, ema_decay=0.9,
+                     skip_nonfinite_steps=2, grad_accum_steps=k)
   metrics = None
   for _ in range(steps):
     state, metrics = fn(state, parallel.shard_batch(batch, mesh))

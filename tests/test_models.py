@@ -1,7 +1,5 @@
 """Tests for the model registry and ResNet (narrow widths and small inputs keep them fast)."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,10 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from imgcls import models, optim, parallel, step as step_lib
+from imgcls import models, optim, parallel
 from imgcls.models import resnet
 
-from conftest import count_params, shapes
+from conftest import count_params, replicated_state, shapes, train_step_fn
 
 
 
@@ -222,11 +220,8 @@ def test_every_family_trains_in_the_data_parallel_step(name, kw):
       weight_decay=0.0, weight_decay_mask='no_bias_norm', grad_clip_norm=1.0))
   tx, _ = optim.make_optimizer(c, total_steps=10)
   mesh = parallel.make_mesh(jax.devices()[:2])
-  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
-                                    input_shape=(16, 16, 3)),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  step = parallel.data_parallel(functools.partial(step_lib.train_step, model=model, tx=tx),
-                                mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  state = replicated_state(model, tx, mesh, (16, 16, 3))
+  step = train_step_fn(mesh, model=model, tx=tx)
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch(
       {'image': rng.normal(size=(8, 16, 16, 3)).astype(np.float32),

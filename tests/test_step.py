@@ -1,17 +1,17 @@
 """The data-parallel step equals a single-device step on the same global batch."""
 
-import functools
-
 import flax.linen as nn
 import jax
-from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from imgcls import optim, parallel, step as step_lib
+from imgcls.evaluators.base import make_eval_fn
 from imgcls.models import resnet
+
+from conftest import replicated_state, train_step_fn
 
 
 def _tiny_model():
@@ -34,12 +34,8 @@ def _run(n_devices, batch, steps=2):
   mesh = parallel.make_mesh(jax.devices()[:n_devices])
   model = _tiny_model()
   tx, _ = optim.make_optimizer(_config(), total_steps=10)
-  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
-                                    input_shape=(16, 16, 1)),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  fn = parallel.data_parallel(
-      functools.partial(step_lib.train_step, model=model, tx=tx, label_smoothing=0.1),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  state = replicated_state(model, tx, mesh, (16, 16, 1))
+  fn = train_step_fn(mesh, model=model, tx=tx, label_smoothing=0.1)
   metrics = None
   for _ in range(steps):
     state, metrics = fn(state, parallel.shard_batch(batch, mesh))
@@ -84,19 +80,14 @@ def _eval_setup():
   mesh = parallel.make_mesh(jax.devices()[:8])
   model = _tiny_model()
   tx, _ = optim.make_optimizer(_config(), total_steps=10)
-  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
-                                    input_shape=(16, 16, 1)),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  return mesh, model, state
+  return mesh, model, replicated_state(model, tx, mesh, (16, 16, 1))
 
 
 def test_eval_step_counts_only_masked_in_examples():
   mesh, model, state = _eval_setup()
   batch = _batch()
   batch['mask'] = (np.arange(16) < 11).astype(np.float32)
-  fn = parallel.data_parallel(functools.partial(step_lib.eval_step, model=model), mesh,
-                              in_specs=(P(), P(parallel.AXIS)),
-                              out_specs=(P(), P(parallel.AXIS)))
+  fn = make_eval_fn(model, 'softmax_xent', mesh)
   sums, per_example = jax.device_get(fn(state, parallel.shard_batch(batch, mesh)))
   assert float(sums['count']) == 11
   assert 0 <= float(sums['top1']) <= float(sums['top5']) <= 11
@@ -129,12 +120,8 @@ def test_ema_decay_matches_hand_computation():
   mesh = parallel.make_mesh(jax.devices()[:2])
   model = _tiny_model()
   tx, _ = optim.make_optimizer(_config(), total_steps=10)
-  state = jax.jit(functools.partial(step_lib.create_train_state, model, tx,
-                                    input_shape=(16, 16, 1), ema=True),
-                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  fn = parallel.data_parallel(
-      functools.partial(step_lib.train_step, model=model, tx=tx, ema_decay=0.9), mesh,
-      in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
+  state = replicated_state(model, tx, mesh, (16, 16, 1), ema=True)
+  fn = train_step_fn(mesh, model=model, tx=tx, ema_decay=0.9)
   p0 = jax.device_get(state.params)
   s1, _ = fn(state, parallel.shard_batch(batch, mesh))
   s2, _ = fn(s1, parallel.shard_batch(batch, mesh))
@@ -183,10 +170,7 @@ def test_flip_tta_scores_the_average_of_image_and_mirror(loss):
   plain, mirrored = probs_of(batch['image']), probs_of(batch['image'][:, :, ::-1])
   assert np.abs(plain - mirrored).max() > 1e-4  # the mirror changes the prediction
   expected = (plain + mirrored) / 2
-  fn = parallel.data_parallel(functools.partial(step_lib.eval_step, model=model, loss=loss,
-                                                tta='flip'), mesh,
-                              in_specs=(P(), P(parallel.AXIS)),
-                              out_specs=(P(), P(parallel.AXIS)))
+  fn = make_eval_fn(model, loss, mesh, tta='flip')
   sums, per_example = jax.device_get(fn(state, parallel.shard_batch(batch, mesh)))
   np.testing.assert_allclose(per_example['probs'], expected, rtol=1e-5, atol=1e-6)
   hits = step_lib.top1_hits(jnp.asarray(expected), jnp.asarray(batch['labels']))
