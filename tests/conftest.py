@@ -102,8 +102,9 @@ def replicated_state(model, tx, mesh, input_shape, ema=False):
 
 
 def train_step_fn(mesh, **kw):
-  """step.train_step(**kw) under shard_map over `mesh`'s batch axis, as imgcls train runs it
-  (in: replicated state, batch-sharded batch; out: replicated state and metrics)."""
+  """step.train_step(**kw) under shard_map over `mesh`'s batch axis, with imgcls train's
+  specs (in: replicated state, batch-sharded batch; out: replicated state and metrics) but
+  without donating the state."""
   import functools  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from imgcls import parallel, step  # pylint: disable=g-import-not-at-top

@@ -98,11 +98,13 @@ model = models.get_model('resnet10', num_classes=4, width=4, stem='small')
 mesh = parallel.make_mesh()
 variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.float32))
 state = step.TrainState.for_eval(jax.device_put(variables, parallel.replicated(mesh)))
-eval_fn = parallel.data_parallel(functools.partial(step.eval_step, model=model), mesh,
-                                 in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+# As the evaluators run it (config.value_range_on_device): uint8 batches, value_range in the step.
+value_range = dict(vmin=-1, vmax=1, in_min=0, in_max=255)
+eval_fn = parallel.data_parallel(
+    functools.partial(step.eval_step, model=model, value_range=value_range), mesh,
+    in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
 builder = data.get_builder('synthetic_shapes', data_dir)
-batches = data.eval_data(builder, split='test', pp='decode|value_range(-1, 1)|onehot(4)',
-                         global_batch_size=16)
+batches = data.eval_data(builder, split='test', pp='decode|onehot(4)', global_batch_size=16)
 _, outputs = evaluate.evaluate(eval_fn, state, batches, mesh, collect=True, keep_images=40)
 np.savez(out, probs=outputs.probs, labels=outputs.labels,
          index=np.array([i for _, i, _ in outputs.mistakes], np.int64),
@@ -113,7 +115,8 @@ np.savez(out, probs=outputs.probs, labels=outputs.labels,
 
 def test_two_process_report_outputs_are_the_splits_own(data_dir, tmp_path):
   """Each mistake's index names the split's example with that very image and label, and
-  the gathered probabilities and labels come in split order (as one process sees them)."""
+  the gathered probabilities and labels come in split order (as one process sees them).
+  The batches are uint8 with the value_range in the eval step, as the evaluators run them."""
   from imgcls import data  # pylint: disable=g-import-not-at-top
   worker = tmp_path / 'worker.py'
   worker.write_text(_EVAL_WORKER)
@@ -128,7 +131,7 @@ def test_two_process_report_outputs_are_the_splits_own(data_dir, tmp_path):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   split = list(data.eval_data(data.get_builder('synthetic_shapes', data_dir), split='test',
-                              pp='decode|value_range(-1, 1)|onehot(4)', global_batch_size=37,
+                              pp='decode|onehot(4)', global_batch_size=37,
                               process_index=0, process_count=1))[0]
   r0, r1 = (np.load(tmp_path / f'{i}.npz') for i in range(2))
   for k in ('probs', 'labels', 'index', 'images'):

@@ -53,7 +53,7 @@ class Evaluator:
 
 class Context:
   """What a run's evaluators share: the config, the model, the mesh, the dataset's builder
-  and class names, and the jitted eval steps (one per kind of test-time augmentation,
+  and class names, and the jitted eval steps (one per test-time augmentation and value_range,
   compiled once for all the evaluators that use it)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: Any, builder: Any,
@@ -94,7 +94,7 @@ class Context:
     key = (split, pp or self.config.pp_eval)
     if key not in self._data:
       host_pp, value_range = key[1], None
-      if self.config.get('value_range_on_device', False):
+      if self.config.value_range_on_device:
         host_pp, value_range = preprocess.split_value_range(key[1])
       self._data[key] = data.eval_data(self.builder, split=split, pp=host_pp,
                                        global_batch_size=self.config.eval_batch_size)
