@@ -132,9 +132,12 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
   return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
 
-def device_value_range(images: jax.Array, value_range: dict[str, float]) -> jax.Array:
+def device_value_range(images: jax.Array, value_range: dict[str, float] | None) -> jax.Array:
   """The pp string's final value_range, applied on the device to a uint8 batch: the same
-  bits as tf.data's op (each pass rounded on its own, no fused multiply-add)."""
+  bits as tf.data's op (each pass rounded on its own, no fused multiply-add). None: the
+  images as they are (value_range stayed in tf.data)."""
+  if value_range is None:
+    return images
   return value_range_math(images.astype(jnp.float32), **value_range,
                           barrier=lax.optimization_barrier)
 
@@ -161,9 +164,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                            lax.axis_index(axis_name))
   rng, mix_rng = jax.random.split(rng)
   per_example_loss = loss_fn_for(loss)
-  images = batch['image']
-  if value_range is not None:
-    images = device_value_range(images, value_range)
+  images = device_value_range(batch['image'], value_range)
   images, labels, _ = augment.mix_batch(mix_rng, images, batch['labels'], mix)
 
   def loss_and_grad(params, batch_stats, images, labels, rng):
@@ -263,11 +264,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
   reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5.
   tta='flip' scores each image with its mirror (`eval_logits`). value_range: the eval pp's
   final value_range, applied here to the uint8 batch (as in `train_step`)."""
-  images = batch['image']
-  if value_range is not None:
-    images = device_value_range(images, value_range)
   logits = eval_logits(model, {'params': state.params, 'batch_stats': state.batch_stats},
-                       images, loss, tta)
+                       device_value_range(batch['image'], value_range), loss, tta)
   mask = batch['mask']
   labels = batch['labels']
   k = min(5, logits.shape[-1])

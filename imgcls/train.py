@@ -37,9 +37,7 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bo
 def train_pp(config: ml_collections.ConfigDict) -> tuple[str, dict[str, float] | None]:
   """(the pp string tf.data runs for training, the value_range the train step applies on the
   device or None): config.value_range_on_device moves a final value_range into the step."""
-  if config.value_range_on_device:
-    return preprocess.split_value_range(config.pp_train)
-  return config.pp_train, None
+  return preprocess.split_value_range(config.pp_train, config.value_range_on_device)
 
 
 def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bool = True):

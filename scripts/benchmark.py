@@ -228,8 +228,7 @@ class Imgcls:
     # The run's eval step takes uint8 batches and applies its pp's final value_range itself
     # (evaluators.base.Context.eval_data); here it gets the float batch, cast included.
     eval_pp = evaluators.specs(config).get('eval', {}).get('pp') or config.pp_eval
-    eval_vr = (preprocess.split_value_range(eval_pp)[1] if config.value_range_on_device
-               else None)
+    eval_vr = preprocess.split_value_range(eval_pp, config.value_range_on_device)[1]
     eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta, eval_vr)
     self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
     self.eval_flops = _flops(self.eval_compiled)

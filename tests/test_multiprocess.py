@@ -91,18 +91,16 @@ import numpy as np
 from imgcls import parallel
 data_dir, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 parallel.initialize_distributed(f'127.0.0.1:{port}', 2, pid)  # the CLI's explicit flags
-import functools, jax
-from jax.sharding import PartitionSpec as P
+import jax
 from imgcls import data, evaluate, models, step
+from imgcls.evaluators.base import make_eval_fn
 model = models.get_model('resnet10', num_classes=4, width=4, stem='small')
 mesh = parallel.make_mesh()
 variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.float32))
 state = step.TrainState.for_eval(jax.device_put(variables, parallel.replicated(mesh)))
 # As the evaluators run it (config.value_range_on_device): uint8 batches, value_range in the step.
-value_range = dict(vmin=-1, vmax=1, in_min=0, in_max=255)
-eval_fn = parallel.data_parallel(
-    functools.partial(step.eval_step, model=model, value_range=value_range), mesh,
-    in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
+eval_fn = make_eval_fn(model, 'softmax_xent', mesh,
+                       value_range=dict(vmin=-1, vmax=1, in_min=0, in_max=255))
 builder = data.get_builder('synthetic_shapes', data_dir)
 batches = data.eval_data(builder, split='test', pp='decode|onehot(4)', global_batch_size=16)
 _, outputs = evaluate.evaluate(eval_fn, state, batches, mesh, collect=True, keep_images=40)

@@ -213,5 +213,7 @@ def test_split_value_range_only_moves_a_final_unclipped_value_range():
           'decode|value_range(-1, 1, key="other")|onehot(4)']
   for pp in keep:
     assert preprocess.split_value_range(pp) == (pp, None)
+  off = 'decode|value_range(0, 1)|onehot(4)'  # config.value_range_on_device=False
+  assert preprocess.split_value_range(off, move=False) == (off, None)
   assert preprocess.split_value_range('decode|value_range(0, 1)|onehot(4)|keep("image")') == (
       'decode|onehot(4)|keep("image")', {'vmin': 0, 'vmax': 1, 'in_min': 0, 'in_max': 255})

@@ -181,9 +181,10 @@ def on_image(fn: Callable[..., tf.Tensor], key: str, random: bool = False) -> Op
   return apply
 
 
-def split_value_range(pp: str) -> tuple[str, dict[str, float] | None]:
+def split_value_range(pp: str, move: bool = True) -> tuple[str, dict[str, float] | None]:
   """(pp without its final value_range, that op's arguments) when value_range(...) on the
-  image, unclipped, is the last op before the label ops; else (pp, None).
+  image, unclipped, is the last op before the label ops; else, or when not `move`
+  (config.value_range_on_device off), (pp, None).
 
   The train loop then keeps images uint8 through tf.data (4x fewer bytes to batch, copy and
   send to the device) and the train step applies `value_range_math` to the batch on the
@@ -192,6 +193,8 @@ def split_value_range(pp: str) -> tuple[str, dict[str, float] | None]:
   'decode|flip_lr|value_range(-1, 1)|onehot(10)' -> ('decode|flip_lr|onehot(10)',
   {'vmin': -1, 'vmax': 1, 'in_min': 0, 'in_max': 255}).
   """
+  if not move:
+    return pp, None
   ops = [op.strip() for op in pp.split('|') if op.strip()]
   label_ops = set(OPS.names(label_op=True))
   image_ops = [i for i, op in enumerate(ops) if _op_name(op) not in label_ops]

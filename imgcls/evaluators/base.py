@@ -93,9 +93,8 @@ class Context:
     op's arguments, for the eval step (`eval_fn_for(tta, data.value_range)`)."""
     key = (split, pp or self.config.pp_eval)
     if key not in self._data:
-      host_pp, value_range = key[1], None
-      if self.config.value_range_on_device:
-        host_pp, value_range = preprocess.split_value_range(key[1])
+      host_pp, value_range = preprocess.split_value_range(key[1],
+                                                          self.config.value_range_on_device)
       self._data[key] = data.eval_data(self.builder, split=split, pp=host_pp,
                                        global_batch_size=self.config.eval_batch_size)
       self._data[key].value_range = value_range
