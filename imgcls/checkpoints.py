@@ -244,17 +244,20 @@ class Checkpoint:
   def has_ema(self) -> bool:
     return 'ema_params' in self.arrays()
 
-  def weights(self, which: str = 'auto') -> dict[str, Any]:
-    """{'params', 'batch_stats'?}: 'raw' (the trained weights), 'ema' (the exponential
-    moving average; an error if the run kept none) or 'auto' (the EMA when kept, else raw).
-    An EMA field missing on disk falls back to the raw one."""
+  def weights_used(self, which: str = 'auto') -> str:
+    """'ema' or 'raw': what `which` ('auto' | 'raw' | 'ema') means for this checkpoint. The
+    one rule every reader follows: 'auto' is the EMA when the run kept one, else raw."""
     if which not in WEIGHTS:
       raise CheckpointError(f'weights must be one of {", ".join(WEIGHTS)}, got {which!r}.')
-    arrays = self.arrays()
-    if which == 'ema' and 'ema_params' not in arrays:
+    if which == 'ema' and not self.has_ema():
       raise CheckpointError(f'the checkpoint {self.path} keeps no EMA of the weights (its run '
-                            "had ema_decay=0): use weights='raw'.")
-    use_ema = which == 'ema' or (which == 'auto' and 'ema_params' in arrays)
+                            "had ema_decay=0): use weights='raw' (--weights=raw).")
+    return 'ema' if which == 'ema' or (which == 'auto' and self.has_ema()) else 'raw'
+
+  def weights(self, which: str = 'auto') -> dict[str, Any]:
+    """{'params', 'batch_stats'?} of the weights `which` names (weights_used); an EMA field
+    missing on disk falls back to the raw one."""
+    arrays, use_ema = self.arrays(), self.weights_used(which) == 'ema'
     out = {}
     for n in ('params', 'batch_stats'):
       source = f'ema_{n}' if use_ema and f'ema_{n}' in arrays else n

@@ -16,8 +16,8 @@ from typing import Any
 from imgcls import config as config_lib
 from imgcls.errors import UserError
 
-# Plain json: `imgcls compare` answers without importing TF (imgcls.writers writes the file
-# and reads it through read_metrics below).
+# The metrics file's one owner: plain json, so `imgcls compare` answers without TF or JAX
+# (imgcls.writers writes it).
 METRICS_FILE = 'metrics.jsonl'
 
 RESULT_COLUMNS = ('final_top1', 'best_top1', 'best_step', 'final_train_loss', 'steps')
@@ -47,7 +47,7 @@ def find_runs(root: str) -> list[str]:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of WORKDIR/metrics.jsonl, as imgcls.writers.read_metrics reads them."""
+  """The records of WORKDIR/metrics.jsonl, one per logged step."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []

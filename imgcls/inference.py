@@ -6,9 +6,8 @@ dataset.num_classes, built through the registry), its weights, the eval preproce
 dataset or accelerator is needed. Only the weights are read (params and batch_stats), as
 numpy arrays on the host, so a checkpoint written on N devices loads in a process with one.
 
-Which weights: one rule for `imgcls.load`, `imgcls eval`, `imgcls predict` and every export
-(`weights_used`): the EMA when the run kept one, else the raw weights, unless asked
-(weights='raw' | 'ema'). Files, bytes and PIL images are decoded by imgcls.data.decode, the
+Which weights: `checkpoints.Checkpoint.weights_used`, the rule `imgcls eval`, `predict` and
+every export share (the EMA when the run kept one, else raw, unless asked). Files, bytes and PIL images are decoded by imgcls.data.decode, the
 PIL path the image-folder preparation uses (EXIF rotation, CMYK, 16-bit, alpha composited on
 white), so a model sees at inference the pixels it was trained on.
 """
@@ -57,21 +56,6 @@ def _check_shapes(model, variables: dict[str, Any], image_shape: tuple[int, ...]
         'the checkpoint was saved: load it with the imgcls version that trained it.')
 
 
-def weights_used(ckpt: checkpoints.Checkpoint, which: str = 'auto') -> str:
-  """'ema' or 'raw': the weights `which` ('auto' | 'raw' | 'ema') means for this checkpoint.
-
-  The one rule every reader follows: 'auto' is the EMA when the run kept one (ema_decay > 0),
-  else the raw weights; 'ema' on a run without one is a CheckpointError.
-  """
-  if which not in checkpoints.WEIGHTS:
-    raise CheckpointError(f'weights must be one of {", ".join(checkpoints.WEIGHTS)}, got '
-                          f'{which!r}.')
-  if which == 'ema' and not ckpt.has_ema():
-    raise CheckpointError(f'the checkpoint {ckpt.path} keeps no EMA of the weights (its run '
-                          "had ema_decay=0): use weights='raw' (--weights=raw).")
-  return 'ema' if which == 'ema' or (which == 'auto' and ckpt.has_ema()) else 'raw'
-
-
 def load(path: str | os.PathLike, step: str | int = 'best',
          weights: str = 'auto') -> Classifier:
   """A Classifier for the checkpoint at `path` (workdir, checkpoints folder or step folder).
@@ -84,7 +68,7 @@ def load(path: str | os.PathLike, step: str | int = 'best',
   """
   _keep_tf_off_accelerators()
   ckpt = checkpoints.find(path, step)
-  used = weights_used(ckpt, weights)
+  used = ckpt.weights_used(weights)
   variables = ckpt.weights(used)
   model = models.from_config(ckpt.config)
   _check_shapes(model, variables, ckpt.image_shape, ckpt.path)

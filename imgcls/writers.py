@@ -14,8 +14,7 @@ from etils import epath
 import jax
 import numpy as np
 
-# One reader of metrics.jsonl, in the module `imgcls compare` uses without TF or JAX.
-from imgcls.compare import METRICS_FILE, read_metrics  # noqa: F401  pylint: disable=unused-import
+from imgcls.compare import METRICS_FILE  # the file's one owner (it reads without TF or JAX)
 
 
 def _plain(v: Any) -> Any:

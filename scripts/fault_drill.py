@@ -30,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from imgcls import checkpoints, data, writers  # noqa: E402  pylint: disable=g-import-not-at-top
+from imgcls import checkpoints, compare, data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _OUT = flags.DEFINE_string('out', '/tmp/fault_drill', 'Folder for the runs and the table.')
 _STEPS = flags.DEFINE_integer('steps', 300, 'Steps of the tiny run.')
@@ -104,7 +104,7 @@ class Drill:
       time.sleep(0.01)
 
   def reached(self, workdir: str, step: int):
-    return lambda: any(r.get('step', 0) >= step for r in writers.read_metrics(workdir))
+    return lambda: any(r.get('step', 0) >= step for r in compare.read_metrics(workdir))
 
   def final(self, workdir: str) -> str:
     """'bit-identical' / 'differs' for the last checkpoint against the undisturbed run."""
@@ -156,7 +156,7 @@ def drill(d: Drill) -> None:
   out = proc.communicate()[0]
   grace = time.monotonic() - t
   saved = _last_saved(out)
-  reached = max(r['step'] for r in writers.read_metrics(w) if 'step' in r)
+  reached = max(r['step'] for r in compare.read_metrics(w) if 'step' in r)
   rc2, out2 = d.run(w)
   d.row(f'SIGTERM mid-run ({grace:.1f} s from signal to exit)', proc.returncode, out,
         f'{0 if saved and saved >= reached else "?"} (saved step {saved}, reached {reached})',

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from imgcls import writers
+from imgcls import compare
 
 _CONFIG = flags.DEFINE_string('config', 'configs/default.py', 'Config (with :arg).')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/killed', 'Workdir of the killed run.')
@@ -38,12 +38,12 @@ def _finished_steps(workdir: str) -> list[int]:
 
 
 def _final_top1(workdir: str) -> tuple[int, float]:
-  evals = [r for r in writers.read_metrics(workdir) if 'eval_top1' in r]
+  evals = [r for r in compare.read_metrics(workdir) if 'eval_top1' in r]
   return evals[-1]['step'], evals[-1]['eval_top1']
 
 
 def main(_):
-  if not any('eval_top1' in r for r in writers.read_metrics(_REFERENCE.value)):
+  if not any('eval_top1' in r for r in compare.read_metrics(_REFERENCE.value)):
     print(f'training the reference run in {_REFERENCE.value}', flush=True)
     subprocess.run(_command(_REFERENCE.value), check=True)
 

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imgcls import checkpoints, config as config_lib, evaluators, train, writers
+from imgcls import checkpoints, compare, config as config_lib, evaluators, train
 
 from conftest import NUM_TEST
 
@@ -51,7 +51,7 @@ def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path
   workdir = str(tmp_path / 'two')
   result = train.train_and_evaluate(c, workdir)
 
-  evals = [r for r in writers.read_metrics(workdir) if 'test_top1' in r]
+  evals = [r for r in compare.read_metrics(workdir) if 'test_top1' in r]
   assert [r['step'] for r in evals] == [3, 6]
   for r in evals:  # each evaluator scored its own split, every example once
     assert r['test_examples'] == NUM_TEST and r['train_examples'] == 40

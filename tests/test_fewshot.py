@@ -214,14 +214,14 @@ def test_run_on_checkpoint_names_a_wrong_image_shape(workdir, data_dir):
 
 
 def test_fewshot_probe_runs_at_each_eval_of_training(data_dir, tiny_config, tmp_path):
-  from imgcls import train, writers  # pylint: disable=g-import-not-at-top
+  from imgcls import compare, train  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir, total_steps=4, eval_every_steps=2)
   config.fewshot.shots = (1, 3)
   config.fewshot.seeds = (0, 1)
   result = train.train_and_evaluate(config, str(tmp_path / 'fs'))
   for k in (1, 3):
     assert 0.0 <= result[f'fewshot_{k}shot_top1'] <= 1.0
-  evals = [r for r in writers.read_metrics(str(tmp_path / 'fs')) if 'eval_top1' in r]
+  evals = [r for r in compare.read_metrics(str(tmp_path / 'fs')) if 'eval_top1' in r]
   assert [r['step'] for r in evals] == [2, 4]
   assert all('eval_fewshot_3shot_top1' in r for r in evals)
   bad = tiny_config(data_dir, total_steps=4)

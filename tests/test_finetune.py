@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from imgcls import checkpoints, config as config_lib, data, train, writers
+from imgcls import checkpoints, compare, config as config_lib, data, train
 from imgcls.models import weights
 
 from conftest import _tiny_config
@@ -111,7 +111,7 @@ def _check_finetuned(pretrained, workdir, fmt):
   assert new['head/kernel'].shape == (16, 3) and np.abs(new['head/kernel']).sum() > 0
 
   # The head starts at zero (logits 0: loss ln 3 at the first step); then the loss falls.
-  losses = [r['train_loss'] for r in writers.read_metrics(workdir) if 'train_loss' in r]
+  losses = [r['train_loss'] for r in compare.read_metrics(workdir) if 'train_loss' in r]
   assert len(losses) == 24
   assert losses[0] == pytest.approx(math.log(3), abs=1e-5)
   assert np.mean(losses[-4:]) < 0.8 * losses[0], losses

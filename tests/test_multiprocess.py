@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 
-from imgcls import writers
+from imgcls import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_two_processes_train_and_evaluate_under_slurm(data_dir, tmp_path):
 
   # Each process reads its own half of the split, so the batches (and the trajectory)
   # differ from a one-process run's; what must hold is the exact, complete eval.
-  records = writers.read_metrics(workdir)
+  records = compare.read_metrics(workdir)
   evals = [r for r in records if 'eval_top1' in r]
   assert [r['step'] for r in evals] == [4, 8]
   assert all(r['eval_examples'] == 37 for r in evals)

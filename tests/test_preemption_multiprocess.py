@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-from imgcls import checkpoints, writers
+from imgcls import checkpoints, compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_and_both_exit_0(data_dir
       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   deadline = time.monotonic() + 400
-  while not any(r.get('step', 0) >= 10 for r in writers.read_metrics(workdir)):
+  while not any(r.get('step', 0) >= 10 for r in compare.read_metrics(workdir)):
     assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
     time.sleep(0.5)
   print(f"\nsignal at {time.monotonic() - deadline + 400:.1f} s", flush=True)

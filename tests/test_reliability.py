@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgcls import checkpoints, data, lock as lock_lib, run_config, train, writers
+from imgcls import checkpoints, compare, data, lock as lock_lib, run_config, train
 from imgcls.errors import UserError
 
 
@@ -118,7 +118,7 @@ def test_skip_nonfinite_steps_skips_and_counts_bad_updates(data_dir, tiny_config
   with monkeypatch.context() as m:
     _stop_at(m, 8, _poison)
     train.train_and_evaluate(c, workdir)
-  skipped = {r['step']: r['train_skipped_steps'] for r in writers.read_metrics(workdir)
+  skipped = {r['step']: r['train_skipped_steps'] for r in compare.read_metrics(workdir)
              if 'train_skipped_steps' in r}
   assert skipped[9] == 1 and sum(skipped.values()) == 1
   for x in _params(workdir):

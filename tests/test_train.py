@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgcls import checkpoints, data, train, writers
+from imgcls import checkpoints, compare, data, train
 
 from conftest import NUM_TEST
 
@@ -61,13 +61,13 @@ def test_train_checkpoint_crash_resume_and_eval(data_dir, tiny_config, tmp_path,
     assert report['num_examples'] == NUM_TEST
     assert sum(map(sum, report['confusion_matrix'])) == NUM_TEST
     assert report['scalars']['top1'] == pytest.approx(
-        [r for r in writers.read_metrics(run_dir) if r.get('step') == step and
+        [r for r in compare.read_metrics(run_dir) if r.get('step') == step and
          'eval_top1' in r][0]['eval_top1'], abs=1e-6)
     for name in ('confusion_matrix', 'reliability'):
       png = tmp_path / 'run' / 'reports' / f'{name}_{step}.png'
       assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
-  records = writers.read_metrics(run_dir)
+  records = compare.read_metrics(run_dir)
   steps = [r['step'] for r in records if 'train_loss' in r]
   assert steps == [3, 6, 9, 12]  # nothing logged twice across the crash
   evals = [r for r in records if 'eval_top1' in r]
@@ -99,7 +99,7 @@ def test_training_learns(data_dir, tiny_config, tmp_path):
   config = tiny_config(data_dir, total_steps=60, eval_every_steps=60, log_every_steps=20)
   config.lr.base = 0.1
   result = train.train_and_evaluate(config, str(tmp_path / 'learn'))
-  train_top1 = [r['train_top1'] for r in writers.read_metrics(str(tmp_path / 'learn'))
+  train_top1 = [r['train_top1'] for r in compare.read_metrics(str(tmp_path / 'learn'))
                 if 'train_top1' in r]
   # Chance is 0.25; seen here: train top-1 0.43 -> 0.65 -> 0.88, eval 0.59.
   assert train_top1[-1] > 0.7 and train_top1[-1] > train_top1[0]
