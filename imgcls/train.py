@@ -377,12 +377,11 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
   with `split`, the classification evaluator on that split); writes the JSON beside it.
 
   weights: 'auto' (the EMA when the run kept one, else raw), 'raw' or 'ema', by the rule
-  imgcls.load and the exports follow (inference.weights_used), so `top1` is the number of
+  imgcls.load and the exports follow (Checkpoint.weights_used), so `top1` is the number of
   the model they serve; the result's `weights` says which. Only those weights are read.
   """
-  from imgcls import inference  # pylint: disable=g-import-not-at-top
   ckpt = checkpoints.find(workdir, which)
-  used = inference.weights_used(ckpt, weights)
+  used = ckpt.weights_used(weights)
   config = ml_collections.ConfigDict(ckpt.config)
   config_lib.upgrade(config)
   if data_dir:
