@@ -18,7 +18,8 @@ Usage (from the repo root):
   /work/timm-venv/bin/python scripts/timm_fixtures.py check-bit-npz FILE.npz EXPECTED.npy \
       [--fixture=bit|PATH.npz] [--model_args=JSON] [--prefix=resnet/] [--atol=1e-4]
 
-generate writes vit_tok.npz, vit_gap.npz, resnet_bottleneck.npz and bit.npz. Each holds
+generate writes vit_tok.npz, vit_gap.npz, resnet_bottleneck.npz and bit.npz, then the
+ConvNeXt fixtures (generate-convnext writes only those: see CONVNEXT_SPECS). Each holds
   sd/<key>  every state_dict tensor (num_batches_tracked left out) as float32, in
             timm's own layout (OIHW convs, [out, in] linears),
   input     the batch, NHWC float32 [2, 32, 32, 3]; timm is fed its NCHW transpose,
@@ -137,6 +138,97 @@ SPECS = {
     },
 }
 
+
+# ConvNeXt fixtures: run at 224 and 160 px (a net without position embeddings runs at any size).
+# Their input is not stored: it is CONVNEXT_INPUT_SEED's uint8 draw (its sha256 in the config),
+# ImageNet-normalised as convnext_input() does; the 160 px input is its top-left crop.
+_CONVNEXT_ARGS = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=7)
+CONVNEXT_SPECS = {
+    'convnext': {  # v1 with Linear MLPs, as convnext_tiny and larger
+        'class': 'timm.models.convnext.ConvNeXt',
+        'kwargs': dict(_CONVNEXT_ARGS, conv_mlp=False),
+        'seed': 10,
+    },
+    'convnext_conv_mlp': {  # v1 with 1x1-conv MLPs, as convnext_atto .. convnext_nano
+        'class': 'timm.models.convnext.ConvNeXt',
+        'kwargs': dict(_CONVNEXT_ARGS, conv_mlp=True),
+        'seed': 11,
+    },
+    'convnextv2': {  # v2 (GRN, no LayerScale) with Linear MLPs, as convnextv2_tiny and larger
+        'class': 'timm.models.convnext.ConvNeXt',
+        'kwargs': dict(_CONVNEXT_ARGS, conv_mlp=False, use_grn=True, ls_init_value=None),
+        'seed': 12,
+    },
+    'convnextv2_conv_mlp': {  # v2 with 1x1-conv MLPs, as convnextv2_atto .. convnextv2_nano
+        'class': 'timm.models.convnext.ConvNeXt',
+        'kwargs': dict(_CONVNEXT_ARGS, conv_mlp=True, use_grn=True, ls_init_value=None),
+        'seed': 13,
+    },
+}
+CONVNEXT_NOTES = {
+    'layer_norm_eps': 1e-6,
+    'gelu': 'exact erf',
+    'stem': 'Conv2d 4x4 stride 4 (bias), LayerNorm2d',
+    'downsample': 'stages 1-3: LayerNorm2d, Conv2d 2x2 stride 2 (bias)',
+    'block': 'conv_dw 7x7 padding 3 groups=C (bias), norm, mlp.fc1, GELU, [mlp.grn], mlp.fc2, '
+             '[gamma], + shortcut',
+    'grn': 'x + bias + weight * x * (|x|_2 over HW / (mean over C of it + 1e-6))',
+    'head': 'mean over HW, head.norm LayerNorm2d, head.fc',
+}
+CONVNEXT_INPUT_SEED = 10
+CONVNEXT_SIZES = (224, 160)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The registered timm names whose parameter counts tests/test_convnext.py compares.
+CONVNEXT_NAMES = tuple(
+    [f'convnext_{s}' for s in ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base',
+                                'large', 'xlarge', 'xxlarge')]
+    + [f'convnextv2_{s}' for s in ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base',
+                                    'large', 'huge')])
+
+
+def convnext_input(size: int = CONVNEXT_SIZES[0]) -> tuple[np.ndarray, str]:
+  """(ImageNet-normalised float32 NHWC [2, size, size, 3], sha256 of the uint8 draw at 224)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(CONVNEXT_INPUT_SEED)
+  u8 = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+  mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
+  x = (u8.astype(np.float32) / np.float32(255) - mean) / std
+  return np.ascontiguousarray(x[:, :size, :size]), hashlib.sha256(u8.tobytes()).hexdigest()
+
+
+def generate_convnext(out_dir: pathlib.Path) -> None:
+  """Writes the CONVNEXT_SPECS fixtures (sd/<key>, logits_<size>, config) and prints timm's
+  parameter counts of CONVNEXT_NAMES (built on the meta device: no memory, no init)."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  versions = {'timm': timm.__version__, 'torch': torch.__version__, 'numpy': np.__version__}
+  for name, spec in CONVNEXT_SPECS.items():
+    torch.manual_seed(spec['seed'])
+    model = build(spec)
+    randomize(model)
+    sd = state_dict_arrays(model)
+    logits, sha = {}, None
+    for size in CONVNEXT_SIZES:
+      x, sha = convnext_input(size)
+      logits[f'logits_{size}'] = logits_of(model, x)
+      check_logits(f'{name} at {size}', logits[f'logits_{size}'])
+    config = {
+        'name': name, **spec, 'versions': versions, 'notes': CONVNEXT_NOTES,
+        'input': {'layout': 'NHWC', 'sizes': list(CONVNEXT_SIZES), 'uint8_sha256': sha,
+                  'rng': f'numpy.random.default_rng({CONVNEXT_INPUT_SEED}).integers(0, 256, '
+                         '(2, 224, 224, 3), uint8), then (x / 255 - mean) / std in float32 '
+                         'with the ImageNet mean and std; smaller sizes crop the top left'},
+        'weights': f'torch.manual_seed({spec["seed"]}), model built, then randomize()',
+    }
+    path = out_dir / f'{name}.npz'
+    np.savez_compressed(path, config=np.array(json.dumps(config, indent=1)), **logits,
+                        **{f'sd/{k}': v for k, v in sd.items()})
+    print(f'{path.relative_to(_REPO) if path.is_relative_to(_REPO) else path}: '
+          f'{path.stat().st_size / 1024:.1f} KiB, {len(sd)} tensors')
+  print('timm parameter counts (tests/test_convnext.py TIMM_PARAMS):')
+  for name in CONVNEXT_NAMES:
+    with torch.device('meta'):
+      model = timm.create_model(name)
+    print(f"    '{name}': {sum(p.numel() for p in model.parameters()):_},")
 
 def _resolve(value):
   """Turns {'callable': 'mod.name', 'kwargs': {...}} into the object (or a partial)."""
@@ -344,6 +436,8 @@ def main(argv=None) -> int:
   sub = parser.add_subparsers(dest='command')
   gen = sub.add_parser('generate', help='write the fixtures (the default command)')
   gen.add_argument('--out_dir', type=pathlib.Path, default=_FIXTURE_DIR)
+  gen_cn = sub.add_parser('generate-convnext', help='write only the ConvNeXt fixtures')
+  gen_cn.add_argument('--out_dir', type=pathlib.Path, default=_FIXTURE_DIR)
   for command, module_name, fixture, prefix_help in [
       ('check-vit-npz', 'timm.models.vision_transformer', 'vit_tok',
        'npz key prefix; default: auto-detected by timm ("", opt/target/, params/, params/img/)'),
@@ -364,6 +458,10 @@ def main(argv=None) -> int:
 
   if args.command in (None, 'generate'):
     generate(getattr(args, 'out_dir', _FIXTURE_DIR))
+    generate_convnext(getattr(args, 'out_dir', _FIXTURE_DIR))
+    return 0
+  if args.command == 'generate-convnext':
+    generate_convnext(args.out_dir)
     return 0
   return check_npz(args.module_name, args)
 

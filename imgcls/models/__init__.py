@@ -19,6 +19,7 @@ import jax
 
 from imgcls import cpu
 from imgcls.models import bit, resnet, vit  # noqa: F401  (each registers its models)
+from imgcls.models import convnext  # noqa: F401  (registers convnext_*, convnextv2_*)
 from imgcls.models.registry import MODELS
 
 _NOT_CONFIGURABLE = frozenset({'parent', 'name'})

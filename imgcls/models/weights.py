@@ -36,6 +36,7 @@ from etils import epath
 
 # Each family's converters register themselves on import.
 from imgcls.models import bit_weights, resnet_weights, vit_weights  # noqa: F401
+from imgcls.models import convnext_weights  # noqa: F401
 from imgcls.models.convert import CONVERTERS, Flat, WeightsError
 from imgcls.models.vit import POSEMB_KEY
 
