@@ -7,7 +7,7 @@ aug = none | flip | crop_flip | randaug | erasing | mixup | cutmix | ema
   randaug: RandAugment(2, 9) before the value range; erasing: random erasing p=0.5 after it;
   mixup: mixup alpha 0.2; cutmix: CutMix alpha 1.0 (both on device, batch level);
   ema: flips plus an EMA of the weights (decay 0.998), evaluated beside the raw ones.
-Two epochs each by default (about 2-3 minutes a variant on a 2-core CPU); short schedules
+Two epochs each by default (a few minutes a variant on a 2-core CPU); short schedules
 favour weak augmentation, so compare at :epochs=10 or more before drawing conclusions.
 """
 

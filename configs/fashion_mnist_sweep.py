@@ -3,9 +3,8 @@
   imgcls sweep --config=configs/fashion_mnist_sweep.py --workdir=workdirs/aug_sweep
 
 Three variants (no augmentation, flips, padded crops + flips), each trained in
-workdirs/aug_sweep/NAME, then compared (compare.md/.csv, curves.png). One epoch each:
-about 1-2 minutes per variant on a 2-core CPU (estimated from default.py, 4 epochs in
-4.5 min). Longer: --config=configs/fashion_mnist_sweep.py:epochs=4
+workdirs/aug_sweep/NAME, then compared (compare.md/.csv, curves.png). One epoch each, about
+a minute per variant on a 2-core CPU. Longer: --config=configs/fashion_mnist_sweep.py:epochs=4
 """
 
 import os

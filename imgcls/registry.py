@@ -83,7 +83,7 @@ def lazy_import(name: str):
   """The module `name`, loaded on first attribute access (importlib's LazyLoader).
 
   For TensorFlow and TFDS in modules that config validation imports (pp ops, dataset
-  sources): registering an op or a source must not cost TensorFlow's ~15 s import, so a
+  sources): registering an op or a source must not cost TensorFlow's slow import, so a
   bad config is reported in seconds. A module already imported is returned as it is.
   """
   if name in sys.modules:

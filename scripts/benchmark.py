@@ -2,7 +2,7 @@
 
   # A named model, shape, batch, optimizer and precision:
   uv run python scripts/benchmark.py --model=resnet50 --image_size=224 --batch=8 --optimizer=sgd
-  # The three shapes of issue 17, imgcls and torch interleaved (A B A B) over 3 rounds:
+  # Three reference shapes (docs/speed.md), imgcls and torch interleaved (A B A B) over 3 rounds:
   uv run python scripts/benchmark.py --preset=cpu_vs_torch --rounds=3 --json=bench.json
   # A config: its step, its own input pipeline, and the compiled memory per grad_accum k:
   uv run python scripts/benchmark.py --config=configs/default.py
@@ -53,7 +53,7 @@ from imgcls.data import preprocess  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (config mode).')
 _PRESET = flags.DEFINE_enum('preset', None, ['cpu_vs_torch'], 'cpu_vs_torch: ResNet-18 '
                             '32 px CIFAR stem b128 SGD, ResNet-50 224 b8 SGD, ViT-S/16 224 b8 '
-                            'AdamW (issue 17\'s shapes), all float32.')
+                            'AdamW (the shapes of docs/speed.md), all float32.')
 _MODEL = flags.DEFINE_string('model', None, 'Registered model name (named mode).')
 _STEM = flags.DEFINE_string('stem', None, 'ResNet stem: imagenet | small | small_s2.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Named mode: square image size.')

@@ -1,4 +1,4 @@
-"""Prints the README's model table: parameters, forward GMACs and checkpoint formats.
+"""Prints the model table of docs/models.md: parameters, forward GMACs and checkpoint formats.
 
 Parameters are counted at 1000 classes by abstract evaluation (nothing is allocated); GMACs are
 XLA's cost analysis of the lowered forward pass at 224 px, batch 1, divided by two.

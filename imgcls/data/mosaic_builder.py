@@ -23,7 +23,7 @@ in about 27% of the mosaics.
 Configs: 'default' (60,000 train / 10,000 test) and 'small' (6,000 / 1,000); other sizes
 through `prepare(config=MosaicConfig(name=..., num_train=...))`. Preparation needs no
 network when `fashion_mnist` can be prepared offline (imgcls/data/fashion_mnist.py), which
-prepare() does first; 'small' took 43 s on 2 busy CPU cores, most of it decoding the source.
+prepare() does first.
 
 Its labels become a vector with the `multihot` pp op (ops_label.py). A config for it:
 dataset.name = 'fashion_mnist_mosaic', dataset.num_classes = 10,
