@@ -1,0 +1,82 @@
+"""Fine-tune a pretrained ConvNeXt (v1 or v2, any timm size) on an image folder or a TFDS dataset.
+
+  imgcls train --config=configs/finetune_convnext.py:root=/data/xrays,classes=3,init=model.safetensors \
+      --workdir=runs/xr_convnext
+  imgcls train --config=configs/finetune_convnext.py:dataset=oxford_iiit_pet,classes=37,init=model.safetensors \
+      --workdir=runs/pets_convnext
+
+`init` is a timm ConvNeXt state dict, e.g. `model.safetensors` of the Hugging Face repo
+timm/convnext_tiny.fb_in1k (`model=` names the size: convnext_tiny by default, any
+convnext_* or convnextv2_* name); its head is re-initialised (zero) for your classes. The
+resolution (224) and the ImageNet mean/std come with the model name (its registry info).
+ConvNeXt-T reaches 82.1% ImageNet-1k top-1 at 224 px (Liu et al. 2022, "A ConvNet for the
+2020s", Table 1); ConvNeXt V2-T fine-tuned after FCMAE pre-training, 83.0% (Woo et al. 2023).
+
+Optimisation: AdamW, cosine decay after `warmup` steps (100), weight decay 0.05, stochastic depth 0.1
+and layer-wise lr decay 0.8 over the 12 layer groups of the official ConvNeXt fine-tuning code
+(facebookresearch/ConvNeXt, optim_factory.get_num_layer_for_convnext): stem 0, stages 1-2
+their index, stage 3 in groups of three blocks, stage 4 the last group, head undecayed.
+"""
+
+from imgcls.config import ConfigError, defaults, parse_arg
+
+
+def layer_groups(depth3: int) -> list[tuple[str, int]]:
+  """(regex on parameter paths, layer id) of the official ConvNeXt layer-decay grouping, for a
+  model whose third stage has `depth3` blocks; the head (id 13) is left out."""
+  groups = [('^stem_', 0), ('^stage1_', 1), ('^stage2_', 2), ('^stage3_down_', 3),
+            ('^stage4_', 12)]
+  for start in range(0, depth3, 3):
+    blocks = '|'.join(str(b + 1) for b in range(start, min(start + 3, depth3)))
+    groups.append((f'^stage3_block({blocks})/', 3 + start // 3))
+  return groups
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, model='convnext_tiny', init='', root='', dataset='oxford_iiit_pet',
+                  classes=37, train_split='train', eval_split='', size=0, epochs=30.0,
+                  batch=128, lr=1e-4, warmup=100, layer_decay=0.8,
+                  stoch_depth=0.1)
+  # Imported here: the registry info travels with the model name (resolution, normalisation).
+  from imgcls.models import convnext  # noqa: F401  pylint: disable=g-import-not-at-top
+  from imgcls.models.registry import MODELS  # pylint: disable=g-import-not-at-top
+  if arg.model not in MODELS or MODELS.info(arg.model).get('family') != 'convnext':
+    raise ConfigError(f'configs/finetune_convnext.py fine-tunes convnext_* and convnextv2_* '
+                      f'models, not {arg.model!r}.')
+  if arg.classes <= 0:
+    raise ConfigError('configs/finetune_convnext.py needs classes= (the number of classes).')
+  info = MODELS.info(arg.model)
+  c = defaults()
+  n, s = arg.classes, arg.size or info['resolution']
+  if arg.root:
+    from imgcls.data import folder  # pylint: disable=g-import-not-at-top
+    c.dataset.name = f'folder:{arg.root}'
+    c.dataset.eval_split = arg.eval_split or folder.eval_split(c.dataset.name,
+                                                               c.dataset.folder_split)
+  else:
+    c.dataset.name = arg.dataset
+    c.dataset.train_split = arg.train_split
+    c.dataset.eval_split = arg.eval_split or 'test'
+  c.dataset.num_classes = n
+  c.dataset.shuffle_buffer = 10_000
+  norm = f'normalize_preset("{info["normalize"]}")|onehot({n})'
+  c.pp_train = f'decode(3)|inception_crop({s})|flip_lr|{norm}'
+  resize = round(s / 0.875)  # timm's crop_pct for these weights
+  c.pp_eval = (f'decode(3)|resize_small({resize}, method="bicubic", antialias=True)|'
+               f'central_crop({s})|{norm}')
+
+  c.model.name = arg.model
+  c.model.stoch_depth = arg.stoch_depth
+  c.model_init = arg.init
+  c.batch_size = c.eval_batch_size = arg.batch
+  c.num_epochs = arg.epochs
+  c.optimizer.name = 'adamw'
+  c.lr.base = arg.lr
+  c.lr.schedule = 'warmup_cosine'
+  c.lr.warmup_steps = arg.warmup
+  c.weight_decay = 0.05
+  if arg.layer_decay:
+    depth3 = MODELS.get(arg.model)().sizes()[0][2]  # the third stage's blocks
+    c.optimizer.lr_mults = tuple((pattern, arg.layer_decay ** (13 - layer))
+                                 for pattern, layer in layer_groups(depth3))
+  return c
