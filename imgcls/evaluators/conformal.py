@@ -86,7 +86,9 @@ def calibrate(probs: Any, labels: Any, alpha: float, method: str = 'aps', *,
 
   qhat is the ceil((n+1)(1-alpha))-th smallest of the n calibration scores (the quantile
   at level ceil((n+1)(1-alpha))/n: the finite-sample correction). lam and k_reg apply to
-  'raps' only; `raps_k_reg` picks k_reg from a separate tuning split.
+  'raps' only; `raps_k_reg` picks k_reg from a separate tuning split. randomized: one
+  uniform u per example from `seed` (the guarantee averages over u too, so a seed is one
+  draw, like the calibration split; an image's set then depends on its row, not only on it).
   """
   if method not in METHODS:
     raise UserError(f'method {method!r} is not a conformal method; choose one of {METHODS}.')

@@ -8,7 +8,7 @@ jax functions, jit-able inside a train or eval step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,8 @@ def log_prior(counts: Any) -> np.ndarray:
   return np.log(n / n.sum()).astype(np.float32)
 
 
-def class_weights(counts: Any, method: str | Any = 'balanced', beta: float = 0.999) -> np.ndarray:
+def class_weights(counts: Any, method: str | Sequence[float] | np.ndarray = 'balanced',
+                  beta: float = 0.999) -> np.ndarray:
   """[K] per-class loss weights from the training counts n_c.
 
   'balanced': n / (K * n_c), so the weights average to 1 over the training examples.
