@@ -10,9 +10,11 @@ caller, because they depend on the file and are done on uint8 pixels before the 
 decode (imgcls.data.decode's rules: EXIF rotation, RGB) and pp_eval's geometric ops (resize,
 resize_small, central_crop), named in the JSON as `caller_preprocessing`.
 
-- onnx: jax2onnx, checked with onnxruntime (CPU). Max-pools are traced as the max of their
-  strided slices (exactly equal), since jax2onnx's MaxPool does not load in onnxruntime, and
-  one jax2onnx graph pass that breaks ResNets is skipped (_without_transpose_pair_removal).
+The model is traced with its default lowering (imgcls.models.PLAIN: lax convs, a max-pool made
+of strided slices), whatever machine exports it, so the graph is portable.
+
+- onnx: jax2onnx, checked with onnxruntime (CPU). One jax2onnx graph pass that breaks ResNets
+  is skipped (_without_transpose_pair_removal).
 - stablehlo: jax.export with a symbolic batch; `jax.export.deserialize(bytes).call(x)`
   runs it with JAX alone, no imgcls.
 - savedmodel: not offered: jax2tf with this JAX writes StableHLO that TensorFlow 2.21 cannot
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls import cpu, inference, step as step_lib
+from imgcls import inference, models, step as step_lib
 from imgcls.data import preprocess
 from imgcls.data.ops_image import NORMALIZE_PRESETS
 from imgcls.errors import UserError
@@ -111,6 +113,8 @@ def serving_fn(clf: inference.Classifier) -> Callable[[jax.Array], jax.Array]:
   _, graph_ops = split_pp(clf.pp)
   variables = jax.device_get(clf.variables)
   model, loss = clf.model, clf.loss
+  if hasattr(model, 'lowering'):  # the default, whatever kernels this machine's runs use
+    model = model.clone(lowering=models.PLAIN)
 
   def fn(images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32)
@@ -121,19 +125,6 @@ def serving_fn(clf: inference.Classifier) -> Callable[[jax.Array], jax.Array]:
 
 
 # --------------------------------------------------------------------- ONNX
-
-@contextlib.contextmanager
-def _slices_max_pool():
-  """The models' pools (cpu.max_pool with the levers off) call nn.max_pool at apply time:
-  trace them with cpu.max_pool_slices instead, made of ops jax2onnx and onnxruntime take."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  original = nn.max_pool
-  nn.max_pool = cpu.max_pool_slices
-  try:
-    yield
-  finally:
-    nn.max_pool = original
-
 
 def _jax2onnx_compat() -> None:
   """jax2onnx 0.17 lowers nested jits (jnp.var, jnp.pad) through jax._src.core.ClosedJaxpr,
@@ -164,12 +155,8 @@ def _export_onnx(fn, image_shape, out: str) -> tuple[Callable[[np.ndarray], np.n
   import jax2onnx  # pylint: disable=g-import-not-at-top
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   _jax2onnx_compat()
-
-  def traced(images):
-    with _slices_max_pool():
-      return fn(images)
   with _without_transpose_pair_removal():
-    model = jax2onnx.to_onnx(traced, [jax.ShapeDtypeStruct(('batch', *image_shape), jnp.uint8)],
+    model = jax2onnx.to_onnx(fn, [jax.ShapeDtypeStruct(('batch', *image_shape), jnp.uint8)],
                              model_name='imgcls', input_names=['images'],
                              output_names=['probabilities'])
   with open(out, 'wb') as f:
@@ -221,9 +208,7 @@ def export_classifier(clf: inference.Classifier, fmt: str, out: str | os.PathLik
   caller_pp, graph_ops = split_pp(clf.pp)
   fn = serving_fn(clf)
   start = time.perf_counter()
-  with cpu.levers(on=False):  # a portable graph: plain convolutions, whatever machine exports it
-    run, runtime = (_export_onnx if fmt == 'onnx' else _export_stablehlo)(
-        fn, clf.image_shape, out)
+  run, runtime = (_export_onnx if fmt == 'onnx' else _export_stablehlo)(fn, clf.image_shape, out)
   seconds = time.perf_counter() - start
   images = check_images(clf.image_shape) if images is None else np.asarray(images, np.uint8)
   diff = 0.0

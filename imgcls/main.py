@@ -237,15 +237,15 @@ def _run(command: str, rest: list[str]) -> None:
 
 
 def _set_xla_flags() -> None:
-  """imgcls.cpu's XLA flags, set before anything starts JAX's backends (the first
-  jax.devices() or computation reads XLA_FLAGS, once); imgcls.cpu itself imports no JAX."""
-  from imgcls import cpu  # pylint: disable=g-import-not-at-top
+  """imgcls.hardware's XLA flags, set before anything starts JAX's backends (the first
+  jax.devices() or computation reads XLA_FLAGS, once); imgcls.hardware imports no JAX."""
+  from imgcls import hardware  # pylint: disable=g-import-not-at-top
   before = os.environ.get('XLA_FLAGS', '')
-  after = cpu.set_xla_flags()
+  after = hardware.set_xla_flags()
   if after != before:
     added = after[len(before):].strip() if after.startswith(before) else after
-    logging.info('XLA_FLAGS: added %s (imgcls.cpu.set_xla_flags; %s=0 turns it off)', added,
-                 cpu.OFF_ENV)
+    logging.info('XLA_FLAGS: added %s (imgcls.hardware.set_xla_flags; %s=0 turns it off)',
+                 added, hardware.OFF_ENV)
 
 
 def _sweep(base, root: str) -> None:

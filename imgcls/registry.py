@@ -31,8 +31,9 @@ class UnknownName(ValueError):
 class Registry(Generic[T]):
   """Names -> objects (classes, factories), with optional per-name info flags."""
 
-  def __init__(self, kind: str):
-    self.kind = kind
+  def __init__(self, kind: str, plural: str | None = None):
+    self.kind = kind  # in messages: "unknown {kind} 'x'. ... Known {plural}: ..."
+    self.plural = plural or f'{kind}s'
     self._items: dict[str, T] = {}
     self._info: dict[str, dict[str, Any]] = {}
 
@@ -40,7 +41,7 @@ class Registry(Generic[T]):
     """`register(name, obj)` or, as a decorator, `@register(name)`; returns obj."""
     def add(item: T) -> T:
       if name in self._items:
-        raise ValueError(f'{self.kind} {name!r} is registered twice.')
+        raise ValueError(f'{self.kind} {name!r} is already registered.')
       self._items[name] = item
       self._info[name] = dict(info)
       return item
@@ -64,7 +65,7 @@ class Registry(Generic[T]):
     """The message for an unknown name: close matches first, then every known name."""
     close = difflib.get_close_matches(str(name), list(self._items), n=3)
     hint = f' Did you mean {", ".join(close)}?' if close else ''
-    return f'unknown {self.kind} {name!r}.{hint} Known: {", ".join(self.names())}.'
+    return f'unknown {self.kind} {name!r}.{hint} Known {self.plural}: {", ".join(self.names())}.'
 
   def get(self, name: str) -> T:
     if name not in self._items:

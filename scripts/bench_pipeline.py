@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from imgcls import cpu  # stdlib only: loads neither JAX nor TensorFlow
+import bench_util  # scripts/, beside this file
 
 TRAIN_PP = 'decode(3)|inception_crop(224)|flip_lr|value_range(-1, 1)|onehot(10)'
 EVAL_PP = 'decode(3)|resize_small(256)|central_crop(224)|value_range(-1, 1)|onehot(10)'
@@ -132,7 +132,7 @@ def measure(pp: str = TRAIN_PP, *, n_images: int = 512, size: tuple[int, int] = 
   root = write_jpegs(n_images, size, cache_dir)
   data_dir = str(pathlib.Path(cache_dir or default_cache_dir()) / 'tfds')
   # The pp function is built (and reads FUSE_ENV) on the first next().
-  with cpu.env_var(FUSE_ENV, '1' if fuse else '0'):
+  with bench_util.env_var(FUSE_ENV, '1' if fuse else '0'):
     batches = _batches(pp, mode, root, data_dir, batch_size, threads)
     next(batches)
   start = time.perf_counter()
@@ -216,7 +216,7 @@ def compare(smoke: bool = False, *, repeats: int = 3, seconds: float = 10.0,
             f'{s["after_img_per_s_per_core"]:.1f} img/s per core (x{s["ratio"]:.2f}){fused}; '
             f'{s["before_img_per_cpu_s"]:.1f} -> {s["after_img_per_cpu_s"]:.1f} img per '
             f'CPU-s (x{s["ratio_cpu_s"]:.2f})  [{s["pp"]} -> {s["after_pp"]}]')
-  return {'cpu': cpu.model_name(), 'runs': runs, 'summary': summary}
+  return {'cpu': bench_util.cpu_model_name(), 'runs': runs, 'summary': summary}
 
 
 def main() -> None:
@@ -231,7 +231,7 @@ def main() -> None:
   parser.add_argument('--json', default=None, help='also write the report here')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  print(f'CPU: {cpu.model_name()}, {_cores(args.threads)} core(s) for tf.data')
+  print(f'CPU: {bench_util.cpu_model_name()}, {_cores(args.threads)} core(s) for tf.data')
   report = compare(args.smoke, repeats=args.repeats, seconds=args.seconds,
                    n_images=args.n_images, threads=args.threads, cache_dir=args.cache_dir)
   text = json.dumps(report, indent=1)

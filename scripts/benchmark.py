@@ -17,7 +17,8 @@ model FLOPs of one step from XLA's cost analysis; the FLOP/s achieved against a 
 ceiling measured in the same run (MFU, at the step's precision); and, where torch imports
 (`uv sync --extra bench`, or any Python with torch + timm named by --torch_python or
 $IMGCLS_TORCH_PYTHON), torch's images/s and the imgcls/torch ratio of each round.
---levers=both also times imgcls with the CPU levers (imgcls/cpu.py) off, in the same rounds.
+--levers=both also times imgcls with the plain lowering (no imgcls.models.cpu_kernels), in the
+same rounds.
 Every figure also goes to --json. Figures on this noisy 2-core machine drift by up to 2x
 over minutes: only ratios measured in one run mean anything, and the CPU (printed first)
 changes between machines.
@@ -34,9 +35,10 @@ import subprocess
 import sys
 import time
 
-from imgcls import cpu
+import bench_util  # scripts/, beside this file
+from imgcls import hardware
 
-cpu.set_xla_flags()  # before JAX starts its backends, as the CLI does
+hardware.set_xla_flags()  # before JAX starts its backends, as the CLI does
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
@@ -67,7 +69,7 @@ _TORCH = flags.DEFINE_string('torch_python', None, 'Python with torch + timm for
                              'comparison (default: $IMGCLS_TORCH_PYTHON, else this one if '
                              "torch imports; 'none' or empty: no comparison).")
 _LEVERS = flags.DEFINE_enum('levers', 'on', ['on', 'both'], 'both: also time imgcls with '
-                            'IMGCLS_CPU_LEVERS=0 (trace-time levers; XLA flags stay as set).')
+                            'the plain lowering (models.PLAIN; XLA flags stay as set).')
 _PIPELINE = flags.DEFINE_bool('pipeline', False, 'Measure the JPEG input pipeline at 224.')
 _ACCUM = flags.DEFINE_list('grad_accum', ['1', '2', '4'], 'Config mode: grad_accum_steps '
                            'values whose compiled memory is printed (empty: none).')
@@ -156,7 +158,7 @@ def op_split(compiled, run_once, top: int, steps: int = 3) -> dict:
   XLA op (ms per step), each named by the model code it came from (the op's metadata).
 
   What TensorBoard's profile tab shows, as text: found that XLA:CPU ran 3x3 convs with a 2x2
-  output as loop fusions, 100 ms each (imgcls/cpu.py). XLA:CPU runs independent ops side by
+  output as loop fusions, 100 ms each (imgcls/models/cpu_kernels.py). XLA:CPU runs independent ops side by
   side, so the per-op sum can exceed the step's wall time.
   """
   import collections  # noqa: PLC0415
@@ -204,14 +206,13 @@ class Imgcls:
 
   def __init__(self, config, mesh, image_shape: tuple[int, ...], levers: bool = True):
     self.image_shape = image_shape
-    with cpu.levers(levers):  # read while tracing
-      self._build(config, mesh)
+    self._build(config, mesh, {} if levers else {'lowering': models.PLAIN})
 
-  def _build(self, config, mesh):
+  def _build(self, config, mesh, overrides):
     s = config.batch_size
     rng = np.random.default_rng(0)
     self.batch_size = s
-    model = models.from_config(config)
+    model = models.from_config(config, **overrides)
     tx, _ = optim.make_optimizer(config, total_steps=10_000)
     n = config.dataset.num_classes
     host = {'image': rng.standard_normal((s, *self.image_shape), np.float32),
@@ -412,10 +413,10 @@ def config_mode(config, mesh) -> dict:
 
 def main(_):
   mesh = parallel.make_mesh()
-  report: dict = {'cpu': cpu.model_name(), 'native_bf16': cpu.native_bf16(),
+  report: dict = {'cpu': bench_util.cpu_model_name(), 'native_bf16': hardware.native_bf16(),
                   'cores': os.cpu_count(), 'devices': mesh.size, 'backend': jax.default_backend(),
                   'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-                  'levers': cpu.levers_on()}
+                  'levers': hardware.levers_on()}
   print(f'CPU: {report["cpu"]} ({report["cores"]} cores, native bf16: {report["native_bf16"]}); '
         f'backend {report["backend"]} x{mesh.size}; jax {jax.__version__}; '
         f'XLA_FLAGS={report["xla_flags"]!r}', flush=True)
@@ -450,7 +451,7 @@ def main(_):
 
 
 def make_dtype(name: str) -> str:
-  return cpu.auto_dtype() if name == 'auto' else str(jnp.dtype(name))
+  return hardware.auto_dtype() if name == 'auto' else str(jnp.dtype(name))
 
 
 if __name__ == '__main__':

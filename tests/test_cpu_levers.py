@@ -1,4 +1,5 @@
-"""imgcls/cpu.py: the CPU levers change speed, never the math; each is off where it should be."""
+"""imgcls.models.cpu_kernels (the CPU lowering) changes speed, never the math; from_config
+passes it only on CPUs with the levers on (imgcls.hardware)."""
 
 import os
 
@@ -7,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgcls import cpu, models
+from imgcls import hardware, models
+from imgcls.models import cpu_kernels as cpu
+from imgcls.models import layers
 
 
 def _lax(x, k, strides, pad):
@@ -39,17 +42,16 @@ def test_conv2d_equals_lax_with_gradients(size, kernel, stride):
 
 
 @pytest.mark.parametrize('stride', [1, 2])
-def test_kernel_gradient_is_chunked_matmuls_on_cpu_only_when_levers_on(monkeypatch, stride):
+def test_kernel_gradient_is_chunked_matmuls_on_cpu_only_when_levers_on(stride):
   x = jnp.ones((16, 9, 9, 4))  # chunks of 8 images: the scan runs twice
   k = jnp.ones((3, 3, 4, 4))
 
-  def hlo():  # a new function each time: the levers are read while tracing
-    grad = jax.grad(lambda k: jnp.sum(cpu.conv2d(x, k, (stride, stride), ((1, 1), (1, 1)))))
+  def hlo(conv2d):
+    grad = jax.grad(lambda k: jnp.sum(conv2d(x, k, (stride, stride), ((1, 1), (1, 1)))))
     return jax.jit(grad).lower(k).as_text()
 
-  hlo_on = hlo()
-  monkeypatch.setenv(cpu.OFF_ENV, '0')
-  hlo_off = hlo()
+  hlo_on = hlo(cpu.conv2d)
+  hlo_off = hlo(layers.conv2d)
   # On: a scan (while loop) over chunks of images, each an im2col and a matmul.
   assert 'stablehlo.while' in hlo_on and 'dot_general' in hlo_on
   assert 'stablehlo.while' not in hlo_off and 'dot_general' not in hlo_off
@@ -71,19 +73,20 @@ def test_kernel_grad_chunks(batch, per_image, half, want):
   assert batch % want == 0
 
 
-def test_resnet_same_outputs_and_gradients_with_levers_off(monkeypatch):
-  model = models.get_model('resnet18', num_classes=5, width=8, stem='small', bn_axis_name=None)
+def test_resnet_same_outputs_and_gradients_with_levers_off():
+  kw = dict(num_classes=5, width=8, stem='small', bn_axis_name=None)
+  model = models.get_model('resnet18', lowering=cpu.CPU, **kw)
+  plain = models.get_model('resnet18', **kw)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 12, 12, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x)
 
-  def loss(params):
+  def loss(params, model=model):
     out, _ = model.apply({**variables, 'params': params}, x, train=True,
                          mutable=['batch_stats'])
     return jnp.sum(out ** 2)
 
   on = jax.value_and_grad(loss)(variables['params'])
-  monkeypatch.setenv(cpu.OFF_ENV, '0')
-  off = jax.value_and_grad(lambda p: loss(p))(variables['params'])
+  off = jax.value_and_grad(lambda p: loss(p, plain))(variables['params'])
   np.testing.assert_allclose(on[0], off[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(on[1]), jax.tree.leaves(off[1])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
@@ -114,9 +117,7 @@ def _dot_ranks(fn, *args):
     ((8,), (8, 6), 1),             # a vector
     ((2, 5, 0), (0, 6), 1),        # an empty contraction: zeros, as lax gives
 ])
-def test_dot_general_is_a_2d_matmul_with_lax_values_and_gradients(monkeypatch, lhs, rhs,
-                                                                  contract):
-  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
+def test_dot_general_is_a_2d_matmul_with_lax_values_and_gradients(lhs, rhs, contract):
   rng = np.random.default_rng(7)
   a = jnp.asarray(rng.standard_normal(lhs), jnp.float32)
   b = jnp.asarray(rng.standard_normal(rhs), jnp.float32)
@@ -130,9 +131,9 @@ def test_dot_general_is_a_2d_matmul_with_lax_values_and_gradients(monkeypatch, l
   # Forward and both gradients are 2-D products: XLA:CPU copies an N-D product's output
   # gradient into a transposed array before the kernel gradient's matmul.
   assert set(_dot_ranks(ours, a, b)) == {(2, 2)}
-  monkeypatch.setenv(cpu.OFF_ENV, '0')
+  plain = lambda a, b: jnp.sum(jnp.sin(layers.PLAIN.dot_general(a, b, dims)))  # noqa: E731
   if len(lhs) > 2:
-    assert (2, 2) not in _dot_ranks(ours, a, b)  # levers off: lax's product, untouched
+    assert (2, 2) not in _dot_ranks(plain, a, b)  # levers off: lax's product, untouched
 
 
 def test_dot_general_leaves_batched_products_to_lax():
@@ -143,32 +144,34 @@ def test_dot_general_leaves_batched_products_to_lax():
   assert _dot_ranks(lambda a, b: jnp.sum(cpu.dot_general(a, b, dims)), a, b)[0] == (3, 3)
 
 
-def test_one_by_one_conv_gradients_are_2d_matmuls(monkeypatch):
-  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
+def test_one_by_one_conv_gradients_are_2d_matmuls():
   x = jnp.ones((2, 6, 6, 4))
   k = jnp.ones((1, 1, 4, 5))
   ranks = _dot_ranks(lambda x, k: jnp.sum(cpu.conv2d(x, k, (2, 2), ((0, 0), (0, 0)))), x, k)
   assert ranks and set(ranks) == {(2, 2)}
 
 
-def test_vit_same_outputs_and_gradients_with_levers_off(monkeypatch):
-  model = models.get_model('vit', num_classes=5, patch_size=4, width=16, depth=2,
-                           num_heads=2, mlp_dim=32, pool='map', head_zero_init=False)
+def test_vit_same_outputs_and_gradients_with_levers_off():
+  kw = dict(num_classes=5, patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, pool='map',
+            head_zero_init=False)
+  model = models.get_model('vit', lowering=cpu.CPU, **kw)
+  plain = models.get_model('vit', **kw)
   x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, 8, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x)
 
-  def loss(params):
+  def loss(params, model=model):
     return jnp.sum(model.apply({'params': params}, x) ** 2)
 
-  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
+  def loss_plain(params):
+    return loss(params, plain)
+
   on = jax.value_and_grad(loss)(variables['params'])
   # The Dense layers and attention projections are 2-D products; what stays N-D is
   # attention's batched q.k and weights.v einsums (rank 4 by 4).
   ranks_on = set(_dot_ranks(loss, variables['params']))
   assert (2, 2) in ranks_on and ranks_on <= {(2, 2), (4, 4)}, ranks_on
-  monkeypatch.setenv(cpu.OFF_ENV, '0')
-  off = jax.value_and_grad(loss)(variables['params'])
-  assert (3, 2) in set(_dot_ranks(loss, variables['params']))  # lax's Dense on [b, n, d]
+  off = jax.value_and_grad(loss_plain)(variables['params'])
+  assert (3, 2) in set(_dot_ranks(loss_plain, variables['params']))  # lax's Dense on [b, n, d]
   np.testing.assert_allclose(on[0], off[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(on[1]), jax.tree.leaves(off[1])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
@@ -182,20 +185,21 @@ def test_vit_same_outputs_and_gradients_with_levers_off(monkeypatch):
     ({'avx2', 'fma'}, 'tpu', 'bfloat16'),
 ])
 def test_auto_dtype(monkeypatch, flags, platform, want):
-  monkeypatch.setattr(cpu, 'cpu_flags', lambda: frozenset(flags))
-  assert cpu.auto_dtype(platform) == want
+  monkeypatch.setattr(hardware, 'cpu_flags', lambda: frozenset(flags))
+  assert hardware.auto_dtype(platform) == want
 
 
 def test_xla_flags_only_on_native_bf16_cpus(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
-  monkeypatch.setattr(cpu, 'cpu_flags', lambda: frozenset({'avx2'}))
-  assert cpu.set_xla_flags() == '--xla_force_host_platform_device_count=2'
-  monkeypatch.setattr(cpu, 'cpu_flags', lambda: frozenset({'amx_bf16'}))
-  assert cpu.set_xla_flags() == f'--xla_force_host_platform_device_count=2 {cpu.ONEDNN_FLAG}'
-  assert cpu.set_xla_flags().count('onednn') == 1  # idempotent
+  monkeypatch.setattr(hardware, 'cpu_flags', lambda: frozenset({'avx2'}))
+  assert hardware.set_xla_flags() == '--xla_force_host_platform_device_count=2'
+  monkeypatch.setattr(hardware, 'cpu_flags', lambda: frozenset({'amx_bf16'}))
+  assert (hardware.set_xla_flags() ==
+          f'--xla_force_host_platform_device_count=2 {hardware.ONEDNN_FLAG}')
+  assert hardware.set_xla_flags().count('onednn') == 1  # idempotent
   monkeypatch.setenv('XLA_FLAGS', '')
-  monkeypatch.setenv(cpu.OFF_ENV, '0')
-  assert cpu.set_xla_flags() == ''
+  monkeypatch.setenv(hardware.OFF_ENV, '0')
+  assert hardware.set_xla_flags() == ''
   assert os.environ['XLA_FLAGS'] == ''
 
 
@@ -215,24 +219,26 @@ def test_patch_conv_equals_lax_with_gradients(size):
 
 
 @pytest.mark.parametrize('size,pad', [(9, 1), (8, 1), (9, 0)])
-def test_max_pool_equals_reduce_window_with_gradients(monkeypatch, size, pad):
+def test_max_pool_equals_reduce_window_with_gradients(size, pad):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, size, size, 3)), jnp.float32)
   padding = ((pad, pad), (pad, pad))
 
-  def pooled_loss(x):
-    return jnp.sum(jnp.sin(cpu.max_pool(x, (3, 3), (2, 2), padding)))
+  def pooled_loss(x, pool=cpu.max_pool):
+    return jnp.sum(jnp.sin(pool(x, (3, 3), (2, 2), padding)))
+
+  def reduce_window_loss(x):  # flax's pool, as models used off CPUs before the slices form
+    return pooled_loss(x, lambda *a: nn.max_pool(a[0], a[1], strides=a[2], padding=a[3]))
 
   on = cpu.max_pool(x, (3, 3), (2, 2), padding), jax.grad(pooled_loss)(x)
   assert 'reduce_window' not in jax.jit(jax.grad(pooled_loss)).lower(x).as_text()
-  monkeypatch.setenv(cpu.OFF_ENV, '0')
-  off = cpu.max_pool(x, (3, 3), (2, 2), padding), jax.grad(pooled_loss)(x)
-  assert 'reduce_window' in jax.jit(pooled_loss).lower(x).as_text()
+  off = nn.max_pool(x, (3, 3), (2, 2), padding), jax.grad(reduce_window_loss)(x)
+  assert 'reduce_window' in jax.jit(reduce_window_loss).lower(x).as_text()
   for got, want in zip(on, off):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_bfloat16_relu_is_computed_in_float32_with_the_same_values_and_gradients(monkeypatch):
-  monkeypatch.delenv(cpu.OFF_ENV, raising=False)
+def test_bfloat16_relu_is_computed_in_float32_with_the_same_values_and_gradients():
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal((4, 5, 3)), jnp.bfloat16).at[0, 0].set(0)  # a tie at 0
   g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
@@ -244,8 +250,8 @@ def test_bfloat16_relu_is_computed_in_float32_with_the_same_values_and_gradients
                                 np.asarray(want_vjp(g)[0], np.float32))
   hlo = jax.jit(lambda x, g: jax.vjp(cpu.relu, x)[1](g)).lower(x, g).as_text()
   assert 'f32' in hlo
-  monkeypatch.setenv(cpu.OFF_ENV, '0')  # levers off: plain bf16, as on accelerators
-  assert 'f32' not in jax.jit(lambda x, g: jax.vjp(cpu.relu, x)[1](g)).lower(x, g).as_text()
+  plain = layers.PLAIN.relu  # levers off: plain bf16, as on accelerators
+  assert 'f32' not in jax.jit(lambda x, g: jax.vjp(plain, x)[1](g)).lower(x, g).as_text()
   x32 = x.astype(jnp.float32)
   np.testing.assert_array_equal(cpu.relu(x32), jax.nn.relu(x32))
 
@@ -257,7 +263,7 @@ def test_bfloat16_max_pool_is_pooled_in_float32_with_bfloat16_values_and_gradien
   g = jnp.asarray(np.random.default_rng(5).standard_normal(out.shape), jnp.bfloat16)
   dx, = vjp(g)
   assert out.dtype == dx.dtype == jnp.bfloat16
-  want, want_vjp = jax.vjp(lambda x: cpu.max_pool_slices(x, (3, 3), (2, 2), padding),
+  want, want_vjp = jax.vjp(lambda x: layers.max_pool(x, (3, 3), (2, 2), padding),
                            x.astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(out, np.float32), want)  # a max is exact
   np.testing.assert_allclose(np.asarray(dx, np.float32), want_vjp(g.astype(jnp.float32))[0],
@@ -290,9 +296,8 @@ def test_large_kernel_conv_is_a_matmul_with_lax_values_and_gradients():
     (9, 2, (3, 3), ((1, 1), (1, 1))),  # strided: autodiff's input gradient
     (40, 1, (3, 3), ((1, 1), (1, 1))),  # 12,800 pixels per weight, float32 across chunks
 ])
-def test_bfloat16_gradients_match_float32(monkeypatch, size, stride, kernel, pad):
+def test_bfloat16_gradients_match_float32(size, stride, kernel, pad):
   """bf16 convs: both gradients within bf16 rounding of float32 autodiff on the same inputs."""
-  monkeypatch.delenv(cpu.OFF_ENV, raising=False)  # the levers on, whatever the caller set
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((8, size, size, 8)), jnp.bfloat16)
   k = jnp.asarray(rng.standard_normal((*kernel, 8, 16)) * 0.1, jnp.bfloat16)
@@ -310,3 +315,16 @@ def test_bfloat16_gradients_match_float32(monkeypatch, size, stride, kernel, pad
   for got, want in ((dx, want_dx), (dk, want_dk)):
     err = np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max()
     assert err < 2e-2, err
+
+
+def test_from_config_passes_the_cpu_kernels_on_cpus_with_the_levers_on(monkeypatch):
+  config = {'model': {'name': 'resnet10', 'width': 4}, 'dataset': {'num_classes': 3}}
+  assert jax.default_backend() == 'cpu' and hardware.levers_on()
+  assert models.from_config(config).lowering is cpu.CPU
+  assert models.get_model('resnet10').lowering is layers.PLAIN  # no from_config: the defaults
+  assert models.from_config(config, lowering=layers.PLAIN).lowering is layers.PLAIN
+  assert 'lowering' not in models.model_kwargs('resnet10')  # not a config field
+  assert hardware.use_cpu_kernels('cpu') and not hardware.use_cpu_kernels('gpu')
+  monkeypatch.setenv(hardware.OFF_ENV, '0')
+  assert models.from_config(config).lowering is layers.PLAIN
+  assert not hardware.use_cpu_kernels('cpu')

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import imgcls
-from imgcls import checkpoints, config as config_lib, cpu, models, train
+from imgcls import checkpoints, config as config_lib, hardware, models, train
 
 
 def _auto(config):
@@ -18,7 +18,7 @@ def _auto(config):
 @pytest.fixture
 def native(monkeypatch):
   """native(True | False): the CPU does (not) compute bfloat16 itself, as auto_dtype sees it."""
-  return lambda on: monkeypatch.setattr(cpu, 'native_bf16', lambda: on)
+  return lambda on: monkeypatch.setattr(hardware, 'native_bf16', lambda: on)
 
 
 def test_validation_accepts_auto_and_still_refuses_a_bad_dtype(data_dir, tiny_config):
@@ -52,7 +52,7 @@ def test_from_config_resolves_auto_by_the_cpu(data_dir, tiny_config, native, cap
   native(True)
   assert models.from_config(config).dtype == 'bfloat16'
   assert models.from_config(config, dtype='float32').dtype == 'float32'  # an override wins
-  assert cpu.auto_dtype('gpu') == cpu.auto_dtype('tpu') == 'bfloat16'
+  assert hardware.auto_dtype('gpu') == hardware.auto_dtype('tpu') == 'bfloat16'
   assert config.model.dtype == 'auto'  # resolved in the model only
 
 

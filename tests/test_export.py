@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 
 import imgcls
-from imgcls import checkpoints, cpu, export, models
+from imgcls import checkpoints, export, models
+from imgcls.models import layers
 
 LABELS = ['cat', 'dog', 'owl']
 MODELS = {
@@ -59,7 +60,7 @@ def test_max_pool_as_slices_equals_reduce_window():
   for window, strides, padding in (((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem
                                    ((3, 3), (2, 2), 'VALID'), ((2, 3), (1, 2), 'SAME')):
     pools = [jax.jit(lambda x, f=f: f(x, window, strides, padding))
-             for f in (cpu.max_pool_slices, nn.max_pool)]
+             for f in (layers.max_pool, nn.max_pool)]
     np.testing.assert_array_equal(*[np.asarray(pool(x)) for pool in pools])
 
 
@@ -139,3 +140,32 @@ def test_export_errors(tmp_path):
     export.export(workdir, 'tflite', str(tmp_path / 'x'))
   with pytest.raises(checkpoints.CheckpointError, match='keeps no EMA'):
     export.export(workdir, 'onnx', str(tmp_path / 'x.onnx'), weights='ema')
+
+
+
+# jax2onnx 0.17 bugs worked around inside the ONNX call itself (export._jax2onnx_compat and
+# export._without_transpose_pair_removal): they patch the exporter, not what the model traces.
+EXPORTER_WORKAROUNDS = {'core.ClosedJaxpr', 'ir_optimizations._OPTIMIZER_PASSES'}
+
+
+def test_no_monkeypatch_in_export_and_no_hardware_globals_in_models():
+  """Export traces the models' defaults: it assigns no attribute of an imported module and
+  flips no environment variable; the models read no hardware switch (environment, JAX's
+  backend): their lowering is a field (imgcls.models.layers.Lowering)."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).parents[1] / 'imgcls'
+  hardware = re.compile(r'os\.environ|getenv|jax\.default_backend|levers(_on)?\(')
+  flip = re.compile(r'os\.environ\[.*\]\s*=[^=]|os\.environ\.(pop|update|setdefault)|putenv|'
+                    r'levers(_on)?\(')
+  for path in [root / 'export.py', *sorted((root / 'models').glob('*.py'))]:
+    text = path.read_text()
+    modules = set(re.findall(r'^\s*import [\w.]+ as (\w+)', text, re.M))
+    modules |= {m.split('.')[0] for m in re.findall(r'^\s*import ([\w.]+)\s*(?:#.*)?$', text, re.M)}
+    modules |= set(re.findall(r'^\s*from [\w.]+ import \w+ as (\w+)', text, re.M))
+    modules |= set(re.findall(r'^\s*from [\w.]+ import (\w+)\s*(?:#.*)?$', text, re.M))
+    patches = {m[1] for m in re.finditer(r'^\s*(\w+(?:\.\w+)+)\s*=[^=]', text, re.M)
+               if m[1].split('.')[0] in modules} - EXPORTER_WORKAROUNDS
+    assert not patches and 'setattr(' not in text, f'{path.name} patches a library: {patches}'
+    env = flip if path.name == 'export.py' else hardware
+    assert not env.search(text), f'{path.name}: {env.search(text)[0]!r}'

@@ -23,9 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imgcls.models.layers import drop_path
+from imgcls.models.layers import PLAIN, Lowering, drop_path
 from imgcls.models.registry import MODELS
-from imgcls import cpu
 from imgcls.models.resnet import conv_init
 
 # BiT depth -> units per stage; width = 64 * width factor (BiT's "x1", "x3", ...).
@@ -63,7 +62,7 @@ class StdConv(nn.Module):
 
   Symmetric padding as torch's, so strided outputs line up with timm's (7x7/2: 3, 3x3: 1, 1x1: 0;
   for odd kernels this is timm's get_padding). The kernel is stored raw and standardised on
-  every call, in float32, then cast to the compute dtype.
+  every call, in float32, then cast to the compute dtype; computed by `lowering.conv`.
   """
   features: int
   kernel_size: tuple[int, int]
@@ -71,6 +70,7 @@ class StdConv(nn.Module):
   eps: float = 1e-8
   dtype: Any = jnp.float32
   kernel_init: Any = conv_init
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -78,17 +78,17 @@ class StdConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features))
     kernel = standardize(kernel, self.eps).astype(self.dtype)
     pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
-    return cpu.conv2d(jnp.asarray(x, self.dtype), kernel, self.strides, pad)
+    return self.lowering.conv(jnp.asarray(x, self.dtype), kernel, self.strides, pad)
 
 
-def fixed_stem_pool(x: jax.Array) -> jax.Array:
+def fixed_stem_pool(x: jax.Array, lowering: Lowering = PLAIN) -> jax.Array:
   """BiT's 'fixed' stem pool: pad one pixel of zeros each side, then 3x3/2 max-pool, VALID.
 
   Zeros, not -inf: the stem conv has no activation, so a padded zero can win the max. This is
   the official BiT PyTorch / timm stem_type='fixed' (ConstantPad2d(1, 0) + MaxPool2d(3, 2)).
   """
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return cpu.max_pool(x, (3, 3), (2, 2), ((0, 0), (0, 0)))
+  return lowering.max_pool(x, (3, 3), (2, 2), ((0, 0), (0, 0)))
 
 
 class PreActBottleneck(nn.Module):
@@ -104,6 +104,7 @@ class PreActBottleneck(nn.Module):
   gn_eps: float = 1e-5
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  lowering: Lowering = PLAIN
 
   def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
     return drop_path(self, y, self.drop_path, not train)
@@ -112,7 +113,7 @@ class PreActBottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     out = EXPANSION * self.features
     s = (self.strides, self.strides)
-    conv = functools.partial(StdConv, eps=self.std_eps, dtype=self.dtype)
+    conv = functools.partial(StdConv, eps=self.std_eps, dtype=self.dtype, lowering=self.lowering)
     # Two-pass variance (use_fast_variance=False), as torch: E[x^2] - E[x]^2 loses digits on the
     # large activations of deep pre-activation stacks.
     norm = functools.partial(nn.GroupNorm, num_groups=self.num_groups, epsilon=self.gn_eps,
@@ -136,7 +137,8 @@ class ResNetV2(nn.Module):
   Unit k of n (0-based, all stages together) drops its branch with rate stoch_depth * k / (n - 1)
   when training (timm's linspace), drawing from the 'dropout' rng. `dtype` is the compute dtype;
   parameters stay float32, the head runs in float32 and logits are float32. The stem output is
-  sown as intermediates/stem (apply with mutable=['intermediates'] to read it).
+  sown as intermediates/stem (apply with mutable=['intermediates'] to read it). `lowering`: how
+  convs and the pool are computed (layers.Lowering).
   """
   stage_sizes: Sequence[int]
   num_classes: int = 1000
@@ -146,6 +148,7 @@ class ResNetV2(nn.Module):
   gn_eps: float = 1e-5
   stoch_depth: float = 0.0
   dtype: Any = jnp.float32
+  lowering: Lowering = PLAIN
 
   def __post_init__(self):
     # Configs may hand over a list; a tuple keeps the module hashable (jit static arguments).
@@ -179,8 +182,8 @@ class ResNetV2(nn.Module):
     """Logits [B, num_classes] in float32; with return_features also the pooled features."""
     self._check(x)
     x = StdConv(self.width, (7, 7), (2, 2), eps=self.std_eps, dtype=self.dtype,
-                name='root_conv')(jnp.asarray(x, self.dtype))
-    x = fixed_stem_pool(x)
+                lowering=self.lowering, name='root_conv')(jnp.asarray(x, self.dtype))
+    x = fixed_stem_pool(x, self.lowering)
     self.sow('intermediates', 'stem', x)
 
     total, k = sum(self.stage_sizes), 0
@@ -190,7 +193,7 @@ class ResNetV2(nn.Module):
             self.width * 2**i, strides=2 if i > 0 and j == 0 else 1, num_groups=self.num_groups,
             std_eps=self.std_eps, gn_eps=self.gn_eps,
             drop_path=self.stoch_depth * k / max(total - 1, 1), dtype=self.dtype,
-            name=f'stage{i + 1}_unit{j + 1}')(x, train=train)
+            lowering=self.lowering, name=f'stage{i + 1}_unit{j + 1}')(x, train=train)
         k += 1
 
     x = nn.relu(nn.GroupNorm(num_groups=self.num_groups, epsilon=self.gn_eps, dtype=self.dtype,

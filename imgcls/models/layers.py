@@ -1,10 +1,80 @@
-"""Small pieces shared by the model families."""
+"""Small pieces shared by the model families, and the hardware lowering they take.
+
+The lowering pattern (every family follows it): the few ops whose fastest XLA program depends
+on the hardware are computed through a `Lowering` the model receives as a field,
+
+  class MyNet(nn.Module):
+    ...
+    lowering: Lowering = PLAIN      # last field; pass it down to submodules that need it
+
+  y = self.lowering.conv(x, kernel, strides, padding)   # NHWC x HWIO, explicit zero padding
+  y = self.lowering.relu(y)
+  y = self.lowering.max_pool(y, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  y = nn.Dense(n, dot_general=self.lowering.dot_general)(y)   # also attention's qkv/out
+
+never chosen inside the model. PLAIN (the default) is lax's conv, jax.nn.relu, a max-pool made
+of strided slices (it exports to ONNX) and lax.dot_general; `imgcls.models.from_config` passes
+cpu_kernels.CPU instead when imgcls.hardware says the run computes on a CPU. Both give the same
+values; configs cannot set `lowering` (models.model_kwargs leaves it out).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+           padding: Padding) -> jax.Array:
+  """NHWC x HWIO convolution with zero padding ((top, bottom), (left, right)): lax's."""
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str | Sequence[tuple[int, int]] = 'VALID') -> jax.Array:
+  """flax.linen.max_pool (channels last, -inf padding) as the max of the window's strided
+  slices: the same values, element-wise ops only, so it exports to ONNX (jax2onnx's MaxPool
+  does not load in onnxruntime). Where inputs tie exactly the gradient is shared among them
+  (reduce_window's goes to one): both are valid subgradients with the same total."""
+  nd = len(window_shape)
+  strides = tuple(strides or (1,) * nd)
+  lead = inputs.ndim - nd - 1
+  spatial = inputs.shape[lead:lead + nd]
+  pads = (jax.lax.padtype_to_pads(spatial, window_shape, strides, padding)
+          if isinstance(padding, str) else [tuple(p) for p in padding])
+  x = jnp.pad(inputs, [(0, 0)] * lead + list(pads) + [(0, 0)], constant_values=-jnp.inf)
+  sizes = [(x.shape[lead + d] - window_shape[d]) // strides[d] + 1 for d in range(nd)]
+  out = None
+  for offsets in itertools.product(*(range(k) for k in window_shape)):
+    index = ((slice(None),) * lead +
+             tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offsets, strides, sizes)))
+    out = x[index] if out is None else jnp.maximum(out, x[index])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+  """How a model computes its hardware-sensitive ops: the same math, as different programs.
+
+  conv(x, kernel, strides, padding), relu(x), max_pool(x, window, strides, padding) and
+  dot_general (lax.dot_general's signature: flax's Dense and attention `dot_general` fields).
+  """
+  conv: Callable[..., jax.Array] = conv2d
+  relu: Callable[[jax.Array], jax.Array] = jax.nn.relu
+  max_pool: Callable[..., jax.Array] = max_pool
+  dot_general: Callable[..., Any] = jax.lax.dot_general
+
+
+PLAIN = Lowering()  # every model's default: portable (exports as it is), any backend
 
 
 def drop_path(module: nn.Module, y: jax.Array, rate: float, deterministic: bool) -> jax.Array:

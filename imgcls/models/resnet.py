@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imgcls import cpu
+from imgcls.models.layers import PLAIN, Lowering
 from imgcls.models.registry import MODELS
 
 ModuleDef = Callable[..., nn.Module]
@@ -28,7 +28,7 @@ STEMS = ('imagenet', 'small', 'small_s2')
 def conv_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
   """torchvision's kaiming_normal_(mode='fan_out'): N(0, 2 / (kh * kw * out)), untruncated.
 
-  Drawn flat and reshaped (same values): XLA:CPU compiles a 4-D threefry draw ~5x slower.
+  Drawn flat and reshaped (same values): XLA:CPU compiles a 4-D threefry draw much slower.
   """
   fan_out = math.prod(shape[:-2]) * shape[-1]
   std = math.sqrt(2.0 / fan_out)
@@ -36,23 +36,21 @@ def conv_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) ->
 
 
 class Conv(nn.Module):
-  """Bias-free conv padded by kernel // 2 each side, as torch; params exactly as nn.Conv's.
-
-  The math is lax's convolution; imgcls.cpu.conv2d lowers it as matmuls on CPUs, where XLA's
-  convolutions are slow (the model reads the same on every backend).
-  """
+  """Bias-free conv padded by kernel // 2 each side, as torch; params exactly as nn.Conv's;
+  computed by `lowering.conv`."""
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   dtype: Any = jnp.float32
   kernel_init: Callable[..., jax.Array] = conv_init
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features))
     x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
-    return cpu.conv2d(x, kernel, self.strides, ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+    return self.lowering.conv(x, kernel, self.strides, ((kh // 2, kh // 2), (kw // 2, kw // 2)))
 
 
 def _shortcut(x: jax.Array, features: int, strides: int, conv: ModuleDef,
@@ -71,17 +69,19 @@ class BasicBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   zero_init: bool = True
+  lowering: Lowering = PLAIN
   expansion: ClassVar[int] = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    relu = self.lowering.relu
     s = (self.strides, self.strides)
     y = self.conv(self.features, (3, 3), s, name='conv1')(x)
-    y = cpu.relu(self.norm(name='bn1')(y))
+    y = relu(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), name='conv2')(y)
     last_scale = nn.initializers.zeros if self.zero_init else nn.initializers.ones
     y = self.norm(name='bn2', scale_init=last_scale)(y)
-    return cpu.relu(y + _shortcut(x, self.features, self.strides, self.conv, self.norm))
+    return relu(y + _shortcut(x, self.features, self.strides, self.conv, self.norm))
 
 
 class Bottleneck(nn.Module):
@@ -91,25 +91,28 @@ class Bottleneck(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   zero_init: bool = True
+  lowering: Lowering = PLAIN
   expansion: ClassVar[int] = 4
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    relu = self.lowering.relu
     out = self.features * self.expansion
     y = self.conv(self.features, (1, 1), name='conv1')(x)
-    y = cpu.relu(self.norm(name='bn1')(y))
+    y = relu(self.norm(name='bn1')(y))
     s = (self.strides, self.strides)
     y = self.conv(self.features, (3, 3), s, name='conv2')(y)
-    y = cpu.relu(self.norm(name='bn2')(y))
+    y = relu(self.norm(name='bn2')(y))
     y = self.conv(out, (1, 1), name='conv3')(y)
     last_scale = nn.initializers.zeros if self.zero_init else nn.initializers.ones
     y = self.norm(name='bn3', scale_init=last_scale)(y)
-    return cpu.relu(y + _shortcut(x, out, self.strides, self.conv, self.norm))
+    return relu(y + _shortcut(x, out, self.strides, self.conv, self.norm))
 
 
 class ResNet(nn.Module):
   """ResNet v1.5. `width`: stage 1's channels. `stem`: 'imagenet' (7x7/2 + max-pool, /4),
-  'small' (3x3/1, no pool: full resolution for 28-64 px) or 'small_s2' (3x3/2, no pool)."""
+  'small' (3x3/1, no pool: full resolution for 28-64 px) or 'small_s2' (3x3/2, no pool).
+  `lowering`: how convs, ReLUs and the pool are computed (layers.Lowering)."""
   stage_sizes: Sequence[int]
   block: type[nn.Module]
   num_classes: int = 1000
@@ -120,6 +123,7 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = 'batch'
   zero_init_residual: bool = True
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -127,7 +131,8 @@ class ResNet(nn.Module):
     """Logits [B, num_classes] in float32; with return_features also the pooled features."""
     if self.stem not in STEMS:
       raise ValueError(f'Unknown stem {self.stem!r}; expected one of {STEMS}.')
-    conv = functools.partial(Conv, dtype=self.dtype)
+    relu = self.lowering.relu
+    conv = functools.partial(Conv, dtype=self.dtype, lowering=self.lowering)
     # Statistics are averaged over bn_axis_name only when training; eval and init do no collective.
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
@@ -137,18 +142,18 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.width, (7, 7), (2, 2), name='conv_init')(x)
-      x = cpu.relu(norm(name='bn_init')(x))
-      x = cpu.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
-    else:  # small: 3x3/1, full resolution; small_s2: 3x3/2 (28 px -> 14, ~3x faster on CPU)
+      x = relu(norm(name='bn_init')(x))
+      x = self.lowering.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    else:  # small: 3x3/1, full resolution; small_s2: 3x3/2 (28 px -> 14, a quarter the pixels)
       s = 2 if self.stem == 'small_s2' else 1
       x = conv(self.width, (3, 3), (s, s), name='conv_init')(x)
-      x = cpu.relu(norm(name='bn_init')(x))
+      x = relu(norm(name='bn_init')(x))
 
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block(self.width * 2**i, strides, conv, norm,
-                       zero_init=self.zero_init_residual,
+                       zero_init=self.zero_init_residual, lowering=self.lowering,
                        name=f'stage{i + 1}_block{j + 1}')(x)
 
     features = jnp.mean(x, axis=(1, 2))

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls import cpu
 from imgcls.models import layers
-from imgcls.models.layers import drop_path
+from imgcls.models.layers import PLAIN, Lowering, drop_path
 from imgcls.models.registry import MODELS
 
 # name: (width, depth, mlp_dim, num_heads), the paper's Table 1 plus DeiT's Ti/S and big_vision's M.
@@ -94,13 +93,14 @@ def patch_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -
 
 class PatchEmbed(nn.Module):
   """Non-overlapping p x p patches, each linearly projected: a p x p conv of stride p with
-  bias, with nn.Conv's parameters (kernel [p, p, in, features], bias). imgcls.cpu.conv2d
-  computes it as one matmul over the patches on CPUs."""
+  bias, with nn.Conv's parameters (kernel [p, p, in, features], bias); computed by
+  `lowering.conv`."""
   features: int
   patch: int
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -109,7 +109,7 @@ class PatchEmbed(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
-    return cpu.conv2d(x, kernel, (p, p), ((0, 0), (0, 0))) + bias
+    return self.lowering.conv(x, kernel, (p, p), ((0, 0), (0, 0))) + bias
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -125,14 +125,14 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
   return emb[None].astype(np.float32)
 
 
-def _attention(num_heads: int, dtype: Any, param_dtype: Any, dropout: float = 0.0,
-               name: str | None = None) -> nn.MultiHeadDotProductAttention:
+def _attention(num_heads: int, dtype: Any, param_dtype: Any, lowering: Lowering,
+               dropout: float = 0.0, name: str | None = None) -> nn.MultiHeadDotProductAttention:
   """Multi-head attention as in the official ViT (Xavier kernels); softmax always in float32."""
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout,
       broadcast_dropout=False, kernel_init=nn.initializers.xavier_uniform(),
-      force_fp32_for_softmax=True, qkv_dot_general=cpu.dot_general,
-      out_dot_general=cpu.dot_general, name=name)
+      force_fp32_for_softmax=True, qkv_dot_general=lowering.dot_general,
+      out_dot_general=lowering.dot_general, name=name)
 
 
 class MlpBlock(nn.Module):
@@ -142,13 +142,15 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   approximate_gelu: bool = True
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     dense = lambda n, name: nn.Dense(  # noqa: E731
         n, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), dot_general=cpu.dot_general, name=name)
+        bias_init=nn.initializers.normal(stddev=1e-6),
+        dot_general=self.lowering.dot_general, name=name)
     y = layers.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=self.approximate_gelu)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = dense(x.shape[-1], 'Dense_1')(y)
@@ -164,6 +166,7 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   approximate_gelu: bool = True
+  lowering: Lowering = PLAIN
 
   def _drop_path(self, y: jax.Array, deterministic: bool) -> jax.Array:
     return drop_path(self, y, self.drop_path, deterministic)
@@ -173,14 +176,13 @@ class Encoder1DBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
                                      name=name)
     y = norm('LayerNorm_0')(x)
-    y = _attention(self.num_heads, self.dtype, self.param_dtype,
+    y = _attention(self.num_heads, self.dtype, self.param_dtype, self.lowering,
                    name='MultiHeadDotProductAttention_1')(y, y, deterministic=True)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + self._drop_path(y, deterministic)
     y = norm('LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.approximate_gelu,
-                 name='MlpBlock_3')(
-        y, deterministic=deterministic)
+                 self.lowering, name='MlpBlock_3')(y, deterministic=deterministic)
     return x + self._drop_path(y, deterministic)
 
 
@@ -209,6 +211,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   approximate_gelu: bool = True
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -218,7 +221,7 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       rate = self.stoch_depth * i / max(self.depth - 1, 1)
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, rate, self.dtype,
-                         self.param_dtype, self.approximate_gelu,
+                         self.param_dtype, self.approximate_gelu, self.lowering,
                          name=f'encoderblock_{i}')(x, deterministic=deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
 
@@ -230,17 +233,19 @@ class MAPHead(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   approximate_gelu: bool = True
+  lowering: Lowering = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]),
                        self.param_dtype)
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-    x = _attention(self.num_heads, self.dtype, self.param_dtype,
+    x = _attention(self.num_heads, self.dtype, self.param_dtype, self.lowering,
                    name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='LayerNorm_0')(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     approximate_gelu=self.approximate_gelu, name='MlpBlock_0')(y)
+                     approximate_gelu=self.approximate_gelu, lowering=self.lowering,
+                     name='MlpBlock_0')(y)
     return x[:, 0]
 
 
@@ -253,7 +258,8 @@ class ViT(nn.Module):
   'sincos2d' (fixed, added to the patches only). `dtype` is the compute dtype; parameters
   are kept in `param_dtype` and logits are float32. approximate_gelu: the tanh GELU of Flax and
   the official JAX checkpoints (default); False gives the exact erf GELU of timm/PyTorch, for
-  logit-level parity with timm.
+  logit-level parity with timm. `lowering`: how the patch conv and the encoder's matmuls are
+  computed (layers.Lowering).
   """
   num_classes: int = 1000
   variant: str | None = None
@@ -271,6 +277,7 @@ class ViT(nn.Module):
   param_dtype: Any = jnp.float32
   head_zero_init: bool = True
   approximate_gelu: bool = True
+  lowering: Lowering = PLAIN
 
   def dims(self) -> dict[str, int]:
     """width, depth, mlp_dim, num_heads, patch_size after applying the overrides."""
@@ -295,7 +302,7 @@ class ViT(nn.Module):
 
     x = jnp.asarray(x, self.dtype)
     x = PatchEmbed(d['width'], p, kernel_init=patch_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name='embedding')(x)
+                   param_dtype=self.param_dtype, lowering=self.lowering, name='embedding')(x)
     n, gh, gw, c = x.shape
     x = x.reshape(n, gh * gw, c)
     if self.posemb == 'sincos2d':
@@ -307,7 +314,7 @@ class ViT(nn.Module):
     x = Encoder(d['depth'], d['mlp_dim'], d['num_heads'], self.dropout, self.stoch_depth,
                 learned_posemb=self.posemb == 'learn', dtype=self.dtype,
                 param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
-                name='Transformer')(x, deterministic=not train)
+                lowering=self.lowering, name='Transformer')(x, deterministic=not train)
 
     if self.pool == 'tok':
       x = x[:, 0]
@@ -315,7 +322,7 @@ class ViT(nn.Module):
       x = jnp.mean(x, axis=1)
     else:
       x = MAPHead(d['mlp_dim'], d['num_heads'], self.dtype, self.param_dtype,
-                  self.approximate_gelu, name='MAPHead_0')(x)
+                  self.approximate_gelu, self.lowering, name='MAPHead_0')(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='pre_logits')(x))
