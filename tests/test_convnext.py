@@ -238,3 +238,13 @@ def test_finetune_from_the_cli_and_load(data_dir, tmp_path):
   probs = clf.probabilities(images)
   assert probs.shape == (3, 4) and np.isfinite(probs).all()
   assert clf.features(images).shape == (3, kw['dims'][-1])
+
+
+def test_cpu_lowering_gives_the_same_logits():
+  """from_config's CPU kernels (dense convs as matmuls) compute the same model."""
+  from imgcls.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+  sd, config, expected = _fixture('convnextv2_conv_mlp')
+  variables, _ = _load(_model(config), sd)
+  cpu_model = _model(config).clone(lowering=cpu_kernels.CPU)
+  got = jax.jit(cpu_model.apply)(variables, _input(config, 160))
+  np.testing.assert_allclose(np.asarray(got), expected[160], atol=1e-4, rtol=0)

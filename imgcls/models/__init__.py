@@ -20,6 +20,7 @@ import flax.linen as nn
 
 from imgcls import hardware
 from imgcls.models import bit, resnet, vit  # noqa: F401  (each registers its models)
+from imgcls.models import convnext  # noqa: F401  (registers convnext_*, convnextv2_*)
 from imgcls.models import cpu_kernels
 from imgcls.models.layers import PLAIN, Lowering  # noqa: F401  (models.PLAIN, models.Lowering)
 from imgcls.models.registry import MODELS

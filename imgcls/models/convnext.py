@@ -10,25 +10,24 @@ stage{i+1}_down_norm/stage{i+1}_down_conv; stages.{i}.blocks.{j}.{conv_dw, norm,
 mlp.grn, mlp.fc2, gamma} -> stage{i+1}_block{j+1}/{conv_dw, norm, fc1, grn, fc2, layer_scale};
 head.norm/head.fc -> head_norm/head (the converter: convnext_weights.py). timm's small sizes
 (atto..nano) use 1x1 convs for the MLP (`conv_mlp`): the same math, kept as 1x1 conv kernels
-here so their state dicts go both ways unchanged.
+here so their state dicts go both ways unchanged. The hardware-sensitive ops (dense convs,
+matmuls) go through the `lowering` field (layers.Lowering), as in every family.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from imgcls.models import layers
+from imgcls.models.layers import PLAIN, Lowering
 from imgcls.models.registry import MODELS
-
-ModuleDef = Callable[..., nn.Module]
 
 # size: (depths, dims, conv_mlp), as timm's convnext_* / convnextv2_* entry points define them.
 VARIANTS = {
@@ -57,9 +56,33 @@ def trunc_normal_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.flo
   return (jax.random.normal(key, (math.prod(shape),), dtype) * 0.02).reshape(shape)
 
 
-def exact_gelu(x: jax.Array) -> jax.Array:
-  """timm's GELU (erf); layers.gelu differentiates it inside shard_map."""
-  return layers.gelu(x, approximate=False)
+class Conv(nn.Module):
+  """A square conv with bias and torch's symmetric zero padding; nn.Conv's parameters (kernel
+  HWIO, bias). Dense convs are computed by `lowering.conv`; the depthwise one (one group per
+  channel) by lax, which every lowering shares."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  depthwise: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lowering: Lowering = PLAIN
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param('kernel', trunc_normal_init,
+                        (k, k, 1 if self.depthwise else c, self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
+    strides, padding = (self.strides,) * 2, ((self.padding,) * 2,) * 2
+    if self.depthwise:
+      y = jax.lax.conv_general_dilated(x, kernel, strides, padding, feature_group_count=c,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    else:
+      y = self.lowering.conv(x, kernel, strides, padding)
+    return y + bias
 
 
 class GRN(nn.Module):
@@ -90,26 +113,25 @@ class Block(nn.Module):
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv: ModuleDef = nn.Conv
-  act: Callable[[jax.Array], jax.Array] = exact_gelu
-  dot_general: Callable[..., jax.Array] = lax.dot_general
+  lowering: Lowering = PLAIN
 
   def _linear(self, features: int, name: str) -> nn.Module:
-    common = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=trunc_normal_init,
-                  name=name)
     if self.conv_mlp:
-      return self.conv(features, (1, 1), padding='VALID', **common)
-    return nn.Dense(features, dot_general=self.dot_general, **common)
+      return Conv(features, 1, dtype=self.dtype, param_dtype=self.param_dtype,
+                  lowering=self.lowering, name=name)
+    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=trunc_normal_init, dot_general=self.lowering.dot_general,
+                    name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     c, k = x.shape[-1], self.kernel_size
-    y = self.conv(c, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), feature_group_count=c,
-                  dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=trunc_normal_init,
-                  name='conv_dw')(x)
+    y = Conv(c, k, padding=k // 2, depthwise=True, dtype=self.dtype,
+             param_dtype=self.param_dtype, lowering=self.lowering, name='conv_dw')(x)
     y = nn.LayerNorm(self.norm_eps, self.dtype, self.param_dtype, use_fast_variance=False,
                      name='norm')(y)
-    y = self.act(self._linear(self.mlp_ratio * c, 'fc1')(y))
+    # timm's exact (erf) GELU; layers.gelu differentiates it inside shard_map.
+    y = layers.gelu(self._linear(self.mlp_ratio * c, 'fc1')(y), approximate=False)
     if self.grn:
       y = GRN(param_dtype=self.param_dtype, name='grn')(y)
     y = self._linear(c, 'fc2')(y)
@@ -126,8 +148,8 @@ class ConvNeXt(nn.Module):
 
   stoch_depth: the last block's drop rate, rising linearly from 0 over all blocks (timm's
   drop_path_rate). dropout: before the head. `dtype` is the compute dtype; parameters are kept
-  in `param_dtype` and logits are float32. conv, act and dot_general are the hardware lowering
-  (plain Flax/lax by default); act is the exact (erf) GELU of the published weights.
+  in `param_dtype` and logits are float32. `lowering`: how convs and matmuls are computed
+  (layers.PLAIN unless models.from_config passes the CPU kernels); the same values either way.
   """
   num_classes: int = 1000
   variant: str | None = None
@@ -143,9 +165,7 @@ class ConvNeXt(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv: ModuleDef = nn.Conv
-  act: Callable[[jax.Array], jax.Array] = exact_gelu
-  dot_general: Callable[..., jax.Array] = lax.dot_general
+  lowering: Lowering = PLAIN
 
   def sizes(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
     """(depths, dims, conv_mlp) after applying the explicit arguments to the variant."""
@@ -173,25 +193,24 @@ class ConvNeXt(nn.Module):
     depths, dims, conv_mlp = self.sizes()
     norm = functools.partial(nn.LayerNorm, self.norm_eps, self.dtype, self.param_dtype,
                              use_fast_variance=False)
-    conv = functools.partial(self.conv, padding='VALID', dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=trunc_normal_init)
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                             lowering=self.lowering)
 
     p = self.patch_size
     x = jnp.asarray(x, self.dtype)
-    x = conv(dims[0], (p, p), (p, p), name='stem_conv')(x)
+    x = conv(dims[0], p, p, name='stem_conv')(x)
     x = norm(name='stem_norm')(x)
     total, done = sum(depths), 0
     for i, (depth, dim) in enumerate(zip(depths, dims)):
       if i > 0:
         x = norm(name=f'stage{i + 1}_down_norm')(x)
-        x = conv(dim, (2, 2), (2, 2), name=f'stage{i + 1}_down_conv')(x)
+        x = conv(dim, 2, 2, name=f'stage{i + 1}_down_conv')(x)
       for j in range(depth):
         rate = self.stoch_depth * done / max(total - 1, 1)
         x = Block(self.kernel_size, conv_mlp=conv_mlp, grn=self.grn,
                   layer_scale_init=self.layer_scale_init, drop_path=rate,
                   norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  conv=self.conv, act=self.act, dot_general=self.dot_general,
-                  name=f'stage{i + 1}_block{j + 1}')(x, deterministic=not train)
+                  lowering=self.lowering, name=f'stage{i + 1}_block{j + 1}')(x, deterministic=not train)
         done += 1
 
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -200,7 +219,7 @@ class ConvNeXt(nn.Module):
     y = nn.Dropout(self.dropout)(x, deterministic=not train)
     # The head runs in float32 whatever the compute dtype: it is tiny and sets the logits' scale.
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                      kernel_init=trunc_normal_init, dot_general=self.dot_general,
+                      kernel_init=trunc_normal_init, dot_general=self.lowering.dot_general,
                       name='head')(y)
     if return_features:
       return logits, x
