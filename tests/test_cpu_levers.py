@@ -328,3 +328,21 @@ def test_from_config_passes_the_cpu_kernels_on_cpus_with_the_levers_on(monkeypat
   monkeypatch.setenv(hardware.OFF_ENV, '0')
   assert models.from_config(config).lowering is layers.PLAIN
   assert not hardware.use_cpu_kernels('cpu')
+
+
+def test_bit_same_outputs_and_gradients_with_levers_off():
+  kw = dict(num_classes=3, stage_sizes=(1, 1), width=8, num_groups=4)
+  model = models.get_model('bit', lowering=cpu.CPU, **kw)
+  plain = models.get_model('bit', **kw)
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 16, 16, 3)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero head: gradients reach the convs
+
+  def loss(params, model=model):
+    return jnp.sum(model.apply({'params': params}, x) ** 2)
+
+  on = jax.value_and_grad(loss)(params)
+  off = jax.value_and_grad(lambda p: loss(p, plain))(params)
+  np.testing.assert_allclose(on[0], off[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(on[1]), jax.tree.leaves(off[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

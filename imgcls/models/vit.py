@@ -182,7 +182,7 @@ class Encoder1DBlock(nn.Module):
     x = x + self._drop_path(y, deterministic)
     y = norm('LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.approximate_gelu,
-                 self.lowering, name='MlpBlock_3')(y, deterministic=deterministic)
+                 lowering=self.lowering, name='MlpBlock_3')(y, deterministic=deterministic)
     return x + self._drop_path(y, deterministic)
 
 
@@ -221,7 +221,7 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       rate = self.stoch_depth * i / max(self.depth - 1, 1)
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, rate, self.dtype,
-                         self.param_dtype, self.approximate_gelu, self.lowering,
+                         self.param_dtype, self.approximate_gelu, lowering=self.lowering,
                          name=f'encoderblock_{i}')(x, deterministic=deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
 
@@ -322,7 +322,7 @@ class ViT(nn.Module):
       x = jnp.mean(x, axis=1)
     else:
       x = MAPHead(d['mlp_dim'], d['num_heads'], self.dtype, self.param_dtype,
-                  self.approximate_gelu, self.lowering, name='MAPHead_0')(x)
+                  self.approximate_gelu, lowering=self.lowering, name='MAPHead_0')(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='pre_logits')(x))
