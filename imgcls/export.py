@@ -18,7 +18,7 @@ of strided slices), whatever machine exports it, so the graph is portable.
 - stablehlo: jax.export with a symbolic batch; `jax.export.deserialize(bytes).call(x)`
   runs it with JAX alone, no imgcls.
 - savedmodel: not offered: jax2tf with this JAX writes StableHLO that TensorFlow 2.21 cannot
-  load under a polymorphic batch (see README, Deploy).
+  load under a polymorphic batch (see docs/deploy.md).
 
 Each export verifies itself against `imgcls.load(...).probabilities` on batches of 1 and 7
 images and records the largest difference in the JSON.
@@ -200,7 +200,7 @@ def export_classifier(clf: inference.Classifier, fmt: str, out: str | os.PathLik
     raise ExportError(
         'TF SavedModel export is not available: jax2tf with this JAX (0.12) writes StableHLO '
         'that TensorFlow 2.21 cannot load with a free batch dimension. Use --format=onnx '
-        '(onnxruntime, TensorRT, OpenVINO) or --format=stablehlo (README, Deploy).')
+        '(onnxruntime, TensorRT, OpenVINO) or --format=stablehlo (docs/deploy.md).')
   if fmt not in FORMATS:
     raise ExportError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}.')
   out = os.fspath(out)
