@@ -46,8 +46,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
   # When pp_train (or an evaluator's pp, pp_eval by default) ends in value_range(...) (label
   # ops aside), tf.data keeps the images uint8 and the train (eval) step applies that
-  # value_range on the device, with the same bits: a fifth less host work for JPEG
-  # pipelines, 4x fewer bytes per batch (README, Input pipeline).
+  # value_range on the device, with the same bits: 4x fewer bytes per batch. The input
+  # pipelines (imgcls.data) read this switch and tell the step (`.value_range`).
   c.value_range_on_device = True
 
   # Model: `name` from the registry (`imgcls.models.list_models()`), the other keys
@@ -126,27 +126,17 @@ def defaults() -> ml_collections.ConfigDict:
   # N > 0: a jax.profiler trace of N train steps (after 5 warm-up steps) in WORKDIR/profile,
   # for TensorBoard's Profile tab (`tensorboard --logdir WORKDIR`); process 0 only.
   c.profile_steps = 0
-  # At each eval, write what a team debugging a model looks at to WORKDIR/reports/ (PNG+JSON)
-  # and TensorBoard: confusion matrix, per-class accuracy, calibration (ECE + reliability
-  # diagram), the most confidently wrong images; for sigmoid_xent per-class AP, mAP and F1.
-  c.eval_reports = True
-  # Evaluators (imgcls/evaluators/): {name: dict(type=..., options)}, e.g.
+  # Evaluators (imgcls/evaluators/): {name: dict(type=..., options)}; metrics are written as
+  # NAME_KEY (eval_top1, val_top1). The default: `eval`, a classification of dataset.eval_split
+  # whose reports (confusion matrix, per-class accuracy, calibration, the most confidently
+  # wrong images; for sigmoid_xent per-class AP, mAP and F1) go to WORKDIR/reports/ and
+  # TensorBoard at each eval (turn them off with evals.eval.reports=False). Add more, e.g.
   #   c.evals.val = dict(type='classification', split='validation')
-  #   c.evals.fewshot = dict(type='fewshot', shots=(1, 5, 10))
-  # Metrics are written as NAME_KEY (val_top1). Empty: built from eval_split, eval_reports,
-  # dataset.val_split and fewshot.* below (one evaluator `eval`, plus eval_fewshot_*).
-  c.evals = ml_collections.ConfigDict()
+  #   c.evals.fewshot = dict(type='fewshot', shots=(1, 5, 10))  # ridge probe, frozen features
+  # or replace the list: c.evals = ml_collections.ConfigDict({...}).
+  c.evals = ml_collections.ConfigDict({'eval': {'type': 'classification', 'reports': True}})
   # The metric that ranks checkpoints ('best' keeps the highest); one an evaluator writes.
   c.best_metric = 'eval_top1'
-  # Few-shot linear evaluation of the frozen pre-logits at each eval (imgcls/fewshot.py):
-  # closed-form ridge regression on `shots` examples per class, averaged over `seeds`, l2
-  # chosen on held-out train examples. () turns it off; '' splits mean the dataset's own.
-  c.fewshot = ml_collections.ConfigDict()
-  c.fewshot.shots = ()  # e.g. (1, 5, 10, 25)
-  c.fewshot.seeds = (0, 1, 2)
-  c.fewshot.train_split = ''
-  c.fewshot.test_split = ''
-  c.fewshot.max_test_examples = 0  # 0: the whole split
   return c
 
 
@@ -162,7 +152,8 @@ def _check_tree(cfg, ref, prefix: str, errors: list[str]) -> None:
   for key in cfg.keys():
     path = f'{prefix}{key}'
     if key not in ref:
-      errors.append(f"unknown key '{path}'.{_suggest(key, ref.keys())}")
+      moved = f" It was replaced by {REMOVED[path]}." if path in REMOVED else ''
+      errors.append(f"unknown key '{path}'.{moved or _suggest(key, ref.keys())}")
       continue
     value, expected = cfg[key], ref[key]
     if isinstance(expected, ml_collections.ConfigDict):
@@ -306,9 +297,39 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+# Fields of older configs and where their meaning lives now (`upgrade` maps them).
+REMOVED = {'eval_reports': 'evals.eval.reports',
+           'fewshot': "an evaluator: c.evals.fewshot = dict(type='fewshot', shots=(1, 5))"}
+
+
+def _upgrade_legacy_evals(cfg: ml_collections.ConfigDict) -> None:
+  """Maps the fields older configs used for evaluation (eval_reports, fewshot.*), with an
+  empty `evals`, onto the evaluator list they meant; then drops them."""
+  legacy = {k: cfg[k] for k in REMOVED if k in cfg}
+  if not legacy:
+    return
+  if not cfg.get('evals'):
+    evals = {'eval': {'type': 'classification',
+                      'reports': bool(legacy.get('eval_reports', True))}}
+    fs = legacy.get('fewshot') or {}
+    if fs.get('shots'):  # written as eval_fewshot_* in those runs
+      evals['fewshot'] = {'type': 'fewshot', 'prefix': 'eval', 'shots': tuple(fs['shots']),
+                          'seeds': tuple(fs.get('seeds', (0, 1, 2))),
+                          'train_split': fs.get('train_split', ''),
+                          'test_split': fs.get('test_split', ''),
+                          'max_test_examples': fs.get('max_test_examples', 0)}
+    with cfg.unlocked(), cfg.ignore_type():
+      cfg.evals = ml_collections.ConfigDict(evals)
+  with cfg.unlocked():
+    for key in legacy:
+      del cfg[key]
+
+
 def upgrade(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds, in place, the fields a config written by an older imgcls lacks (a checkpoint's
-  config), with their defaults; returns it."""
+  """Brings, in place, a config written by an older imgcls (a checkpoint's config) to the
+  current schema: legacy evaluation fields become `evals`, missing fields get their
+  defaults; returns it."""
+  _upgrade_legacy_evals(cfg)
   def fill(node, ref):
     for key in ref.keys():
       if key not in node:

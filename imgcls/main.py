@@ -219,17 +219,18 @@ def _run(command: str, rest: list[str]) -> None:
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   if command == 'eval':
-    from imgcls import train
-    _print_result(train.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value,
-                                            _DATA_DIR.value, weights=_WEIGHTS.value))
+    from imgcls.evaluators import checkpoint
+    _print_result(checkpoint.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value,
+                                                 _DATA_DIR.value, weights=_WEIGHTS.value))
   elif command == 'fewshot':
-    from imgcls.evaluators import fewshot
+    from imgcls.evaluators import checkpoint
     try:
       shots = [int(k) for k in _SHOTS.value]
     except ValueError:
       _fail(f'--shots must be integers, e.g. --shots=1,5,10,25; got {_SHOTS.value}.')
-    _print_result(fewshot.run_on_checkpoint(workdir, _DATASET.value, data_dir=_DATA_DIR.value,
-                                            step=_STEP.value, shots=shots))
+    _print_result(checkpoint.fewshot_checkpoint(workdir, _DATASET.value,
+                                                data_dir=_DATA_DIR.value, step=_STEP.value,
+                                                shots=shots))
   else:
     from imgcls import train
     train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)

@@ -133,9 +133,9 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
 
 
 def device_value_range(images: jax.Array, value_range: dict[str, float] | None) -> jax.Array:
-  """The pp string's final value_range, applied on the device to a uint8 batch: the same
-  bits as tf.data's op (each pass rounded on its own, no fused multiply-add). None: the
-  images as they are (value_range stayed in tf.data)."""
+  """The input's `value_range` (data.TrainBatches / data.EvalData), applied on the device to
+  a uint8 batch: the same bits as tf.data's op (each pass rounded on its own, no fused
+  multiply-add). None: the images as they are (value_range stayed in tf.data)."""
   if value_range is None:
     return images
   return value_range_math(images.astype(jnp.float32), **value_range,
@@ -150,8 +150,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                axis_name: str = 'batch') -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's shard; gradients are the global-batch mean.
 
-  value_range: the pp string's final value_range op, applied here to the (uint8) batch
-  with the same float32 arithmetic (`imgcls.data.preprocess.split_value_range`).
+  value_range: the train input's `value_range` (data.TrainBatches), applied here to the
+  (uint8) batch with the same float32 arithmetic as the pp op.
 
   With grad_accum_steps = k > 1 the (mixed) per-device batch is split into k equal
   microbatches that run one after another under `lax.scan` (activation memory of one
@@ -262,8 +262,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
   """Global sums of loss and top-1/top-5 hits over the real (mask 1) examples, and this
   shard's per-example probabilities (softmax, or sigmoid scores for multi-label) for the
   reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5.
-  tta='flip' scores each image with its mirror (`eval_logits`). value_range: the eval pp's
-  final value_range, applied here to the uint8 batch (as in `train_step`)."""
+  tta='flip' scores each image with its mirror (`eval_logits`). value_range: the eval
+  input's `value_range` (data.EvalData), applied here to the uint8 batch (as in `train_step`)."""
   logits = eval_logits(model, {'params': state.params, 'batch_stats': state.batch_stats},
                        device_value_range(batch['image'], value_range), loss, tta)
   mask = batch['mask']

@@ -18,10 +18,10 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from imgcls import augment, checkpoints, config as config_lib, data, evaluate, evaluators
+from imgcls import augment, checkpoints, config as config_lib, data, evaluators
 from imgcls import models, optim, parallel, preemption, run_config, step as step_lib, writers
-from imgcls.data import preprocess
 from imgcls.errors import UserError
+from imgcls.evaluators import metrics as metrics_lib
 from imgcls.lock import WorkdirLock
 from imgcls.models import weights
 
@@ -34,16 +34,11 @@ def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bo
       jax.random.PRNGKey(seed))
 
 
-def train_pp(config: ml_collections.ConfigDict) -> tuple[str, dict[str, float] | None]:
-  """(the pp string tf.data runs for training, the value_range the train step applies on the
-  device or None): config.value_range_on_device moves a final value_range into the step."""
-  return preprocess.split_value_range(config.pp_train, config.value_range_on_device)
-
-
-def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bool = True):
+def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bool = True,
+                  value_range: dict[str, float] | None = None):
   """The run's data-parallel train step: step.train_step under shard_map over the mesh's batch
-  axis, the state donated (scripts/benchmark.py times this same function). It expects the
-  batches of data.train_iterator(pp=train_pp(config)[0])."""
+  axis, the state donated (scripts/benchmark.py times this same function). value_range: the
+  train input's (`data.TrainBatches.value_range`), applied to its uint8 batches on the device."""
   return parallel.data_parallel(
       functools.partial(step_lib.train_step, model=model, tx=tx,
                         label_smoothing=config.label_smoothing, loss=config.loss,
@@ -51,7 +46,7 @@ def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bo
                         ema_decay=config.ema_decay,
                         skip_nonfinite_steps=config.skip_nonfinite_steps,
                         grad_accum_steps=config.grad_accum_steps,
-                        value_range=train_pp(config)[1], axis_name=parallel.AXIS),
+                        value_range=value_range, axis_name=parallel.AXIS),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()),
       donate_argnums=(0,) if donate else ())
 
@@ -99,14 +94,6 @@ def load_model_init(config: ml_collections.ConfigDict, state, mesh):
                        batch_stats=variables.get('batch_stats', state.batch_stats)), report
 
 
-def make_evaluators(config: ml_collections.ConfigDict, model, mesh, builder
-                    ) -> tuple[evaluators.Context, list[evaluators.Evaluator]]:
-  """The evaluators' shared context and the config's evaluators (bad splits and too-small
-  few-shot pools fail here, before anything is written)."""
-  context = evaluators.Context(config, model, mesh, builder, data.label_names(builder))
-  return context, evaluators.build(config, context)
-
-
 PROFILE_WARMUP = 5  # steps past the (resumed) start before config.profile_steps: compilation
 
 
@@ -146,12 +133,6 @@ class StepProfiler:
       self.active = False
       logging.info('profile of train steps %d-%d written to %s: `tensorboard --logdir WORKDIR`, '
                    'Profile tab', self.window[0], self.window[-1], self.logdir)
-
-
-def _as_result(metrics: dict[str, Any]) -> dict[str, Any]:
-  """The metrics under their written names, and the default `eval_` ones also without it."""
-  return {**metrics, **{k[len('eval_'):]: v for k, v in metrics.items()
-                        if k.startswith('eval_')}}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -197,7 +178,7 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
 
   # ------------------------------------------------- model and evaluators
   model = models.from_config(config)
-  context, evals = make_evaluators(config, model, mesh, builder)
+  context, evals = evaluators.from_config(config, model, mesh, builder)
   image_shape = context.image_shape()
   logging.info('data: %s %s (%d steps/epoch), image %s; %d steps in all; evaluators: %s',
                ds.name, ds.train_split, steps_per_epoch, image_shape, num_steps,
@@ -220,9 +201,6 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
   parameter_overview.log_parameter_overview(state.params)
   if lock and not lock.record:  # a new workdir: taken just before the first write
     lock.acquire()
-
-  # ------------------------------------------------------------------ steps
-  train_fn = make_train_fn(config, model, tx, mesh)
 
   # ------------------------------------------------------------- checkpoint
   ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,
@@ -253,9 +231,11 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
 
   # ------------------------------------------------------------------- loop
   train_iter = data.train_iterator(
-      builder, split=ds.train_split, pp=train_pp(config)[0],
+      builder, split=ds.train_split, pp=config.pp_train,
       global_batch_size=config.batch_size, seed=config.seed, start_step=start,
-      shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
+      shuffle_buffer=ds.shuffle_buffer, cache=ds.cache,
+      value_range_on_device=config.value_range_on_device)
+  train_fn = make_train_fn(config, model, tx, mesh, value_range=train_iter.value_range)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)
   pending: list[dict[str, Any]] = []  # metrics since the last log
   unchecked: list[Any] = []  # finite flags not yet read on the host (no sync per step)
@@ -317,7 +297,7 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
   if last_eval is None:  # the run had already finished: score it again
     last_eval = evaluators.run(evals, state)
   writer.flush()
-  result = _as_result(last_eval)
+  result = evaluators.as_result(last_eval)
   logging.info('final eval at step %d: %s', num_steps, result)
   if jax.process_index() == 0:
     print(_final_line(config, result, num_steps), flush=True)
@@ -361,53 +341,12 @@ def _final_line(config: ml_collections.ConfigDict, result: dict[str, Any], step:
 def _train_summary(pending: list[dict[str, Any]]) -> dict[str, float]:
   """Averages the metrics of the steps since the last log (already checked finite)."""
   host = [parallel.to_host(m) for m in pending]
-  total = evaluate.TrainMetrics.from_step(host[0])
+  total = metrics_lib.TrainMetrics.from_step(host[0])
   for m in host[1:]:
-    total = total.merge(evaluate.TrainMetrics.from_step(m))
+    total = total.merge(metrics_lib.TrainMetrics.from_step(m))
   out = {f'train_{k}': float(v) for k, v in total.compute().items()}
   out['train_grad_norm'] = float(np.mean([m['grad_norm'] for m in host]))
   if 'skipped' in host[0]:  # skip_nonfinite_steps: updates skipped since the last log
     out['train_skipped_steps'] = int(sum(int(m['skipped']) for m in host))
   return out
 
-
-def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = None,
-                        data_dir: str | None = None, weights: str = 'auto') -> dict[str, Any]:
-  """Scores a saved checkpoint ('best', 'latest' or a step) with its run's evaluators (or,
-  with `split`, the classification evaluator on that split); writes the JSON beside it.
-
-  weights: 'auto' (the EMA when the run kept one, else raw), 'raw' or 'ema', by the rule
-  imgcls.load and the exports follow (Checkpoint.weights_used), so `top1` is the number of
-  the model they serve; the result's `weights` says which. Only those weights are read.
-  """
-  ckpt = checkpoints.find(workdir, which)
-  used = ckpt.weights_used(weights)
-  config = ml_collections.ConfigDict(ckpt.config)
-  config_lib.upgrade(config)
-  if data_dir:
-    config.dataset.data_dir = data_dir
-  if split:  # one classification evaluator on that split, named as the default one, with
-    # the run's test-time augmentation (so that eval_top1 means what it meant in the run)
-    tta = evaluators.eval_tta(config)
-    config.dataset.eval_split = split
-    config.evals = ml_collections.ConfigDict()
-    if tta:
-      config.evals.eval = dict(type='classification', split=split, reports=False,
-                               val_split=config.dataset.val_split, tta=tta)
-    config.fewshot.shots = ()
-  config.eval_reports = False  # the numbers only: `imgcls eval` writes no figures
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  builder = data.builder_for(config.dataset)
-  model = models.from_config(config)
-  _, evals = make_evaluators(config, model, mesh, builder)
-  state = step_lib.TrainState.for_eval(jax.device_put(ckpt.weights(used),
-                                                      parallel.replicated(mesh)), ckpt.step)
-  result = _as_result(evaluators.run(evals, state))
-  split = config.dataset.eval_split
-  result.update(step=ckpt.step, split=split, dataset=config.dataset.name, weights=used)
-  if jax.process_index() == 0:
-    out = (ckpt.workdir or ckpt.path) / f'eval_{split}_step{ckpt.step}.json'
-    out.write_text(json.dumps(result, indent=2))
-    result['written_to'] = str(out)
-  return result

@@ -221,16 +221,16 @@ class Imgcls:
     self.state = train.init_state(model, tx, 0, self.image_shape, mesh)
     self.batch = parallel.shard_batch(host, mesh)
     t0 = time.perf_counter()
-    fn = train.make_train_fn(config, model, tx, mesh)  # exactly train.py's step
+    # exactly train.py's step, with the value_range its input would hand it
+    train_vr = preprocess.split_value_range(config.pp_train, config.value_range_on_device)[1]
+    fn = train.make_train_fn(config, model, tx, mesh, value_range=train_vr)
     self.train_compiled = fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     self.train_flops = _flops(self.train_compiled)
     tta = evaluators.eval_tta(config)  # the run's eval step
-    # The run's eval step takes uint8 batches and applies its pp's final value_range itself
-    # (evaluators.base.Context.eval_data); here it gets the float batch, cast included.
-    eval_pp = evaluators.specs(config).get('eval', {}).get('pp') or config.pp_eval
-    eval_vr = preprocess.split_value_range(eval_pp, config.value_range_on_device)[1]
-    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta, eval_vr)
+    # The run's eval step applies its input's value_range; here it gets the float batch.
+    eval_fn = evaluators_base.make_eval_fn(model, config.loss, mesh, tta,
+                                           evaluators.eval_value_range(config))
     self.eval_compiled = eval_fn.lower(self.state, self.batch).compile()
     self.eval_flops = _flops(self.eval_compiled)
     self.dtype = str(jnp.dtype(getattr(model, 'dtype', 'float32')))
@@ -359,9 +359,10 @@ def config_mode(config, mesh) -> dict:
   from imgcls import data  # noqa: PLC0415  (TensorFlow only here)
   ds = config.dataset
   builder = data.builder_for(ds)
-  batches = data.train_iterator(builder, split=ds.train_split, pp=train.train_pp(config)[0],
+  batches = data.train_iterator(builder, split=ds.train_split, pp=config.pp_train,
                                 global_batch_size=config.batch_size, seed=0,
-                                shuffle_buffer=ds.shuffle_buffer, cache=ds.cache)
+                                shuffle_buffer=ds.shuffle_buffer, cache=ds.cache,
+                                value_range_on_device=config.value_range_on_device)
   host = next(batches)
   image_shape = tuple(host['image'].shape[1:])
   model = models.from_config(config)
@@ -377,7 +378,8 @@ def config_mode(config, mesh) -> dict:
       continue
     c = config.copy_and_resolve_references()
     c.grad_accum_steps = k
-    m = train.make_train_fn(c, model, tx, mesh, donate=False).lower(
+    m = train.make_train_fn(c, model, tx, mesh, donate=False,
+                            value_range=batches.value_range).lower(
         state, batch).compile().memory_analysis()
     mib = {'arguments': m.argument_size_in_bytes / 2**20,
            'outputs': m.output_size_in_bytes / 2**20, 'temporaries': m.temp_size_in_bytes / 2**20}
@@ -387,7 +389,8 @@ def config_mode(config, mesh) -> dict:
           f'outputs {mib["outputs"]:.1f} MiB, temporaries {mib["temporaries"]:.1f} MiB',
           flush=True)
   t0 = time.perf_counter()
-  compiled = train.make_train_fn(config, model, tx, mesh).lower(state, batch).compile()
+  compiled = train.make_train_fn(config, model, tx, mesh,
+                                 value_range=batches.value_range).lower(state, batch).compile()
   out['compile_s'] = time.perf_counter() - t0
   out['train_flops_per_step'] = _flops(compiled)
 

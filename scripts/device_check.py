@@ -348,7 +348,7 @@ def part_train_e2e(clock: Clock, smoke: bool, scratch: pathlib.Path, batch: int 
          f'model={model},batch={batch}', f'--workdir={workdir}',
          f'--config.dataset.data_dir={scratch / "tfds"}', f'--config.total_steps={steps}',
          f'--config.checkpoint_every_steps={max(1, steps // 2)}',
-         f'--config.eval_every_steps={steps}', '--config.eval_reports=False',
+         f'--config.eval_every_steps={steps}', '--config.evals.eval.reports=False',
          f'--config.log_every_steps={max(1, steps // 4)}', '--config.model.dtype=bfloat16']
   if smoke:
     cmd += ['--config.model.width=4', '--config.model.stem=small']

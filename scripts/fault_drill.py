@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.eval_every_steps = {steps} // 3
   c.log_every_steps = 10
   c.keep_checkpoints = 2
-  c.eval_reports = False
+  c.evals.eval.reports = False
   c.lr.base = 0.05
   c.lr.warmup_steps = 10
   return c

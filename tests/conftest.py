@@ -69,7 +69,7 @@ def _tiny_config(data_dir, **overrides):
   c.lr.base = 0.05
   c.lr.warmup_steps = 2
   c.async_checkpoints = False
-  c.eval_reports = False  # matplotlib figures cost seconds; test_train turns them on
+  c.evals.eval.reports = False  # matplotlib figures cost seconds; test_train turns them on
   for k, v in overrides.items():
     c[k] = v
   return c

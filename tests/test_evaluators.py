@@ -8,17 +8,48 @@ import numpy as np
 import pytest
 
 from imgcls import checkpoints, compare, config as config_lib, evaluators, train
+from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
 from conftest import NUM_TEST
 
 
+def _old_style(config, **legacy):
+  """A config as older imgcls wrote it into checkpoints: evaluation from eval_reports and
+  fewshot.*, with no `evals`."""
+  old = config.to_dict()
+  del old['evals']
+  fewshot = dict(shots=(), seeds=(0, 1, 2), train_split='', test_split='', max_test_examples=0)
+  fewshot.update(legacy.pop('fewshot', {}))
+  return ml_collections.ConfigDict(dict(old, eval_reports=legacy.pop('eval_reports', True),
+                                        fewshot=fewshot))
+
+
 def test_older_fields_map_onto_one_eval_evaluator(tiny_config):
-  c = tiny_config('unused', eval_reports=True)
+  c = config_lib.upgrade(_old_style(tiny_config('unused'), eval_reports=True))
   assert evaluators.specs(c) == {'eval': dict(type='classification', prefix='eval',
-                                              split='test', reports=True, val_split='')}
-  c.fewshot.shots = (1, 5)
+                                              reports=True)}
+  assert 'eval_reports' not in c and 'fewshot' not in c
+  c = config_lib.upgrade(_old_style(tiny_config('unused'), fewshot=dict(shots=(1, 5))))
   spec = evaluators.specs(c)['fewshot']
   assert spec['type'] == 'fewshot' and spec['prefix'] == 'eval' and spec['shots'] == (1, 5)
+  config_lib.validate(c)
+
+
+def test_a_checkpoint_with_an_old_style_config_still_evaluates(data_dir, tiny_config, tmp_path):
+  from imgcls import models, optim, parallel  # noqa: PLC0415
+  c = tiny_config(data_dir)
+  model = models.from_config(c)
+  tx, _ = optim.make_optimizer(c, 10)
+  state = train.init_state(model, tx, 0, (16, 16, 1), parallel.make_mesh())
+  old = _old_style(c, eval_reports=False, fewshot=dict(shots=(1,), seeds=(0,)))
+  workdir = str(tmp_path / 'old')
+  ckpt = checkpoints.Checkpointer(workdir, asynchronous=False)
+  ckpt.save(2, state, {'config': old.to_dict(), 'image_shape': [16, 16, 1],
+                       'label_names': None}, metrics={'eval_top1': 0.5})
+  ckpt.close()
+  scored = evaluate_checkpoint(workdir, 'latest')
+  assert scored['examples'] == NUM_TEST and scored['step'] == 2
+  assert 0.0 <= scored['eval_fewshot_1shot_top1'] <= 1.0
 
 
 @pytest.mark.parametrize('evals, best, message', [
@@ -44,6 +75,7 @@ def test_bad_evaluator_lists_are_refused_before_anything_runs(tiny_config, evals
 
 def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path):
   c = tiny_config(data_dir, total_steps=6, eval_every_steps=3)
+  c.evals = ml_collections.ConfigDict()  # this run's own list, in place of the default
   c.evals.test = dict(type='classification', split='test', reports=True)
   c.evals.train = dict(type='classification', split='train[:40]', reports=False)
   c.evals.flip = dict(type='classification', split='test', reports=False, tta='flip')
@@ -71,7 +103,7 @@ def test_two_evaluators_on_two_splits_in_one_run(data_dir, tiny_config, tmp_path
   by_test = max(evals, key=lambda r: (r['test_top1'], r['step']))['step']
   assert best.step == by_test  # kept by the policy (latest + best) and found by `find`
   assert best.meta['metrics']['test_top1'] == max(r['test_top1'] for r in evals)
-  scored = train.evaluate_checkpoint(workdir, 'latest')
+  scored = evaluate_checkpoint(workdir, 'latest')
   np.testing.assert_allclose(scored['test_top1'], result['test_top1'], atol=1e-6)
   np.testing.assert_allclose(scored['train_top1'], result['train_top1'], atol=1e-6)
   assert scored['step'] == 6
@@ -83,7 +115,7 @@ def test_imgcls_eval_on_a_split_keeps_the_runs_test_time_augmentation(data_dir, 
   c.evals.eval = dict(type='classification', tta='flip', reports=False)
   workdir = str(tmp_path / 'tta')
   result = train.train_and_evaluate(c, workdir)
-  scored = train.evaluate_checkpoint(workdir, 'latest', split='test')
+  scored = evaluate_checkpoint(workdir, 'latest', split='test')
   # The same split, scored with the mirror as in the run: the same numbers.
   np.testing.assert_allclose(scored['eval_top1'], result['eval_top1'], atol=1e-6)
   np.testing.assert_allclose(scored['eval_loss'], result['eval_loss'], rtol=1e-5)
@@ -95,7 +127,8 @@ def test_uint8_eval_batches_score_exactly_as_float_ones(data_dir, tiny_config, t
   for training: the evaluator's batches are uint8 and every figure, per-example
   probabilities and confidently wrong images included, equals the float32 pipeline's."""
   import jax  # noqa: PLC0415
-  from imgcls import data, evaluate, models, optim, parallel  # noqa: PLC0415
+  from imgcls import data, models, optim, parallel  # noqa: PLC0415
+  from imgcls.evaluators import metrics  # noqa: PLC0415
 
   scores = {}
   for on in (True, False):
@@ -104,7 +137,7 @@ def test_uint8_eval_batches_score_exactly_as_float_ones(data_dir, tiny_config, t
     c.evals.eval = dict(type='classification', tta=tta, reports=False)
     mesh = parallel.make_mesh(jax.devices()[:2])
     model = models.from_config(c)
-    context, (ev,) = train.make_evaluators(c, model, mesh, data.builder_for(c.dataset))
+    context, (ev,) = evaluators.from_config(c, model, mesh, data.builder_for(c.dataset))
     batch = next(iter(ev.data))
     if on:
       assert ev.data.value_range == {'vmin': -0.5, 'vmax': 2.5, 'in_min': 10, 'in_max': 200}
@@ -114,8 +147,8 @@ def test_uint8_eval_batches_score_exactly_as_float_ones(data_dir, tiny_config, t
     assert context.image_shape() == (16, 16, 1)
     tx, _ = optim.make_optimizer(c, 10)
     state = train.init_state(model, tx, 0, context.image_shape(), mesh)
-    scores[on] = evaluate.evaluate(ev.eval_fn, state, ev.data, mesh, collect=True,
-                                   keep_images=5)
+    scores[on] = metrics.evaluate(ev.eval_fn, state, ev.data, mesh, collect=True,
+                                  keep_images=5)
   (on, on_out), (off, off_out) = scores[True], scores[False]
   assert on == off and on['examples'] == NUM_TEST
   np.testing.assert_array_equal(on_out.probs, off_out.probs)

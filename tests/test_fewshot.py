@@ -1,6 +1,6 @@
 """Few-shot ridge probe: the closed form against least squares, separable vs noise features,
 exact and seeded shot draws, the evaluator over a mesh and from its cache, and
-run_on_checkpoint on a tiny trained workdir."""
+fewshot_checkpoint on a tiny trained workdir."""
 
 import functools
 import json
@@ -12,9 +12,10 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from imgcls import checkpoints, data, fewshot, models, parallel, step as step_lib, train
-from imgcls.evaluators import fewshot as fewshot_eval
-from imgcls.fewshot import FewShotError
+from imgcls import checkpoints, data, evaluators, models, parallel, step as step_lib, train
+from imgcls.evaluators import fewshot, ridge
+from imgcls.evaluators.checkpoint import fewshot_checkpoint
+from imgcls.evaluators.ridge import FewShotError
 
 from conftest import NUM_TEST, _tiny_config
 
@@ -28,7 +29,7 @@ def test_ridge_equals_least_squares(n, d):
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(n, d)), rng.normal(size=(n, 3))
   l2s = [1e-3, 0.5, 8.0]
-  w = fewshot.ridge_regression(x, y, l2s)
+  w = ridge.ridge_regression(x, y, l2s)
   assert w.shape == (3, d, 3)
   for l2, got in zip(l2s, w):
     # min ||x w - y||² + l2 ||w||²  ==  least squares on [x; sqrt(l2) I] w = [y; 0]
@@ -36,7 +37,7 @@ def test_ridge_equals_least_squares(n, d):
     b = np.concatenate([y, np.zeros((d, 3))])
     np.testing.assert_allclose(got, np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-9)
   with pytest.raises(FewShotError, match='positive'):
-    fewshot.ridge_regression(x, y, [0.0])
+    ridge.ridge_regression(x, y, [0.0])
 
 
 def _clusters(rng, centres, per_class, noise=1.0):
@@ -49,13 +50,13 @@ def test_separable_clusters_near_perfect_and_noise_near_chance():
   centres = 4.0 * rng.normal(size=(10, 64))
   train_x, train_y = _clusters(rng, centres, 20)
   test_x, test_y = _clusters(rng, centres, 40)
-  out = fewshot.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(1, 5), seeds=(0, 1))
+  out = ridge.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(1, 5), seeds=(0, 1))
   assert set(out) == {f'fewshot_{k}shot_{m}' for k in (1, 5)
                       for m in ('top1', 'top1_std', 'l2', 'val_top1')}
   assert out['fewshot_5shot_top1'] >= 0.99
-  assert out['fewshot_5shot_l2'] in fewshot.DEFAULT_L2_REGS
+  assert out['fewshot_5shot_l2'] in ridge.DEFAULT_L2_REGS
   # Features that carry no label information: chance is 1/10.
-  noise = fewshot.ridge_fewshot(rng.normal(size=train_x.shape), train_y,
+  noise = ridge.ridge_fewshot(rng.normal(size=train_x.shape), train_y,
                                 rng.normal(size=test_x.shape), test_y, shots=(5,), seeds=(0, 1))
   assert noise['fewshot_5shot_top1'] < 0.2
 
@@ -65,43 +66,43 @@ def test_l2_is_chosen_on_held_out_train_examples_not_test():
   centres = 4.0 * rng.normal(size=(5, 16))
   train_x, train_y = _clusters(rng, centres, 20)
   test_x, test_y = _clusters(rng, centres, 20)
-  a = fewshot.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(5,), seeds=(0,))
+  a = ridge.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(5,), seeds=(0,))
   # Scrambled test labels change the test top-1 but cannot change the l2 chosen.
-  b = fewshot.ridge_fewshot(train_x, train_y, test_x, rng.permutation(test_y), shots=(5,),
+  b = ridge.ridge_fewshot(train_x, train_y, test_x, rng.permutation(test_y), shots=(5,),
                             seeds=(0,))
   assert a['fewshot_5shot_l2'] == b['fewshot_5shot_l2']
   assert a['fewshot_5shot_val_top1'] == b['fewshot_5shot_val_top1']
   assert a['fewshot_5shot_top1'] > b['fewshot_5shot_top1'] + 0.3
   with pytest.raises(FewShotError, match='val_per_class'):
-    fewshot.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(5,), val_per_class=0)
-  fixed = fewshot.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(5,), seeds=(0,),
+    ridge.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(5,), val_per_class=0)
+  fixed = ridge.ridge_fewshot(train_x, train_y, test_x, test_y, shots=(5,), seeds=(0,),
                                 l2_regs=(a['fewshot_5shot_l2'],), val_per_class=0)
   assert fixed['fewshot_5shot_top1'] == a['fewshot_5shot_top1'] and len(fixed) == 3
   with pytest.raises(FewShotError, match='NaN'):
-    fewshot.ridge_fewshot(train_x * np.nan, train_y, test_x, test_y)
+    ridge.ridge_fewshot(train_x * np.nan, train_y, test_x, test_y)
 
 
 # ---------------------------------------------------------------- sampling
 
 def test_sample_shots_exact_seeded_nested_and_checked():
   labels = np.random.default_rng(3).integers(0, 4, size=200)
-  drawn, held = fewshot.sample_shots(labels, 5, seed=0, holdout=3)
+  drawn, held = ridge.sample_shots(labels, 5, seed=0, holdout=3)
   np.testing.assert_array_equal(np.bincount(labels[drawn], minlength=4), [5] * 4)
   np.testing.assert_array_equal(np.bincount(labels[held], minlength=4), [3] * 4)
   assert not set(drawn) & set(held)
-  again, held_again = fewshot.sample_shots(labels, 5, seed=0, holdout=3)
+  again, held_again = ridge.sample_shots(labels, 5, seed=0, holdout=3)
   np.testing.assert_array_equal(drawn, again)
   np.testing.assert_array_equal(held, held_again)
-  other, _ = fewshot.sample_shots(labels, 5, seed=1, holdout=3)
+  other, _ = ridge.sample_shots(labels, 5, seed=1, holdout=3)
   assert set(other) != set(drawn)
-  one, held_one = fewshot.sample_shots(labels, 1, seed=0, holdout=3)
+  one, held_one = ridge.sample_shots(labels, 1, seed=0, holdout=3)
   assert set(one) <= set(drawn)  # nested in k for one seed ...
   np.testing.assert_array_equal(held_one, held)  # ... with the same held-out set
   small = np.array([0] * 10 + [1] * 3 + [2] * 10)
   with pytest.raises(FewShotError, match=r'class\(es\) 1 \(3\)'):
-    fewshot.sample_shots(small, 5, seed=0)
+    ridge.sample_shots(small, 5, seed=0)
   with pytest.raises(FewShotError, match=r'3 \(0\)'):  # a class with no example at all
-    fewshot.sample_shots(small, 2, seed=0, num_classes=4)
+    ridge.sample_shots(small, 2, seed=0, num_classes=4)
 
 
 # --------------------------------------------------------------- evaluator
@@ -142,14 +143,20 @@ def test_extract_features_every_example_once_in_file_order(builder, tiny_model):
   assert pool.shape == (12, 64)
 
 
+def _probe(builder, model, **options):
+  """The few-shot evaluator on the synthetic dataset's train/test splits (4 classes, PP)."""
+  context = evaluators.Context(_tiny_config('unused'), model, None, builder)
+  return fewshot.FewShot('fewshot', context, train_split='train', test_split='test', pp=PP,
+                         num_classes=4, **options)
+
+
 def test_evaluator_on_mesh_matches_one_device_and_its_cache(builder, tiny_model):
   model, variables = tiny_model
   mesh = parallel.make_mesh()
   on_mesh = functools.partial(fewshot.make_features_fn(model, mesh),
                               jax.device_put(variables, parallel.replicated(mesh)))
   single = functools.partial(fewshot.make_features_fn(model), variables)
-  ev = fewshot_eval.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(1, 5), seeds=(0, 1),
-                                batch_size=16)
+  ev = _probe(builder, model, shots=(1, 5), seeds=(0, 1), batch_size=16)
   assert ev.train.images is None
   streamed, labels = ev.train.features(on_mesh)  # read through tf.data, split over 8 devices
   assert ev.train.images is not None  # small: kept after the first pass
@@ -157,18 +164,19 @@ def test_evaluator_on_mesh_matches_one_device_and_its_cache(builder, tiny_model)
   np.testing.assert_array_equal(labels, cached_labels)
   np.testing.assert_array_equal(np.bincount(labels), [15] * 4)  # max(shots) + val_per_class
   np.testing.assert_allclose(streamed, cached, rtol=1e-4, atol=1e-5)
-  first = ev(on_mesh)
+  first = ev.probe(on_mesh)
   assert ev.examples == {'pool': 4 * 15, 'test': NUM_TEST}
-  assert ev(on_mesh) == first
+  assert ev.probe(on_mesh) == first
   for k in (1, 5):
     assert 0.0 <= first[f'fewshot_{k}shot_top1'] <= 1.0
 
 
-def test_evaluator_rejects_a_pool_the_split_cannot_fill(builder):
+def test_evaluator_rejects_a_pool_the_split_cannot_fill(builder, tiny_model):
+  model, _ = tiny_model
   with pytest.raises(FewShotError, match='pool needs 110 examples of every class'):
-    fewshot_eval.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(100,), batch_size=16)
+    _probe(builder, model, shots=(100,), batch_size=16)
   with pytest.raises(FewShotError, match='pool_per_class=8 is below'):
-    fewshot_eval.FewShotEvaluator(builder, 'train', 'test', PP, 4, shots=(5,), pool_per_class=8)
+    _probe(builder, model, shots=(5,), pool_per_class=8)
 
 
 # -------------------------------------------------------------- checkpoint
@@ -187,12 +195,12 @@ def workdir(data_dir, tiny_state, tmp_path_factory):
   return workdir
 
 
-def test_run_on_checkpoint_scores_and_writes_json(workdir):
+def test_fewshot_checkpoint_scores_and_writes_json(workdir):
   # No dataset: the checkpoint's own (synthetic_shapes in data_dir), train and eval splits.
-  result = fewshot_eval.run_on_checkpoint(workdir, shots=(1, 5), seeds=(0, 1), batch_size=16)
+  result = fewshot_checkpoint(workdir, shots=(1, 5), seeds=(0, 1), batch_size=16)
   for k in (1, 5):
     assert 0.0 <= result[f'fewshot_{k}shot_top1'] <= 1.0
-    assert result[f'fewshot_{k}shot_l2'] in fewshot.DEFAULT_L2_REGS
+    assert result[f'fewshot_{k}shot_l2'] in ridge.DEFAULT_L2_REGS
   assert 'fewshot_10shot_top1' not in result
   assert result['step'] == 4 and result['test_examples'] == NUM_TEST
   assert (result['dataset'], result['train_split'], result['test_split']) == (
@@ -206,18 +214,16 @@ def test_run_on_checkpoint_scores_and_writes_json(workdir):
   assert saved['seeds'] == [0, 1]
 
 
-def test_run_on_checkpoint_names_a_wrong_image_shape(workdir, data_dir):
+def test_fewshot_checkpoint_names_a_wrong_image_shape(workdir, data_dir):
   with pytest.raises(FewShotError, match=r'model takes \(16, 16, 1\).*resize\(16, 16\)'):
-    fewshot_eval.run_on_checkpoint(workdir, 'synthetic_shapes', data_dir=data_dir, shots=(1,),
-                              seeds=(0,), pp='decode|resize(8)|value_range(-1, 1)',
-                              batch_size=16, write=False)
+    fewshot_checkpoint(workdir, 'synthetic_shapes', data_dir=data_dir, shots=(1,), seeds=(0,),
+                       pp='decode|resize(8)|value_range(-1, 1)', batch_size=16, write=False)
 
 
 def test_fewshot_probe_runs_at_each_eval_of_training(data_dir, tiny_config, tmp_path):
   from imgcls import compare, train  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir, total_steps=4, eval_every_steps=2)
-  config.fewshot.shots = (1, 3)
-  config.fewshot.seeds = (0, 1)
+  config.evals.fewshot = dict(type='fewshot', prefix='eval', shots=(1, 3), seeds=(0, 1))
   result = train.train_and_evaluate(config, str(tmp_path / 'fs'))
   for k in (1, 3):
     assert 0.0 <= result[f'fewshot_{k}shot_top1'] <= 1.0
@@ -225,7 +231,7 @@ def test_fewshot_probe_runs_at_each_eval_of_training(data_dir, tiny_config, tmp_
   assert [r['step'] for r in evals] == [2, 4]
   assert all('eval_fewshot_3shot_top1' in r for r in evals)
   bad = tiny_config(data_dir, total_steps=4)
-  bad.fewshot.shots = (100,)  # 40 train examples per class cannot fill 100 shots + held-out
-  with pytest.raises(fewshot.FewShotError, match='needs 110 examples of every class'):
+  bad.evals.fewshot = dict(type='fewshot', shots=(100,))  # 40 train examples per class cannot fill 100 shots + held-out
+  with pytest.raises(ridge.FewShotError, match='needs 110 examples of every class'):
     train.train_and_evaluate(bad, str(tmp_path / 'bad'))
   assert not (tmp_path / 'bad' / 'checkpoints').exists()  # failed before any write

@@ -272,8 +272,8 @@ def test_multi_label_training_on_the_mosaic(tiny_mosaic, tiny_config, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   from imgcls import inference, train  # pylint: disable=g-import-not-at-top
   _, source_dir = tiny_mosaic
-  c = tiny_config(source_dir, total_steps=4, eval_every_steps=4, eval_reports=True,
-                  loss='sigmoid_xent')
+  c = tiny_config(source_dir, total_steps=4, eval_every_steps=4, loss='sigmoid_xent')
+  c.evals.eval.reports = True
   c.dataset.name = 'fashion_mnist_mosaic/tiny'
   c.dataset.num_classes = 10
   c.dataset.train_split = 'train[:32]'

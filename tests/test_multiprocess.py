@@ -92,7 +92,8 @@ from imgcls import parallel
 data_dir, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 parallel.initialize_distributed(f'127.0.0.1:{port}', 2, pid)  # the CLI's explicit flags
 import jax
-from imgcls import data, evaluate, models, step
+from imgcls import data, models, step
+from imgcls.evaluators import metrics as evaluate
 from imgcls.evaluators.base import make_eval_fn
 model = models.get_model('resnet10', num_classes=4, width=4, stem='small')
 mesh = parallel.make_mesh()

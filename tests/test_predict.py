@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 import imgcls
 from imgcls import predict, train
+from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
 from conftest import NUM_TEST, _tiny_config
 from test_export import save_checkpoint
@@ -61,7 +62,7 @@ def test_predict_cli_over_a_folder_agrees_with_eval_and_load(ema_run, png_folder
       [sys.executable, '-m', 'imgcls.main', 'predict', f'--workdir={ema_run}', f'--out={out}',
        '--top_k=2', '--batch_size=16', str(png_folder)],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-  scored = train.evaluate_checkpoint(ema_run, 'best')
+  scored = evaluate_checkpoint(ema_run, 'best')
   assert scored['weights'] == 'ema' and scored['examples'] == NUM_TEST
   assert 'ema_top1' not in scored  # one number: the weights that are served
   _, err = proc.communicate(timeout=240)

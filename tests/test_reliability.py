@@ -21,10 +21,14 @@ def _stop_at(monkeypatch, n_batches, action):
   real = data.train_iterator
 
   def iterator(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
-      if i == n_batches:
-        action(batch)
-      yield batch
+    batches = real(*args, **kwargs)
+
+    def stop():
+      for i, batch in enumerate(batches):
+        if i == n_batches:
+          action(batch)
+        yield batch
+    return data.TrainBatches(stop(), batches.value_range)
   monkeypatch.setattr(data, 'train_iterator', iterator)
 
 
@@ -130,10 +134,14 @@ def test_skip_nonfinite_steps_skips_and_counts_bad_updates(data_dir, tiny_config
     real = data.train_iterator
 
     def poisoned(*args, **kwargs):
-      for i, batch in enumerate(real(*args, **kwargs)):
-        if i >= 8:
-          _poison(batch)
-        yield batch
+      batches = real(*args, **kwargs)
+
+      def poison():
+        for i, batch in enumerate(batches):
+          if i >= 8:
+            _poison(batch)
+          yield batch
+      return data.TrainBatches(poison(), batches.value_range)
     m.setattr(data, 'train_iterator', poisoned)
     with pytest.raises(train.DivergedError, match='at step 11'):
       train.train_and_evaluate(bad, str(tmp_path / 'skip_bad'))

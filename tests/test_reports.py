@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from imgcls import reports
+from imgcls.evaluators import reports
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 

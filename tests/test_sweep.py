@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.log_every_steps = 1
   c.lr.warmup_steps = 1
   c.async_checkpoints = False
-  c.eval_reports = False
+  c.evals.eval.reports = False
   return c
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from imgcls import checkpoints, compare, data, train
+from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
 from conftest import NUM_TEST
 
@@ -19,16 +20,21 @@ def _crash_after(monkeypatch, n_batches):
   real = data.train_iterator
 
   def iterator(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
-      if i == n_batches:
-        raise Crash('simulated kill')
-      yield batch
+    batches = real(*args, **kwargs)
+
+    def crash():
+      for i, batch in enumerate(batches):
+        if i == n_batches:
+          raise Crash('simulated kill')
+        yield batch
+    return data.TrainBatches(crash(), batches.value_range)
   monkeypatch.setattr(data, 'train_iterator', iterator)
 
 
 def _full_config(tiny_config, data_dir):
   """The tiny config with the eval reports, an EMA and mixup/CutMix on."""
-  c = tiny_config(data_dir, eval_reports=True, ema_decay=0.8)
+  c = tiny_config(data_dir, ema_decay=0.8)
+  c.evals.eval.reports = True
   c.mixup.mixup_alpha = 0.2
   c.mixup.cutmix_alpha = 1.0
   return c
@@ -87,7 +93,7 @@ def test_train_checkpoint_crash_resume_and_eval(data_dir, tiny_config, tmp_path,
   again = train.train_and_evaluate(_full_config(tiny_config, data_dir), run_dir)
   np.testing.assert_allclose(again['top1'], resumed['top1'])
 
-  scored = train.evaluate_checkpoint(run_dir, 'latest')
+  scored = evaluate_checkpoint(run_dir, 'latest')
   assert scored['examples'] == NUM_TEST and scored['step'] == 12
   # `imgcls eval` scores the weights imgcls.load serves: the EMA, as the run kept one.
   assert scored['weights'] == 'ema'

@@ -22,13 +22,13 @@ from imgcls.data.sources import (builder_for, check_num_classes, class_label, ge
 
 # Loaded on first use: name -> module.
 _LAZY = {'EvalData': 'pipeline', 'eval_data': 'pipeline', 'train_iterator': 'pipeline',
-         'make_synthetic_dataset': 'synthetic'}
+         'TrainBatches': 'pipeline', 'make_synthetic_dataset': 'synthetic'}
 
 __all__ = [
     'DataError', 'EvalData', 'builder_for', 'check_num_classes', 'class_label', 'eval_data',
     'get_builder', 'get_pp_fn', 'image_only', 'label_names', 'list_ops',
     'make_synthetic_dataset', 'mosaic', 'num_examples', 'prepare', 'prepare_for', 'register',
-    'train_iterator',
+    'TrainBatches', 'train_iterator',
 ]
 
 

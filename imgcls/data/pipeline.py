@@ -9,6 +9,10 @@ draws one seed per position for the random pp ops. Epochs follow one another wit
 gap; batches may straddle them. So batch k is a pure function of (seed, k, process), and
 starting at step s costs reading at most one epoch of raw records: no decoding and no
 iterator state to checkpoint. W >= N gives a full permutation of the part every epoch.
+
+Both pipelines take the full pp string and own its device-side tail: with
+value_range_on_device, a final value_range leaves tf.data (images stay uint8) and the
+returned object's `value_range` tells the train or eval step to apply it on the device.
 """
 
 from __future__ import annotations
@@ -65,9 +69,7 @@ def _checked(ds: tf.data.Dataset, pp: str, threads: int | None = None) -> tf.dat
   """Fails fast if the pp string left encoded images; makes the order deterministic.
 
   threads: the size of a private thread pool for this pipeline (None: TF's shared pool, one
-  thread per core). Measured with scripts/bench_pipeline.py and not kept, since none beat the
-  noise of a shared 2-core machine (+-10%) in repeated A/B runs: max_intra_op_parallelism=1,
-  options set after the batch instead of before it, prefetch(AUTOTUNE).
+  thread per core).
   """
   encoded = [k for k, spec in ds.element_spec.items() if spec.dtype == tf.string]
   if encoded:
@@ -80,17 +82,36 @@ def _checked(ds: tf.data.Dataset, pp: str, threads: int | None = None) -> tf.dat
   return ds.with_options(options)
 
 
+class TrainBatches:
+  """An iterator of train batches and the value_range the train step applies to them (None:
+  the images are final as they come)."""
+
+  def __init__(self, batches: Iterator[Batch], value_range: dict[str, float] | None = None):
+    self._batches = batches
+    self.value_range = value_range
+
+  def __iter__(self) -> 'TrainBatches':
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._batches)
+
+
 def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
                    global_batch_size: int, seed: int, start_step: int = 0,
                    shuffle_buffer: int = 50_000, cache: bool = True, prefetch: int = 2,
                    process_index: int | None = None, process_count: int | None = None,
-                   threads: int | None = None) -> Iterator[Batch]:
+                   threads: int | None = None,
+                   value_range_on_device: bool = False) -> TrainBatches:
   """Infinite stream of this process's share of each global batch, from batch start_step on.
 
   threads: tf.data's private thread pool size (None: TF's shared pool, one thread per core).
+  value_range_on_device: a final value_range of pp is left to the train step (`.value_range`
+  of the result; config.value_range_on_device).
   """
   index, count = _process(process_index, process_count)
   batch = _local_batch(global_batch_size, count)
+  pp, value_range = preprocess.split_value_range(pp, value_range_on_device)
   pp_fn = preprocess.get_pp_fn(pp)
   part = tfds.even_splits(split, count)[index]
   n = num_examples(builder, part)
@@ -124,19 +145,20 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
   ds = tf.data.Dataset.counter(first_epoch).flat_map(one_epoch)
   ds = _checked(ds.map(lambda f: _public(pp_fn(f)), num_parallel_calls=tf.data.AUTOTUNE), pp,
                 threads)
-  return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+  return TrainBatches(ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator(),
+                      value_range)
 
 
 class EvalData:
-  """A split for evaluation, re-iterable: each pass yields every example once, padded."""
+  """A split for evaluation, re-iterable: each pass yields every example once, padded.
+  `value_range`: what the eval step applies to the (uint8) images, or None."""
 
-  def __init__(self, ds: tf.data.Dataset, num_examples: int, num_batches: int):
+  def __init__(self, ds: tf.data.Dataset, num_examples: int, num_batches: int,
+               value_range: dict[str, float] | None = None):
     self._ds = ds
     self.num_examples = num_examples  # In the split, over all processes.
     self.num_batches = num_batches  # Per pass; the same on every process.
-    # The value_range the eval step applies to these (uint8) images, or None: set by
-    # evaluators.base.Context.eval_data when it moves the pp's value_range to the device.
-    self.value_range: dict[str, float] | None = None
+    self.value_range = value_range
 
   def __iter__(self) -> Iterator[Batch]:
     return self._ds.as_numpy_iterator()
@@ -147,12 +169,15 @@ class EvalData:
 
 def eval_data(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
               global_batch_size: int, process_index: int | None = None,
-              process_count: int | None = None, threads: int | None = None) -> EvalData:
+              process_count: int | None = None, threads: int | None = None,
+              value_range_on_device: bool = False) -> EvalData:
   """This process's part of `split`, batched, with mask 1 for examples, 0 for padding.
 
-  threads: as for train_iterator."""
+  threads, value_range_on_device: as for train_iterator (the eval step applies
+  `.value_range`)."""
   index, count = _process(process_index, process_count)
   batch = _local_batch(global_batch_size, count)
+  pp, value_range = preprocess.split_value_range(pp, value_range_on_device)
   pp_fn = preprocess.get_pp_fn(pp)
   total = num_examples(builder, split)
   if total == 0:
@@ -171,4 +196,4 @@ def eval_data(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
   pad = _read(builder, split).take(1).enumerate().map(example)
   pad = pad.map(lambda f: tf.nest.map_structure(tf.zeros_like, f)).cache()
   ds = ds.concatenate(pad.repeat(num_batches * batch - sizes[index]))
-  return EvalData(ds.batch(batch).prefetch(2), total, num_batches)
+  return EvalData(ds.batch(batch).prefetch(2), total, num_batches, value_range)

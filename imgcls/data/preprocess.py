@@ -183,13 +183,10 @@ def on_image(fn: Callable[..., tf.Tensor], key: str, random: bool = False) -> Op
 
 def split_value_range(pp: str, move: bool = True) -> tuple[str, dict[str, float] | None]:
   """(pp without its final value_range, that op's arguments) when value_range(...) on the
-  image, unclipped, is the last op before the label ops; else, or when not `move`
-  (config.value_range_on_device off), (pp, None).
+  image, unclipped, is the last op before the label ops; else, or when not `move`, (pp, None).
 
-  The train loop then keeps images uint8 through tf.data (4x fewer bytes to batch, copy and
-  send to the device) and the train step applies `value_range_math` to the batch on the
-  device (`imgcls.value_range`, `config.value_range_on_device`): measured with scripts/bench_pipeline.py, the
-  float32 cast and the larger batches cost about a fifth of the JPEG train pipeline.
+  Used by the pipelines (`value_range_on_device`): tf.data then batches uint8 images (4x
+  fewer bytes) and the step applies `imgcls.value_range.value_range_math` on the device.
   'decode|flip_lr|value_range(-1, 1)|onehot(10)' -> ('decode|flip_lr|onehot(10)',
   {'vmin': -1, 'vmax': 1, 'in_min': 0, 'in_max': 255}).
   """

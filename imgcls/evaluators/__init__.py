@@ -1,5 +1,12 @@
-"""Evaluators: what an eval measures, as a list built from the config (big_vision's
-`config.evals`). The training loop and `imgcls eval` run the same list.
+"""Evaluation, in one package: what an eval measures, as a list built from the config
+(big_vision's `config.evals`). The training loop and `imgcls eval` run the same list.
+
+  base.py            the protocol (`Evaluator`), the registry, the run's shared `Context`
+  classification.py  loss, top-1/top-5 of a split (raw and EMA weights), with its reports
+  reports.py         confusion matrix, per-class numbers, calibration, mistakes; PNG + JSON
+  metrics.py         scoring a whole split exactly once into clu metrics; train metrics
+  fewshot.py         the few-shot evaluator on frozen features; ridge.py: its ridge math
+  checkpoint.py      `evaluate_checkpoint` (imgcls eval), `fewshot_checkpoint` (imgcls fewshot)
 
 The protocol, kept small:
 
@@ -7,17 +14,12 @@ The protocol, kept small:
   metrics = evaluator(state)            # {'top1': ..., ...} without prefix; state: TrainState
   evaluator.write(workdir, step, writer)   # optional: files and images of the last call
 
-Metrics are written as `{prefix}_{key}` (prefix: the option `prefix`, default the name).
-A config lists its evaluators under `evals`, one group each with a `type` and options:
-
-  c.evals.val = dict(type='classification', split='validation')
-  c.evals.test = dict(type='classification', split='test', reports=False)
-  c.evals.fewshot = dict(type='fewshot', shots=(1, 5, 10))
-
-With `evals` empty (the default) the list is built from the older fields, so existing
-configs keep their meaning: `eval` (classification on dataset.eval_split, reports per
-eval_reports, the multi-label threshold tuned on dataset.val_split) and, when fewshot.shots
-is set, a few-shot probe whose metrics are written as eval_fewshot_*.
+A new kind is a module here whose class subclasses `Evaluator`, is registered with
+`@EVALUATORS.register(type)` and is imported below. Metrics are written as `{prefix}_{key}`
+(prefix: the option `prefix`, default the name). `config.defaults()` declares the default
+list (`evals.eval`, a classification of dataset.eval_split); a config adds to it
+(`c.evals.val = dict(type='classification', split='validation')`) or replaces it
+(`c.evals = ml_collections.ConfigDict({...})`).
 """
 
 from __future__ import annotations
@@ -26,32 +28,24 @@ from typing import Any
 
 import ml_collections
 
+from imgcls import data
 from imgcls.evaluators.base import EVALUATORS, Context, Evaluator
 # Each module registers its evaluator types where they are defined.
 from imgcls.evaluators import classification, fewshot  # noqa: F401  pylint: disable=unused-import
 
-__all__ = ['EVALUATORS', 'Context', 'Evaluator', 'build', 'check', 'eval_tta', 'run', 'specs']
+__all__ = ['EVALUATORS', 'Context', 'Evaluator', 'as_result', 'build', 'check', 'eval_tta',
+           'eval_value_range', 'from_config', 'run', 'specs', 'write']
 
 GENERIC_OPTIONS = ('type', 'prefix')
 
 
 def specs(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   """{name: options (with 'type' and 'prefix')} of the config's evaluators."""
-  if config.get('evals'):
-    out = {}
-    for name, spec in config.evals.items():
-      spec = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec)
-      spec.setdefault('prefix', name)
-      out[name] = spec
-    return out
-  ds = config.dataset
-  out = {'eval': dict(type='classification', prefix='eval', split=ds.eval_split,
-                      reports=config.eval_reports, val_split=ds.val_split)}
-  fs = config.fewshot
-  if fs.shots:
-    out['fewshot'] = dict(type='fewshot', prefix='eval', shots=tuple(fs.shots),
-                          seeds=tuple(fs.seeds), train_split=fs.train_split,
-                          test_split=fs.test_split, max_test_examples=fs.max_test_examples)
+  out = {}
+  for name, spec in config.evals.items():
+    spec = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec)
+    spec.setdefault('prefix', name)
+    out[name] = spec
   return out
 
 
@@ -60,6 +54,14 @@ def eval_tta(config: ml_collections.ConfigDict) -> str:
   eval_* metrics were scored with, so `imgcls eval --split` and the benchmark's config mode
   score and time the same eval step."""
   return specs(config).get('eval', {}).get('tta', '')
+
+
+def eval_value_range(config: ml_collections.ConfigDict) -> dict[str, float] | None:
+  """The value_range the run's `eval` evaluator's step applies on the device (its input's
+  `EvalData.value_range`), for the benchmark's fake batches; None: float batches."""
+  from imgcls.data import preprocess  # pylint: disable=g-import-not-at-top
+  pp = specs(config).get('eval', {}).get('pp') or config.pp_eval
+  return preprocess.split_value_range(pp, config.value_range_on_device)[1]
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
@@ -77,6 +79,9 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
         errors.append(f"unknown option 'evals.{name}.{key}' for a {kind} evaluator. Valid: "
                       f"{', '.join(sorted(allowed))}.")
     errors += [f'evals.{name}: {e}' for e in EVALUATORS.get(kind).check(spec, config)]
+  if not all_specs:
+    return errors + ["evals is empty: keep the default `eval` evaluator (config.defaults()) or "
+                     "add one, e.g. c.evals.eval = dict(type='classification')."]
   prefixes = sorted({spec['prefix'] for spec in all_specs.values()})
   best = config.get('best_metric') or ''
   if best and not any(best.startswith(p + '_') for p in prefixes):
@@ -97,6 +102,14 @@ def build(config: ml_collections.ConfigDict, context: Context) -> list[Evaluator
   return out
 
 
+def from_config(config: ml_collections.ConfigDict, model, mesh, builder
+                ) -> tuple[Context, list[Evaluator]]:
+  """The evaluators' shared context and the config's evaluators (bad splits and too-small
+  few-shot pools fail here, before anything is written)."""
+  context = Context(config, model, mesh, builder, data.label_names(builder))
+  return context, build(config, context)
+
+
 def run(evaluators: list[Evaluator], state: Any) -> dict[str, Any]:
   """Runs every evaluator on the state; returns {prefix_key: value}."""
   out: dict[str, Any] = {}
@@ -109,3 +122,9 @@ def write(evaluators: list[Evaluator], workdir: str, step: int, writer: Any) -> 
   """Lets each evaluator write the files of its last call (reports), where it has any."""
   for evaluator in evaluators:
     evaluator.write(workdir, step, writer)
+
+
+def as_result(metrics: dict[str, Any]) -> dict[str, Any]:
+  """The metrics under their written names, and the default `eval_` ones also without it."""
+  return {**metrics, **{k[len('eval_'):]: v for k, v in metrics.items()
+                        if k.startswith('eval_')}}

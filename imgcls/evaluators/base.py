@@ -9,7 +9,6 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from imgcls import data, parallel, step as step_lib
-from imgcls.data import preprocess
 from imgcls.registry import Registry
 
 EVALUATORS = Registry('evaluator')
@@ -19,7 +18,7 @@ def make_eval_fn(model, loss: str, mesh, tta: str = '',
                  value_range: dict[str, float] | None = None):
   """step.eval_step under shard_map over the mesh's batch axis: (global sums, batch-sharded
   per-example outputs). Every evaluator's step; scripts/benchmark.py times this same one.
-  value_range: applied on the device to uint8 batches (`EvalData.value_range`)."""
+  value_range: the input's (`EvalData.value_range`), applied on the device."""
   return parallel.data_parallel(
       functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS,
                         tta=tta, value_range=value_range),
@@ -72,8 +71,8 @@ class Context:
 
   def eval_fn_for(self, tta: str = '', value_range: dict[str, float] | None = None):
     """The data-parallel eval step (global sums, batch-sharded per-example outputs) with
-    test-time augmentation `tta` (step.TTA: '' none) for batches of an EvalData whose
-    `value_range` is given (None: float batches), built once per kind."""
+    test-time augmentation `tta` (step.TTA: '' none) for the batches of an EvalData with this
+    `value_range` (None: float batches), built once per kind."""
     key = (tta, tuple(sorted((value_range or {}).items())))
     if key not in self._eval_fns:
       self._eval_fns[key] = make_eval_fn(self.model, self.config.loss, self.mesh, tta,
@@ -86,16 +85,11 @@ class Context:
     return tuple(batch['image'].shape[1:])
 
   def eval_data(self, split: str, pp: str = '') -> data.EvalData:
-    """The exact eval pipeline of a split of the run's dataset (built once per split/pp).
-
-    With config.value_range_on_device, a final value_range leaves tf.data as for training
-    (`preprocess.split_value_range`): the batches hold uint8 images and `.value_range` the
-    op's arguments, for the eval step (`eval_fn_for(tta, data.value_range)`)."""
+    """The exact eval pipeline of a split of the run's dataset (built once per split/pp);
+    its `value_range` is what the eval step applies on the device (`eval_fn_for`)."""
     key = (split, pp or self.config.pp_eval)
     if key not in self._data:
-      host_pp, value_range = preprocess.split_value_range(key[1],
-                                                          self.config.value_range_on_device)
-      self._data[key] = data.eval_data(self.builder, split=split, pp=host_pp,
-                                       global_batch_size=self.config.eval_batch_size)
-      self._data[key].value_range = value_range
+      self._data[key] = data.eval_data(
+          self.builder, split=split, pp=key[1], global_batch_size=self.config.eval_batch_size,
+          value_range_on_device=self.config.value_range_on_device)
     return self._data[key]

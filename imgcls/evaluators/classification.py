@@ -1,5 +1,5 @@
 """The classification evaluator: loss, top-1 and top-5 over every example of a split, for
-the raw weights and (when the run keeps one) the EMA, with the reports of imgcls.reports.
+the raw weights and (when the run keeps one) the EMA, with the reports of `reports.py`.
 
 Single-label runs get the confusion matrix, per-class accuracy, calibration (ECE and a
 reliability diagram) and the most confidently wrong images; multi-label runs
@@ -14,15 +14,17 @@ from etils import epath
 import jax
 import numpy as np
 
-from imgcls import evaluate, reports, step
+from imgcls import step
+from imgcls.evaluators import metrics, reports
 from imgcls.evaluators.base import EVALUATORS, Evaluator
 
 
 @EVALUATORS.register('classification')
 class Classification(Evaluator):
   """Scores a split; options: split ('' = dataset.eval_split), pp ('' = pp_eval), reports
-  (write the figures and add their numbers), val_split (multi-label: where the F1
-  threshold is tuned; '' = none), keep_images (confidently wrong images in the report), tta
+  (write the figures and add their numbers), val_split (multi-label: where the F1 threshold
+  is tuned; '' = dataset.val_split, none when that is ''), keep_images (confidently wrong
+  images in the report), tta
   ('flip': score each image with its left-right mirror, probabilities averaged)."""
   OPTIONS = dict(split='', pp='', reports=True, val_split='', keep_images=16, tta='')
 
@@ -32,7 +34,8 @@ class Classification(Evaluator):
     config = context.config
     self.split = split or config.dataset.eval_split
     self.data = context.eval_data(self.split, pp)
-    self.val_data = (context.eval_data(val_split, pp)  # same pp: same value_range
+    val_split = val_split or config.dataset.val_split
+    self.val_data = (context.eval_data(val_split, pp)
                      if val_split and context.multilabel and reports else None)
     self.eval_fn = context.eval_fn_for(tta, self.data.value_range)
     self.reports = reports
@@ -50,10 +53,10 @@ class Classification(Evaluator):
     return errors
 
   def _score(self, state, **collect):
-    result, outputs = evaluate.evaluate(self.eval_fn, state, self.data,
+    result, outputs = metrics.evaluate(self.eval_fn, state, self.data,
                                         self.context.mesh, **collect)
     if state.ema_params is not None:
-      ema, _ = evaluate.evaluate(self.eval_fn, state.ema(), self.data,
+      ema, _ = metrics.evaluate(self.eval_fn, state.ema(), self.data,
                                  self.context.mesh)
       result.update({f'ema_{k}': v for k, v in ema.items() if k != 'examples'})
     return result, outputs
@@ -67,7 +70,7 @@ class Classification(Evaluator):
     if self.context.multilabel:
       val = None
       if self.val_data is not None:
-        val = evaluate.evaluate(self.eval_fn, state, self.val_data, self.context.mesh,
+        val = metrics.evaluate(self.eval_fn, state, self.val_data, self.context.mesh,
                                 collect=True)[1]
       report = reports.multi_label_report(
           outputs.probs, outputs.labels, names,

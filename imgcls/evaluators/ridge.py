@@ -1,8 +1,8 @@
-"""Few-shot linear evaluation of frozen features: closed-form ridge regression, k shots per class.
+"""The few-shot probe's math: closed-form ridge regression on k shots per class (numpy only).
 
-The "few-shot linear" probe of the ViT and BiT papers (big_vision's fewshot evaluator), written
-for imgcls. It scores how linearly separable a model's pre-logits features are from very few
-labels, during training (`FewShotEvaluator`) or for any saved checkpoint (`run_on_checkpoint`).
+The "few-shot linear" probe of the ViT and BiT papers (big_vision's fewshot evaluator): how
+linearly separable a model's pre-logits features are from very few labels. The evaluator that
+feeds it features is `imgcls.evaluators.fewshot.FewShot`.
 
 Protocol, which fixes what a number means:
   pool    per class, the first `pool_per_class` examples of the train split in file order.
@@ -26,29 +26,18 @@ float64 keeps the near-singular ones (l2 = 2^-10) exact.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from absl import logging
-from etils import epath
-import jax
 import numpy as np
 
-from imgcls import data, parallel
-from imgcls.models import weights
 from imgcls.errors import UserError
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_L2_REGS = tuple(float(2.0 ** e) for e in range(-10, 11, 4))  # 2^-10, 2^-6, ..., 2^10
 DEFAULT_VAL_PER_CLASS = 10
-DEFAULT_CACHE_BYTES = 1 << 30
-
-ApplyFeatures = Callable[[np.ndarray], Any]  # images [B, H, W, C] -> features [B, D]
 
 
 class FewShotError(UserError):
@@ -229,115 +218,3 @@ def ridge_fewshot(train_feats: np.ndarray, train_labels: np.ndarray, test_feats:
     if val_per_class:
       out[f'{name}_val_top1'] = float(mean_val[best])
   return out
-
-
-# ------------------------------------------------------------------ features
-
-Batch = tuple[np.ndarray | None, np.ndarray, np.ndarray]  # images, int labels, bool mask
-
-
-def stream_split(builder, split: str, pp: str, batch_size: int, label_key: str) -> Iterator[Batch]:
-  """The whole split in file order, as padded batches from the exact eval pipeline.
-
-  Read as one process (process_count=1): every process of a multi-host run reads the whole
-  split and computes the same few-shot result, with no gather.
-  """
-  batches = data.eval_data(builder, split=split, pp=pp, global_batch_size=batch_size,
-                            process_index=0, process_count=1)
-  for batch in batches:
-    if label_key not in batch:
-      raise FewShotError(f'the pp {pp!r} leaves no {label_key!r} in the examples of '
-                         f'{builder.name} {split} (keys: {sorted(batch)}): drop keep(...) from '
-                         'it, or pass label_key= naming the integer class label.')
-    yield (batch.get('image'), np.asarray(batch[label_key]).astype(np.int64),
-           np.asarray(batch['mask']) > 0)
-
-
-def apply_checked(apply_features: ApplyFeatures, images: np.ndarray) -> np.ndarray:
-  feats = np.asarray(apply_features(images), np.float32)
-  if feats.ndim != 2 or len(feats) != len(images):
-    raise FewShotError(f'apply_features must map images [B, ...] to features [B, D]; for '
-                       f'{images.shape} it returned {feats.shape}.')
-  return feats
-
-
-def collect(batches: Iterable[Batch], apply_features: ApplyFeatures | None = None, *,
-             max_examples: int | None = None, max_per_class: int | None = None,
-             num_classes: int | None = None, cache_bytes: int = 0):
-  """(labels, features, images) of the real examples in order; stops reading when enough.
-
-  max_examples keeps the first examples; max_per_class the first ones of each of num_classes
-  classes, stopping once all are full. Features are None without apply_features; images are
-  kept (for a cache) while they fit in cache_bytes, else None.
-  """
-  labels, feats, images, seen, nbytes = [], [], [], 0, 0
-  counts = np.zeros(num_classes or 0, np.int64)
-  for x, y, mask in batches:
-    keep = mask.copy()
-    if max_examples is not None:
-      keep &= np.cumsum(mask) <= max_examples - seen
-    if max_per_class is not None:
-      if np.any(y[mask] >= num_classes) or np.any(y[mask] < 0):
-        raise FewShotError(f'labels {sorted(set(y[mask].tolist()))[:5]}... lie outside the '
-                           f'{num_classes} classes: pass the dataset\'s num_classes.')
-      for i in np.flatnonzero(keep):  # a host loop over one batch: cheap
-        keep[i] = counts[y[i]] < max_per_class
-        counts[y[i]] += keep[i]
-    seen += int(mask.sum())
-    if keep.any():
-      labels.append(y[keep])
-      if apply_features is not None:
-        feats.append(apply_checked(apply_features, x)[keep])
-      if images is not None and cache_bytes:
-        images.append(np.asarray(x)[keep])
-        nbytes += images[-1].nbytes
-        images = images if nbytes <= cache_bytes else None  # too big: stream every time
-    if ((max_examples is not None and seen >= max_examples) or
-        (max_per_class is not None and np.all(counts >= max_per_class))):
-      break
-  if not labels:
-    raise FewShotError('no examples were read: the split is empty or max_examples is 0.')
-  return (np.concatenate(labels), np.concatenate(feats) if feats else None,
-          np.concatenate(images) if images and cache_bytes else None)
-
-
-def extract_features(apply_features: ApplyFeatures, builder, split: str, pp: str,
-                     batch_size: int, max_examples: int | None = None, *,
-                     max_per_class: int | None = None, num_classes: int | None = None,
-                     label_key: str = 'label') -> tuple[np.ndarray, np.ndarray]:
-  """(features [N, D] float32, labels [N] int64) of a split's examples, in file order.
-
-  apply_features(images [batch_size, ...]) -> [batch_size, D] sees the padded batches of the
-  exact eval pipeline (`eval_data` with pp); the padding is dropped by the mask. max_examples
-  reads only the first examples; max_per_class (with num_classes) keeps the first
-  max_per_class of each class and stops reading once every class has them.
-  """
-  if max_per_class is not None and not num_classes:
-    raise FewShotError('max_per_class needs num_classes (the classes to fill).')
-  labels, feats, _ = collect(stream_split(builder, split, pp, batch_size, label_key), apply_features,
-                              max_examples=max_examples, max_per_class=max_per_class,
-                              num_classes=num_classes)
-  return feats, labels
-
-
-def make_features_fn(model, mesh=None) -> Callable[[Any, np.ndarray], np.ndarray]:
-  """fn(variables, images) -> pre-logits features [B, D] float32 (numpy), jitted once.
-
-  With a mesh (training) the batch is split over its devices, so B must divide by mesh.size
-  (the eval batch size does); every process passes the same full batch and gets every row.
-  Bind the weights of the moment per eval: functools.partial(fn, {'params': ...,
-  'batch_stats': ...}).
-  """
-  apply = functools.partial(weights.features, model)
-  if mesh is None:
-    jitted = jax.jit(apply)
-    return lambda variables, images: np.asarray(jitted(variables, images), np.float32)
-  jitted = jax.jit(apply, out_shardings=parallel.replicated(mesh))
-  in_sharding = parallel.batch_sharded(mesh)
-
-  def fn(variables, images):
-    images = np.asarray(images)
-    parallel.check_batch_size(len(images), mesh, 'the few-shot batch size')
-    x = jax.make_array_from_callback(images.shape, in_sharding, lambda idx: images[idx])
-    return np.asarray(parallel.to_host(jitted(variables, x)), np.float32)
-  return fn

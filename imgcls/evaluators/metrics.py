@@ -1,4 +1,5 @@
-"""Scoring the whole eval split (every example once) into clu metrics."""
+"""Scoring the whole eval split (every example once) into clu metrics, and the train metrics
+the loop averages between logs."""
 
 # No `from __future__ import annotations`: clu reads the field annotations as classes.
 
