@@ -1,0 +1,126 @@
+"""Where each array of the train state lives: replicated, or sharded over the data axis (FSDP).
+
+'fsdp' splits every array of `min_bytes` or more along its largest dimension that the device
+count divides, as big_vision's `fsdp` rule does; smaller arrays stay replicated. The rule reads
+only shapes, so a parameter, its gradient, its Adam moments and its EMA copy are split alike,
+and a checkpoint restores onto any mesh given the new run's target shardings.
+
+The step stays per-device code under `jax.shard_map` (parallel.data_parallel): it gathers the
+parameters (`gather`) inside the differentiated function, so autodiff's transpose of that
+all-gather reduce-scatters the gradients onto the shards, and optax updates the shards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax
+
+from imgcls.errors import ConfigError
+from imgcls.parallel import AXIS
+
+STRATEGIES = ('replicated', 'fsdp')
+MIN_BYTES = 4 * 2**20  # big_vision's fsdp default (min_size_to_shard_mb=4)
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, P)
+
+
+def spec_for(shape: tuple[int, ...], dtype: Any, num_devices: int, strategy: str = 'fsdp',
+             min_bytes: int = MIN_BYTES) -> P:
+  """The PartitionSpec of one array: split on AXIS along its largest dimension that
+  `num_devices` divides (the first of equals), or P() (replicated)."""
+  if strategy not in STRATEGIES:
+    raise ConfigError(f'sharding must be one of {", ".join(STRATEGIES)}, got {strategy!r}: set '
+                      "--config.sharding=fsdp or --config.sharding=replicated.")
+  if (strategy == 'replicated' or num_devices == 1 or jax.dtypes.issubdtype(
+      dtype, jax.dtypes.extended) or math.prod(shape) * jnp.dtype(dtype).itemsize < min_bytes):
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % num_devices == 0:
+      return P(*(None,) * dim, AXIS)
+  return P()
+
+
+def state_specs(tree: Any, num_devices: int, strategy: str = 'fsdp',
+                min_bytes: int = MIN_BYTES) -> Any:
+  """The tree's PartitionSpecs under `strategy` (arrays or jax.ShapeDtypeStructs in)."""
+  return jax.tree.map(
+      lambda x: spec_for(jnp.shape(x), jnp.result_type(x), num_devices, strategy, min_bytes),
+      tree)
+
+
+def named(specs: Any, mesh: Mesh) -> Any:
+  """PartitionSpecs -> NamedShardings on `mesh`."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
+def state_shardings(tree: Any, mesh: Mesh, strategy: str = 'fsdp',
+                    min_bytes: int = MIN_BYTES) -> Any:
+  """The tree's NamedShardings on `mesh` under `strategy`."""
+  return named(state_specs(tree, mesh.size, strategy, min_bytes), mesh)
+
+
+def abstract_state_with_shardings(state_shapes: Any, mesh: Mesh, strategy: str = 'fsdp',
+                                  min_bytes: int = MIN_BYTES) -> Any:
+  """jax.ShapeDtypeStructs carrying this mesh's shardings: the target an Orbax restore needs
+  to place a checkpoint (written on any mesh, under either strategy) onto this run's mesh."""
+  shardings = state_shardings(state_shapes, mesh, strategy, min_bytes)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=s),
+      state_shapes, shardings)
+
+
+def _sharded_dim(spec: P) -> int | None:
+  return next((d for d, name in enumerate(spec) if name is not None), None)
+
+
+def gather(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
+  """Per-device code: this device's shards -> whole arrays (replicated leaves as they are).
+  Differentiating through it reduce-scatters the gradients (all_gather's transpose)."""
+  def one(x, spec):
+    dim = _sharded_dim(spec)
+    return x if dim is None else lax.all_gather(x, axis_name, axis=dim, tiled=True)
+  return jax.tree.map(one, tree, specs)
+
+
+def shard(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
+  """Per-device code: whole arrays, equal on every device -> this device's shards."""
+  def one(x, spec):
+    dim = _sharded_dim(spec)
+    if dim is None:
+      return x
+    size = x.shape[dim] // lax.axis_size(axis_name)
+    return lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * size, size, dim)
+  return jax.tree.map(one, tree, specs)
+
+
+def global_norm(tree: Any, axis_name: str = AXIS) -> jax.Array:
+  """The L2 norm of the whole arrays a tree of shards stands for: a leaf that varies over
+  `axis_name` (a shard) has its squares summed over the axis; one that does not (replicated,
+  e.g. a gradient already summed by shard_map) counts once. Outside shard_map, optax's norm."""
+  squares = [(jnp.sum(jnp.square(x.astype(jnp.float32))),
+              axis_name in getattr(jax.typeof(x), 'vma', ())) for x in jax.tree.leaves(tree)]
+  total = sum((sq for sq, varies in squares if not varies), jnp.zeros((), jnp.float32))
+  shards = [sq for sq, varies in squares if varies]
+  if shards:
+    total += lax.psum(sum(shards), axis_name)
+  return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float, axis_name: str = AXIS) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm with the norm of the whole arrays (`global_norm`), so that it
+  clips sharded gradients as it clips replicated ones (needs shard_map's check_vma, the
+  default, to tell shards from replicated leaves)."""
+  def update(updates, state, params=None):
+    del params
+    norm = global_norm(updates, axis_name)
+    return jax.tree.map(lambda u: jnp.where(norm < max_norm, u, (u / norm.astype(u.dtype)) *
+                                            max_norm), updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
