@@ -176,6 +176,7 @@ def test_docs_pages_link_to_files_that_exist(page):
   links = {p for p in re.findall(r'\]\(([^)\s#]+)', text) if '://' not in p}
   missing = sorted(p for p in links if not (page.parent / p).exists())
   assert not missing, f'{page.name} links to missing files: {missing}'
+  assert text.count('```') % 2 == 0, f'{page.name}: a code block is not closed'
 
 
 def test_every_png_in_docs_is_referenced():
