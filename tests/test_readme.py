@@ -66,6 +66,14 @@ def _flag_name(arg: str) -> str:
   return 'config' if name.startswith('config.') else name
 
 
+def _script_flags(path: pathlib.Path) -> set[str]:
+  """The flags a script defines (absl, ml_collections' config flag, or argparse), read from
+  its source without running it."""
+  text = path.read_text()
+  return set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", text)) | \
+      set(re.findall(r"add_argument\(\s*'--(\w+)'", text)) | {'help'}
+
+
 def test_readme_is_short():
   n = len(README.splitlines())
   assert n <= 420, f'README.md has {n} lines; move detail to docs/ (at most 420)'
@@ -94,6 +102,10 @@ def test_every_command_is_one_we_check():
     elif run[0] == 'python':
       if run[1] != '-c':
         assert (ROOT / run[1]).is_file(), f'README runs a missing script: {shlex.join(cmd)}'
+        takes = _script_flags(ROOT / run[1])
+        for arg in run[2:]:
+          if arg.startswith('--'):
+            assert _flag_name(arg) in takes, f'{run[1]} takes no {arg.split("=")[0]}'
     elif run[0] == 'jupyter':
       assert (ROOT / run[-1]).is_file(), cmd
     else:
