@@ -79,8 +79,14 @@ def table(root: str) -> tuple[list[str], list[dict[str, Any]]]:
                        '`imgcls sweep` (folders with config.json and metrics.jsonl).')
   configs = []
   for r in runs:
-    with open(os.path.join(r, 'config.json')) as f:
-      configs.append(_flat(json.load(f)))
+    path = os.path.join(r, 'config.json')
+    try:
+      with open(path) as f:
+        configs.append(_flat(json.load(f)))
+    except (ValueError, AttributeError) as e:
+      raise CompareError(f'{path} is damaged ({type(e).__name__}): rerun `imgcls train` on '
+                         'that workdir to recover it from its checkpoints, or move the run '
+                         'out of the way.') from None
   keys = sorted({k for c in configs for k in c})
   missing = object()
   differing = [k for k in keys if len({repr(c.get(k, missing)) for c in configs}) > 1]

@@ -279,8 +279,15 @@ def _check_names(cfg, errors: list[str]) -> None:
   errors.extend(evaluators.check(cfg))
 
 
+_VALID: set[str] = set()  # the configs (their repr) validate() has passed in this process
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises ConfigError listing every problem; returns the config unchanged."""
+  """Raises ConfigError listing every problem; returns the config unchanged. A config passed
+  once is not checked again, so the CLI's early check and the trainer's are one check."""
+  key = repr(cfg.to_dict())  # repr keeps the types (1 vs 1.0, tuple vs list)
+  if key in _VALID:
+    return cfg
   errors: list[str] = []
   _check_tree(cfg, defaults(), '', errors)  # keys and types: instant
   if not errors:
@@ -294,6 +301,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors) +
                       '\nFix the config file or the --config.KEY=VALUE override.')
+  _VALID.add(key)
   return cfg
 
 

@@ -1,20 +1,11 @@
-"""The `imgcls` command: train (default), eval, prepare, sweep, compare, predict and export.
-Flags only.
-
-  imgcls train   --config=configs/default.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
-  imgcls eval    --workdir=DIR [--step=best|latest|N] [--split=test] [--weights=auto|raw|ema]
-  imgcls prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
-  imgcls prepare --config=configs/image_folder.py:root=DIR,classes=N [--config.dataset.KEY=V]
-  imgcls fewshot --workdir=DIR [--dataset=NAME] [--shots=1,5,10,25] [--step=best]
-  imgcls sweep   --config=configs/fashion_mnist_sweep.py[:ARG] --workdir=ROOT [--dry_run]
-  imgcls compare ROOT [--out=DIR]
-  imgcls predict --workdir=DIR --out=FILE.csv|FILE.jsonl [--step=best] [--weights=auto]
-                 [--top_k=5] [--batch_size=64] [--tta=flip] PATH|FOLDER|GLOB ...
-  imgcls export  --workdir=DIR --format=onnx|stablehlo --out=PATH [--step=best] [--weights=auto]
+"""The `imgcls` command: parses flags, checks them against the command, and calls the one
+library function each command names. `imgcls --help` lists the commands (COMMANDS below),
+`imgcls COMMAND --help` shows that command's flags and an example.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging as logging_std
 import os
@@ -31,36 +22,133 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics '
                                '(local or gs://). Rerunning on it resumes.')
-_STEP = flags.DEFINE_string('step', 'best', 'eval, fewshot, predict, export: checkpoint to use: '
-                            'best, latest or a step.')
-_WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'raw', 'ema'], 'eval, predict, '
-                             'export: auto (the EMA when the run kept one, else raw), raw or ema.')
-_FORMAT = flags.DEFINE_string('format', None, 'export: onnx or stablehlo.')
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: labels (with probabilities) per image.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'predict: images per model call.')
-_TTA = flags.DEFINE_string('tta', '', 'predict: flip = average with the mirrored image.')
-_SPLIT = flags.DEFINE_string('split', None, 'eval: split to score (default: the config\'s).')
+_STEP = flags.DEFINE_string('step', 'best', 'Checkpoint to use: best, latest or a step number.')
+_WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'raw', 'ema'], 'auto (the EMA when '
+                             'the run kept one, else raw), raw or ema.')
+_FORMAT = flags.DEFINE_string('format', None, 'onnx or stablehlo.')
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels (with probabilities) per image.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per model call.')
+_TTA = flags.DEFINE_string('tta', '', 'flip = average with the mirrored image.')
+_SPLIT = flags.DEFINE_string('split', None, 'Split to score (default: the config\'s).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS\'s own).')
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'prepare: folder holding the '
-                                  'dataset\'s downloaded files.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'sweep: validate and print the commands only.')
-_OUT = flags.DEFINE_string('out', None, 'compare: folder for compare.md/.csv and curves.png '
-                           '(default: ROOT); predict: FILE.csv or FILE.jsonl; export: the file.')
-_DATASET = flags.DEFINE_string('dataset', None, 'fewshot: TFDS name or folder:/path to probe '
+_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the dataset\'s '
+                                  'downloaded files.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Validate and print the commands only.')
+_OUT = flags.DEFINE_string('out', None, 'Output: see `imgcls COMMAND --help`.')
+_DATASET = flags.DEFINE_string('dataset', None, 'TFDS name or folder:/path to probe '
                                '(default: the checkpoint\'s own dataset and splits).')
-_SHOTS = flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.')
+_SHOTS = flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'Examples per class.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port '
                                    'of process 0 (jax.distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
 _ALLOW_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False, 'train: resume a workdir although the config changes the '
+    'allow_config_change', False, 'Resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
 
 _MODEL_ARGS: dict[str, str] = {}  # --config.model.ARG=V the config file lacks (for sweeps)
 
-COMMANDS = ('train', 'eval', 'fewshot', 'prepare', 'sweep', 'compare', 'predict', 'export')
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One subcommand: a line for `imgcls --help`, the flags it takes (names without dashes;
+  'config' also covers --config.KEY=VALUE overrides) and a command line that works."""
+  summary: str
+  flags: frozenset[str]
+  example: str
+  usage: str = ''
+  flag_help: tuple[tuple[str, str], ...] = ()  # this command's reading of a shared flag
+
+
+_MULTI = ('coordinator_address', 'num_processes', 'process_id')
+COMMANDS: dict[str, Command] = {
+    'train': Command(
+        'Train and evaluate a config in a workdir; rerunning resumes it.',
+        frozenset({'config', 'workdir', 'allow_config_change', 'data_dir', *_MULTI}),
+        'imgcls train --config=configs/default.py --workdir=/tmp/fmnist',
+        'imgcls train --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...]'),
+    'eval': Command(
+        "Score a checkpoint with its run's evaluators (or on --split).",
+        frozenset({'workdir', 'step', 'split', 'weights', 'data_dir', *_MULTI}),
+        'imgcls eval --workdir=/tmp/fmnist --step=best',
+        'imgcls eval --workdir=DIR [--step=best|latest|N] [--split=SPLIT] [--weights=auto]'),
+    'fewshot': Command(
+        "Few-shot linear probe of a checkpoint's features.",
+        frozenset({'workdir', 'dataset', 'shots', 'step', 'data_dir', *_MULTI}),
+        'imgcls fewshot --workdir=/tmp/fmnist --shots=1,5,10',
+        'imgcls fewshot --workdir=DIR [--dataset=NAME|folder:/path] [--shots=1,5,10,25]'),
+    'prepare': Command(
+        'Prepare a dataset offline (a TFDS name, or the dataset a config names).',
+        frozenset({'config', 'data_dir', 'manual_dir'}),
+        'imgcls prepare fashion_mnist --manual_dir=/usr/share/datasets/fashion-mnist',
+        'imgcls prepare NAME [--data_dir=DIR] [--manual_dir=DIR] | prepare --config=FILE'),
+    'sweep': Command(
+        "Train each variant of a sweep config in ROOT/NAME, then compare them.",
+        frozenset({'config', 'workdir', 'dry_run', 'data_dir'}),
+        'imgcls sweep --config=configs/fashion_mnist_sweep.py --workdir=/tmp/sweep --dry_run',
+        'imgcls sweep --config=FILE[:ARG] --workdir=ROOT [--dry_run]'),
+    'compare': Command(
+        'Tabulate and plot the runs under ROOT (compare.md, compare.csv, curves.png).',
+        frozenset({'out'}),
+        'imgcls compare /tmp/sweep',
+        'imgcls compare ROOT [--out=DIR]',
+        (('out', 'Folder for compare.md/.csv and curves.png (default: ROOT).'),)),
+    'predict': Command(
+        'Label image files, folders or globs with a checkpoint; writes CSV or JSON lines.',
+        frozenset({'workdir', 'out', 'step', 'weights', 'top_k', 'batch_size', 'tta'}),
+        'imgcls predict --workdir=/tmp/fmnist --out=/tmp/pred.csv photos/',
+        'imgcls predict --workdir=DIR --out=FILE.csv|FILE.jsonl PATH|FOLDER|GLOB ...',
+        (('out', 'FILE.csv or FILE.jsonl: one row per image.'),)),
+    'export': Command(
+        'Export a checkpoint to ONNX or StableHLO, checked against imgcls.load.',
+        frozenset({'workdir', 'format', 'out', 'step', 'weights'}),
+        'imgcls export --workdir=/tmp/fmnist --format=onnx --out=/tmp/model.onnx',
+        'imgcls export --workdir=DIR --format=onnx|stablehlo --out=PATH',
+        (('out', 'The file to write (its metadata goes to PATH.json).'),)),
+}
 MODEL_COMMANDS = ('train', 'eval', 'fewshot', 'sweep', 'predict', 'export')  # these run models
+HELP_FLAGS = ('--help', '-h', '-?', '--helpshort')
+
+
+def overview() -> str:
+  """`imgcls --help`: the commands, a line each."""
+  width = max(map(len, COMMANDS))
+  lines = [f'  {name:<{width}}  {c.summary}' for name, c in COMMANDS.items()]
+  return ('usage: imgcls COMMAND [flags]\n\ncommands:\n' + '\n'.join(lines) +
+          '\n\n`imgcls COMMAND --help` shows its flags and an example; --helpfull shows every '
+          'flag.\n')
+
+
+def command_help(name: str) -> str:
+  """`imgcls COMMAND --help`: its usage, its flags with their help text, and an example."""
+  command, own = COMMANDS[name], dict(COMMANDS[name].flag_help)
+  lines = [f'usage: {command.usage}', '', command.summary, '', 'flags:']
+  for flag in sorted(command.flags):
+    f = flags.FLAGS[flag]
+    value = ','.join(f.default) if isinstance(f.default, list) else f.default
+    default = '' if value in (None, '', False) else f' (default: {value})'
+    lines.append(f'  --{flag}: {own.get(flag, f.help)}{default}')
+    if flag == 'config':
+      lines.append('  --config.KEY=VALUE: set any key of the config (keys: imgcls/config.py), '
+                   'e.g. --config.lr.base=0.1.')
+  lines += ['', 'example:', f'  {command.example}', '']
+  return '\n'.join(lines)
+
+
+def check_flags(name: str, given: set[str]) -> None:
+  """Refuses, in one line, a flag that belongs to other commands only."""
+  for flag in sorted(given - COMMANDS[name].flags):
+    owners = [c for c, command in COMMANDS.items() if flag in command.flags]
+    if owners:  # absl's own flags (--verbosity, ...) belong to no command: any may take them
+      _fail(f'--{flag} is a flag of ' + ', '.join(f'`imgcls {c}`' for c in owners) +
+            f', not of `imgcls {name}`. See `imgcls {name} --help`.')
+
+
+def _given_flags() -> set[str]:
+  """The names of the flags set on the command line (--config.KEY=V counts as config)."""
+  names = {n.split('.')[0] for n in flags.FLAGS if flags.FLAGS[n].present}
+  return names | ({'config'} if _MODEL_ARGS else set())
 
 
 def _fail(message: str) -> None:
@@ -86,12 +174,13 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   command, *rest = argv[1:] or ['train']
   if command not in COMMANDS:
-    _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)}.')
-
+    _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)} '
+          '(`imgcls --help` says what each does).')
+  check_flags(command, _given_flags())
   if command == 'compare':  # needs neither JAX nor TF
     from imgcls import compare  # pylint: disable=g-import-not-at-top
     if len(rest) != 1:
-      _fail('usage: imgcls compare ROOT [--out=DIR]')
+      _fail(f'usage: {COMMANDS["compare"].usage}')
     try:
       print(compare.compare(rest[0], _OUT.value), end='')
     except compare.CompareError as e:
@@ -142,17 +231,6 @@ def readable_error(e: BaseException) -> str | None:
   return None
 
 
-def _single_process() -> bool:
-  """Whether this launch is plainly one process (no multi-process flags, no cluster
-  environment that jax.distributed would join): only then may it check the workdir's lock
-  before JAX starts. Other processes of a relaunched multi-host run must not refuse the
-  lock their own dead process 0 left on another host."""
-  cluster = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS',
-             'OMPI_COMM_WORLD_SIZE')
-  return (_NUM_PROCESSES.value in (None, 1) and _COORDINATOR.value is None and
-          not any(k in os.environ for k in cluster))
-
-
 def _print_result(result: dict) -> None:
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in result.items()))
@@ -172,9 +250,8 @@ def _run(command: str, rest: list[str]) -> None:
   if command == 'prepare':
     from imgcls import data
     if len(rest) > 1 or (not rest and config is None):
-      _fail('usage: imgcls prepare DATASET_NAME [--data_dir=DIR] [--manual_dir=DIR], or '
-            'imgcls prepare --config=CONFIG [--config.dataset.KEY=VALUE ...] (the dataset a '
-            'training config names, with the same options)')
+      _fail(f'usage: {COMMANDS["prepare"].usage} (the dataset a training config names, with '
+            'its --config.dataset.KEY=VALUE options).')
     if rest:
       path = data.prepare(rest[0], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
     else:
@@ -209,10 +286,7 @@ def _run(command: str, rest: list[str]) -> None:
     if command == 'sweep':
       _sweep(config, workdir)
       return
-    if _single_process():  # process 0 of a multi-host run takes the lock in train itself
-      from imgcls.lock import WorkdirLock
-      WorkdirLock(workdir).check_free()  # a second launch is refused before JAX or TF loads
-    config_lib.validate(config)
+    config_lib.validate(config)  # before TF and the trainer load (train reuses the check)
   from imgcls import checkpoints, parallel
   if command in ('eval', 'fewshot'):
     checkpoints.check_step_arg(_STEP.value)
@@ -266,6 +340,7 @@ def _sweep(base, root: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with config override errors (a typo'd key, a bad type) made readable, and
   `--config.model.ARG=VALUE` for any model argument, set in the config file or not."""
+  _answer_help(argv)
   from imgcls import config as config_lib  # pylint: disable=g-import-not-at-top
   argv, model_args = config_lib.split_model_overrides(argv)
   if model_args:  # ml_collections reads its overrides from sys.argv itself
@@ -279,7 +354,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # A failing get_config() arrives with its traceback; its last line is the message.
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     message = lines[-1] if 'Traceback' in text else ' '.join(lines)
-    _fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls --helpshort`; config '
+    _fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls COMMAND --help`; config '
           'keys are listed in imgcls/config.py. An override sets a key the config has, or any '
           'argument of the configured model (--config.model.dtype=bfloat16).')
     raise  # unreachable: _fail exits
@@ -287,6 +362,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     config_lib.apply_model_overrides(_CONFIG.value, model_args)
     _MODEL_ARGS.update({f'model.{k}': v for k, v in model_args.items()})
   return rest
+
+
+def _answer_help(argv: list[str]) -> None:
+  """Bare `imgcls` and `imgcls [COMMAND] --help` print the overview or the command's help and
+  exit; --helpfull stays absl's (every flag)."""
+  words = [a for a in argv[1:] if not a.startswith('-')]
+  if len(argv) == 1 or any(a in HELP_FLAGS for a in argv[1:]):
+    print(command_help(words[0]) if words and words[0] in COMMANDS else overview(), end='')
+    sys.exit(0)
 
 
 def run() -> None:

@@ -10,17 +10,50 @@ from typing import Any
 
 from absl import logging
 
-from imgcls.checkpoints import CheckpointError, absolute, checkpoint_dir, has_checkpoints
+from imgcls.checkpoints import (CheckpointError, absolute, checkpoint_dir, has_checkpoints,
+                                read_meta, step_dirs)
 from imgcls.config import flatten_dict
 
+CONFIG_FILE = 'config.json'
+
+
 def read(workdir: str) -> dict[str, Any] | None:
-  """The config.json a previous run left in the workdir, if any."""
-  path = absolute(workdir) / 'config.json'
-  return json.loads(path.read_text()) if path.exists() else None
+  """The config.json a previous run left in the workdir, if any. A damaged one (not JSON, not
+  a config) is recovered from the newest checkpoint's metadata, which holds the same config."""
+  path = absolute(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or not {'model', 'dataset'} <= set(config):
+      raise ValueError('not an imgcls config')
+    return config
+  except ValueError as e:
+    return _recover(workdir, path, f'{type(e).__name__}: {str(e).splitlines()[0][:120]}')
+
+
+def _recover(workdir: str, path, why: str) -> dict[str, Any]:
+  """The config of the newest checkpoint whose metadata reads, written back to `path`."""
+  for step, step_dir in sorted(step_dirs(workdir).items(), reverse=True):
+    try:
+      config = read_meta(step_dir)['config']
+    except CheckpointError:
+      continue
+    write(workdir, config)
+    logging.warning('%s was damaged (%s): recovered it from the metadata of the checkpoint of '
+                    'step %d, and rewrote it.', path, why, step)
+    return config
+  raise CheckpointError(f'{path} is damaged ({why}) and no checkpoint holds a copy of the '
+                        'config: delete it to start this workdir afresh, or pass a new '
+                        '--workdir.')
 
 
 def write(workdir: str, config: dict[str, Any]) -> None:
-  (absolute(workdir) / 'config.json').write_text(json.dumps(config, indent=2))
+  """WORKDIR/config.json, replaced whole (a temporary file, then a rename)."""
+  path = absolute(workdir) / CONFIG_FILE
+  tmp = path.parent / f'.{CONFIG_FILE}.tmp'
+  tmp.write_text(json.dumps(config, indent=2))
+  tmp.replace(path)
 
 
 # Config fields that do not change a run's math: a resume may change them freely.

@@ -157,9 +157,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('mesh: %d devices over %d process(es), axis %r', mesh.size,
                jax.process_count(), parallel.AXIS)
   changes = run_config.check_resume(workdir, cfg, allow_config_change)
+  # Process 0 holds the workdir's lock: a second launch is refused now, before minutes of
+  # set-up; the lock is taken just before the first write, and released at the end.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
-  if lock and checkpoints.absolute(workdir).exists():
-    lock.acquire()  # a second launch is refused now, before minutes of set-up
+  if lock:
+    lock.check_free()
   try:
     return _train(config, cfg, workdir, mesh, changes, lock)
   finally:
@@ -199,8 +201,8 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
     state, init_report = load_model_init(config, state, mesh)
     state = state.with_ema_reset()
   parameter_overview.log_parameter_overview(state.params)
-  if lock and not lock.record:  # a new workdir: taken just before the first write
-    lock.acquire()
+  if lock:
+    lock.acquire()  # nothing was written before this line
 
   # ------------------------------------------------------------- checkpoint
   ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,
