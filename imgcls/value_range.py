@@ -1,5 +1,5 @@
-"""value_range's arithmetic, shared by the pp op (TensorFlow, on the host) and the train step
-(JAX, on the device). It imports only `math`, so the step loads no TensorFlow."""
+"""value_range's arithmetic, shared by the pp op (TensorFlow, on the host) and the train and
+eval steps (JAX, on the device). It imports only `math`, so the steps load no TensorFlow."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def value_range_math(x: Any, vmin: float, vmax: float, in_min: float = 0,
   form (`imgcls.data.preprocess.split_value_range`) give the same bits. barrier (the step
   passes jax.lax.optimization_barrier) rounds each pass on its own, where XLA would fuse
   them (a fused multiply-add rounds once), and divides by a full array, since XLA:CPU
-  multiplies by the reciprocal of a scalar divisor instead (1 ulp off for 111 of the 256
-  uint8 values at value_range(-1, 1); tests/test_pipeline.py).
+  multiplies by the reciprocal of a scalar divisor instead (1 ulp off for some uint8
+  values; tests/test_pipeline.py compares the bits).
   Fewer passes than the formula, same bits: subtracting 0 changes nothing, nor does adding 0
   to a non-negative scale's product, and when |scale| is a power of two (value_range(-1, 1),
   (0, 1)) x / (d / scale) rounds exactly as x / d * scale does.

@@ -156,3 +156,13 @@ def test_uint8_eval_batches_score_exactly_as_float_ones(data_dir, tiny_config, t
   assert len(on_out.mistakes) == 5
   for (_, _, a), (_, _, b) in zip(on_out.mistakes, off_out.mistakes):  # uint8 vs its range
     np.testing.assert_allclose((np.asarray(a, np.float64) - 10) * 3 / 190 - 0.5, b, atol=1e-5)
+
+
+def test_training_imports_no_serving_code():
+  """imgcls.train runs the evaluators (imgcls.evaluators) and never loads imgcls.inference."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  code = ('import sys, imgcls.train, imgcls.evaluators.checkpoint; '
+          "print('imgcls.inference' in sys.modules)")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1] == 'False'
