@@ -24,11 +24,11 @@ import time
 import numpy as np
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tests'))
+import imgcls
+from imgcls import export, inference
+from samples import odd_images as sample_odd_images, random_checkpoint
 
-import imgcls  # noqa: E402
-from imgcls import export, inference  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def fashion_mnist_test(data_dir, n=None):
@@ -45,12 +45,11 @@ def fashion_mnist_test(data_dir, n=None):
 
 
 def odd_images(shape):
-  """The odd cases of tests/test_decode_predict.py, decoded by imgcls.load's rules and
-  resized to the model's size by PIL."""
-  from test_decode_predict import _odd_images  # pylint: disable=g-import-not-at-top
+  """The odd image files of scripts/samples.py, decoded by imgcls.load's rules and resized
+  to the model's size by PIL."""
   h, w, c = shape
   out = []
-  for _, (_, blob) in sorted(_odd_images().items()):
+  for _, (_, blob) in sorted(sample_odd_images().items()):
     pixels = next(inference._images(blob, 1 if c == 1 else 3))  # pylint: disable=protected-access
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     out.append(np.asarray(image.resize((w, h), Image.BILINEAR), np.uint8).reshape(h, w, c))
@@ -145,7 +144,6 @@ def main():
   parser.add_argument('--n', type=int, default=512)
   parser.add_argument('--predict_pngs', action='store_true')
   args = parser.parse_args()
-  from test_export import save_checkpoint  # pylint: disable=g-import-not-at-top
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     images, labels = fashion_mnist_test(args.data_dir, None if args.predict_pngs else args.n)
@@ -160,7 +158,7 @@ def main():
     }
     runs = {'quickstart': clf}
     for name, model in tiny.items():
-      workdir = save_checkpoint(pathlib.Path(tmp) / name, model, clf.image_shape,
+      workdir = random_checkpoint(pathlib.Path(tmp) / name, model, clf.image_shape,
                                 clf.config['pp_eval'], ema=name == 'resnet_small',
                                 label_names=clf.label_names)
       runs[name] = imgcls.load(workdir)

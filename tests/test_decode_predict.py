@@ -2,8 +2,8 @@
 grayscale) reach the model as the same inputs whether they were prepared as an image folder
 and read by the eval pipeline, or given to imgcls.load(...).predict as paths, bytes or PIL."""
 
-import io
 import os
+import sys
 
 import jax
 import numpy as np
@@ -13,40 +13,12 @@ import pytest
 from imgcls import data, inference, models
 from imgcls.data import decode
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'scripts'))
+from samples import odd_images as _odd_images  # noqa: E402
+
 SIZE = 8
 PP = f'decode(3)|resize_small({SIZE})|central_crop({SIZE})|value_range(-1, 1)|onehot(7)'
-
-
-def _gradient(w, h, channels=3, seed=0):
-  rng = np.random.default_rng(seed)
-  return rng.integers(0, 256, (h, w, channels), np.uint8)
-
-
-def _odd_images() -> dict[str, tuple[str, bytes]]:
-  """{case: (file extension, bytes)}; every case decodes differently with TF alone."""
-  out = {}
-
-  def save(image, fmt, **kw):
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-  rotated = Image.fromarray(_gradient(14, 9))
-  exif = rotated.getexif()
-  exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
-  out['exif'] = ('jpg', save(rotated, 'JPEG', exif=exif, quality=95))
-  rgba = _gradient(11, 10, 4, seed=1)
-  rgba[..., 3] = np.linspace(0, 255, 11, dtype=np.uint8)[None, :]  # 0 to opaque
-  out['rgba'] = ('png', save(Image.fromarray(rgba), 'PNG'))
-  cmyk = Image.frombytes('CMYK', (10, 12), _gradient(10, 12, 4, seed=2).tobytes())
-  out['cmyk'] = ('jpg', save(cmyk, 'JPEG'))
-  deep = (np.arange(12 * 9, dtype=np.uint16).reshape(9, 12) * 600).astype(np.uint16)
-  out['png16'] = ('png', save(Image.fromarray(deep), 'PNG'))
-  palette = Image.fromarray(_gradient(10, 10, seed=3)).convert('P', palette=Image.ADAPTIVE,
-                                                                 colors=16)
-  out['gif'] = ('gif', save(palette, 'GIF', transparency=0))
-  out['gray'] = ('png', save(Image.fromarray(_gradient(9, 13, 1, seed=4)[..., 0]), 'PNG'))
-  out['jpeg'] = ('jpg', save(Image.fromarray(_gradient(12, 12, seed=5)), 'JPEG', quality=90))
-  return out
 
 
 @pytest.fixture(scope='module')
