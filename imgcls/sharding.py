@@ -101,12 +101,20 @@ def shard(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
   return jax.tree.map(one, tree, specs)
 
 
+def _varies(x: Any, axis_name: str) -> bool:
+  """Whether shard_map types `x` as differing across `axis_name` (its vma, JAX >= 0.12's
+  manual_axis_type.varying)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, 'manual_axis_type', None)
+  return axis_name in (mat.varying if mat is not None else getattr(aval, 'vma', ()))
+
+
 def global_norm(tree: Any, axis_name: str = AXIS) -> jax.Array:
   """The L2 norm of the whole arrays a tree of shards stands for: a leaf that varies over
   `axis_name` (a shard) has its squares summed over the axis; one that does not (replicated,
   e.g. a gradient already summed by shard_map) counts once. Outside shard_map, optax's norm."""
-  squares = [(jnp.sum(jnp.square(x.astype(jnp.float32))),
-              axis_name in getattr(jax.typeof(x), 'vma', ())) for x in jax.tree.leaves(tree)]
+  squares = [(jnp.sum(jnp.square(x.astype(jnp.float32))), _varies(x, axis_name))
+             for x in jax.tree.leaves(tree)]
   total = sum((sq for sq, varies in squares if not varies), jnp.zeros((), jnp.float32))
   shards = [sq for sq, varies in squares if varies]
   if shards:

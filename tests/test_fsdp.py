@@ -32,11 +32,16 @@ def _resnet():
   return get_model('resnet10', num_classes=8, width=8, stem='small')
 
 
-def _tx(clip=None):
+def _tx(clip=None, name='adamw'):
+  """imgcls's optimizer: AdamW (ViT recipes) or SGD with Nesterov momentum (ResNet recipes)."""
   c = ml_collections.ConfigDict()
-  c.optimizer = dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8)
-  c.lr = dict(base=1e-2, schedule='warmup_cosine', warmup_steps=2, end_factor=0.0)
-  c.weight_decay = 0.05
+  # The attention's key biases are frozen: softmax ignores a shift shared by all keys, so
+  # their gradient is 0 up to rounding, which Adam would scale up to steps of size lr.
+  c.optimizer = (dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, freeze=('key/bias',))
+                 if name == 'adamw' else dict(name='sgd', momentum=0.9, nesterov=True))
+  c.lr = dict(base=1e-3 if name == 'adamw' else 0.1, schedule='warmup_cosine',
+              warmup_steps=2, end_factor=0.0)
+  c.weight_decay = 0.05 if name == 'adamw' else 1e-4
   c.weight_decay_mask = 'no_bias_norm'
   tx, _ = optim.make_optimizer(c, total_steps=10)
   # optim puts the clip first in its chain: here the optax one, or the shard-aware one.
@@ -119,7 +124,7 @@ def test_rule_splits_the_largest_dividing_dimension_of_large_arrays():
 
 
 def test_params_gradients_moments_and_ema_are_split_alike():
-  model, tx = _vit(), _tx()
+  model, tx = _vit(), optax.adamw(1e-3)
   state = jax.eval_shape(_create(model, tx), jax.random.PRNGKey(0))
   specs = sharding.state_specs(state, 8, 'fsdp', min_bytes=0)
   mu, nu = specs.opt_state[0].mu, specs.opt_state[0].nu
@@ -131,12 +136,15 @@ def test_params_gradients_moments_and_ema_are_split_alike():
 
 # ------------------------------------------------- five steps, fsdp = replicated
 
-@pytest.mark.parametrize('make_model', [_vit, _resnet], ids=['vit', 'resnet_bn'])
-def test_five_fsdp_steps_equal_five_replicated_steps(make_model):
+# SGD for the ResNet, as its recipes: behind its zero-initialised last BatchNorm scales the
+# first gradients are near 0, where Adam magnifies the rounding of any summation order.
+@pytest.mark.parametrize('make_model,opt', [(_vit, 'adamw'), (_resnet, 'sgd')],
+                         ids=['vit_adamw', 'resnet_bn_sgd'])
+def test_five_fsdp_steps_equal_five_replicated_steps(make_model, opt):
   mesh, model = parallel.make_mesh(), make_model()
   batches = [parallel.shard_batch(b, mesh) for b in _batches()]
 
-  tx = _tx(optax.clip_by_global_norm(0.5))
+  tx = _tx(optax.clip_by_global_norm(0.5), opt)
   ref = replicated_state(model, tx, mesh, IMAGE, ema=True)
   ref_fn = train_step_fn(mesh, model=model, tx=tx, ema_decay=0.9)
   ref_metrics = []
@@ -144,7 +152,7 @@ def test_five_fsdp_steps_equal_five_replicated_steps(make_model):
     ref, m = ref_fn(ref, b)
     ref_metrics.append(jax.device_get(m))
 
-  tx = _tx(sharding.clip_by_global_norm(0.5))
+  tx = _tx(sharding.clip_by_global_norm(0.5), opt)
   state, specs = fsdp_state(model, tx, mesh)
   assert _sharded_leaves(specs.params) >= 4
   fn = fsdp_step_fn(model, tx, mesh, specs)
@@ -174,15 +182,16 @@ def _state_bytes_per_device(state):
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
   mesh = parallel.make_mesh()
-  model = get_model('vit', num_classes=16, width=128, depth=2, mlp_dim=512, num_heads=4,
+  model = get_model('vit', num_classes=8, width=128, depth=2, mlp_dim=512, num_heads=4,
                     patch_size=4)
   tx = _tx()
-  min_bytes = 2**16  # the 128x512 MLP kernels (256 KiB) split, biases and norms stay whole
+  min_bytes = 2**12  # every kernel and embedding (8 KiB or more) split; biases and norms whole
   state, specs = fsdp_state(model, tx, mesh, min_bytes)
   ref = replicated_state(model, tx, mesh, IMAGE, ema=True)
-  assert specs.params['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['bias'] == P()
+  assert specs.params['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['bias'] == P()
   fsdp_bytes, ref_bytes = _state_bytes_per_device(state), _state_bytes_per_device(ref)
   assert ref_bytes == sum(x.nbytes for x in jax.tree.leaves(ref))
+  print(f'state per device: fsdp {fsdp_bytes} B, replicated {ref_bytes} B')
   assert fsdp_bytes < ref_bytes / 7
 
   # XLA's view of the compiled steps: the arguments are the state and this device's batch.
@@ -192,6 +201,7 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device():
                       ('replicated', train_step_fn(mesh, model=model, tx=tx, ema_decay=0.9),
                        ref)):
     args[name] = fn.lower(s, batch).compile().memory_analysis().argument_size_in_bytes
+  print(f'XLA argument bytes per device: {args}')
   assert args['replicated'] >= ref_bytes
   assert args['fsdp'] < args['replicated'] / 7, args
 
