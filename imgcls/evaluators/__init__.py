@@ -7,6 +7,8 @@
   metrics.py         scoring a whole split exactly once into clu metrics; train metrics
   fewshot.py         the few-shot evaluator on frozen features; ridge.py: its ridge math
   checkpoint.py      `evaluate_checkpoint` (imgcls eval), `fewshot_checkpoint` (imgcls fewshot)
+  calibration.py, conformal.py, selective.py, imbalance.py, explain.py: the math of the
+                     reliability evaluators (pure numpy)
 
 The protocol, kept small:
 
