@@ -9,8 +9,8 @@ them).
 Two kinds of reader:
 - `find(path, step)` -> `Checkpoint`: a saved step resolved from a workdir, its
   checkpoints/ folder or a step folder ('best' | 'latest' | N), with its metadata and
-  `weights(which)`: params and BatchNorm statistics (raw or EMA) as host numpy arrays,
-  no optimizer, so a checkpoint written on N devices loads anywhere (imgcls.load,
+  `weights(which)`: params and BatchNorm statistics (raw or EMA, by `weights_used`, the
+  one rule for which) as host numpy arrays, no optimizer, so a checkpoint written on N devices loads anywhere (imgcls.load,
   `imgcls eval`, few-shot, model_init, sweeps).
 - `Checkpointer`: the training run's Orbax CheckpointManager (save asynchronously, keep
   the latest and the best, restore the whole train state onto the current shardings).

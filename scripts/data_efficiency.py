@@ -19,11 +19,8 @@ so more --ks or --seeds can be added later; another budget (steps, lr, ...) need
 Writes OUT/results.md, OUT/results.csv (k, method, mean/std test top-1 over seeds, seeds, mean
 wall time per run), OUT/runs.csv (every run) and OUT/accuracy_vs_k.png; prints the table.
 
-Budget: 2 seeds x 5 ks x 2 methods = 20 runs of 300 steps at batch 128 after 3 epochs (702
-steps) of pretraining. Measured on the 2-core CPU while two training jobs shared it: export
-~1.5 min, pretraining 7.5 min (91.5% source test top-1), 50-65 s per 300-step run, ~30 s to
-prepare each new image folder: about 30-35 min in all there, roughly half that on a free CPU.
-At k=100 (one seed) fine-tuning reached 94.5% and training from scratch 93.7%.
+Budget: 2 seeds x 5 ks x 2 methods = 20 runs of 300 steps at batch 128 after 3 epochs of
+pretraining (timings and results: /work/notes/moved_measurements_C.md, then docs/).
 `--quick` (1 seed, k=10 and all, 20 steps, 0.2 pretraining epochs) checks the whole pipeline in
 a few minutes; its numbers mean nothing.
 """
@@ -52,12 +49,11 @@ from imgcls import config as config_lib, data, train
 
 METHODS = ('finetune', 'scratch')
 # name: (model config, optimizer, base learning rate, weight decay). Both methods use the same
-# learning rate by default: fine-tuning the ResNet at 0.01 or 0.03 instead of 0.1 scored lower
-# here (k=100, one seed: 92.9% and 93.7% against 94.5%; k=10: 84.3% at 0.03, 84.8% at 0.1).
+# learning rate by default: lower fine-tuning rates scored lower (see docs/).
 MODELS = {
-    # The ResNet-18 of configs/default.py (0.70 M params): 91.4% on all of Fashion-MNIST.
+    # The ResNet-18 of configs/default.py.
     'resnet': ({'name': 'resnet18', 'width': 16, 'stem': 'small_s2'}, 'sgd', 0.1, 5e-4),
-    # A small ViT, 4x4 patches; several times slower per step on a CPU.
+    # A small ViT, 4x4 patches.
     'vit': ({'name': 'vit', 'width': 64, 'depth': 4, 'mlp_dim': 128, 'num_heads': 2,
              'patch_size': 4}, 'adamw', 1e-3, 0.05),
 }

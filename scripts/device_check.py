@@ -22,11 +22,11 @@ Writes one JSON (--out) and prints a table. Needs no network.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,27 +150,31 @@ def _vit_steps(accum=(1, 2), devices=None):
             for k in accum]
 
 
-def _one_step(model, image_shape, batch_size, k=1, devices=None, dtype_batch=None):
-  """(state after one SGD step, metrics) from a fixed init and batch, on `devices`."""
-  import jax, numpy as np, optax  # pylint: disable=g-import-not-at-top,multiple-import
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from imgcls import parallel, step as step_lib  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(devices or jax.devices()[:1])
+def _train_setup(model, image_shape, mesh, grad_accum_steps=1, donate=False, init_mesh=None):
+  """(state, train fn): the package's own builders (train.init_state, train.make_train_fn) with
+  the default config's step and SGD; the state is initialised on init_mesh (default: mesh)."""
+  import jax, optax  # pylint: disable=g-import-not-at-top,multiple-import
+  from imgcls import config as config_lib, parallel, train  # pylint: disable=g-import-not-at-top
+  config = config_lib.defaults()
+  config.grad_accum_steps = grad_accum_steps
   tx = optax.sgd(0.1, momentum=0.9)
+  state = train.init_state(model, tx, 0, image_shape, init_mesh or mesh)
+  if init_mesh is not None:  # the same initial values on every platform compared
+    state = jax.device_put(jax.device_get(state), parallel.replicated(mesh))
+  return state, train.make_train_fn(config, model, tx, mesh, donate=donate)
+
+
+def _one_step(model, image_shape, batch_size, k=1, devices=None):
+  """(state after one SGD step, metrics) from a fixed init (on the CPU) and batch, on
+  `devices`."""
+  import jax, numpy as np  # pylint: disable=g-import-not-at-top,multiple-import
+  from imgcls import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(devices or jax.devices()[:1])
+  state, fn = _train_setup(model, image_shape, mesh, grad_accum_steps=k,
+                           init_mesh=parallel.make_mesh(jax.devices('cpu')[:1]))
   rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *image_shape),
-                                                                         np.float32)))
-  draw = lambda a: (rng.normal(0, 0.05, a.shape) + (1 if a.ndim == 1 else 0)).astype(a.dtype)
-  variables = jax.tree.map(draw, shapes)
-  state = step_lib.TrainState(step=np.zeros((), np.int32), params=variables['params'],
-                              batch_stats=variables.get('batch_stats', {}),
-                              opt_state=tx.init(variables['params']), rng=jax.random.PRNGKey(0))
-  state = jax.device_put(state, parallel.replicated(mesh))
   batch = {'image': rng.normal(size=(batch_size, *image_shape)).astype(np.float32),
            'labels': np.eye(10, dtype=np.float32)[rng.integers(0, 10, batch_size)]}
-  fn = parallel.data_parallel(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                                grad_accum_steps=k),
-                              mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
   return fn(state, parallel.shard_batch(batch, mesh))
 
 
@@ -202,26 +206,14 @@ def part_step_vs_cpu(clock: Clock, smoke: bool) -> dict[str, Any]:
 
 def _throughput(model, batch_size: int, size: int, clock: Clock, steps: int):
   """(img/s, step TFLOPs) of the bf16 train step at `batch_size` on every device."""
-  import jax, numpy as np, optax  # pylint: disable=g-import-not-at-top,multiple-import
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from imgcls import parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  import jax, numpy as np  # pylint: disable=g-import-not-at-top,multiple-import
+  from imgcls import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
-  tx = optax.sgd(0.1, momentum=0.9)
+  state, fn = _train_setup(model, (size, size, 3), mesh, donate=True)
   rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3),
-                                                                         np.float32)))
-  variables = jax.tree.map(  # drawn on the host: a jitted init of ResNet-50 compiles slowly
-      lambda a: (rng.normal(0, 0.02, a.shape) + (a.ndim == 1)).astype(a.dtype), shapes)
-  state = jax.device_put(step_lib.TrainState(
-      step=np.zeros((), np.int32), params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(variables['params']),
-      rng=jax.random.PRNGKey(0)), parallel.replicated(mesh))
   batch = parallel.shard_batch(
       {'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
        'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch_size)]}, mesh)
-  fn = parallel.data_parallel(functools.partial(step_lib.train_step, model=model, tx=tx),
-                              mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()),
-                              donate_argnums=(0,))
   compiled = fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -280,36 +272,30 @@ def part_throughput(clock: Clock, smoke: bool) -> dict[str, Any]:
   return out
 
 
-def _write_jpegs(root: pathlib.Path, n: int, classes: int, size: tuple[int, int]) -> float:
-  """n ImageNet-sized JPEGs (smooth colour fields + noise, quality 90) in root/train/CLASS/ and
-  a few in root/val/CLASS/; returns their mean size in KB."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
+def _write_jpegs(root: pathlib.Path, n: int, size: tuple[int, int]) -> float:
+  """n of bench_pipeline's photo-like JPEGs (size = (height, width)) in root/train/CLASS/ and a
+  tenth as many in root/val/CLASS/; returns their mean size in KB."""
+  import bench_pipeline  # scripts/, beside this file  # pylint: disable=g-import-not-at-top
   h, w = size
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  total = 0
-  for i in range(n):
-    split = 'val' if (i // classes) % 10 == 9 else 'train'  # every class in both splits
-    d = root / split / f'class{i % classes}'
-    d.mkdir(parents=True, exist_ok=True)
-    f = rng.uniform(0.005, 0.05, 3)
-    img = np.stack([127 + 100 * np.sin(f[c] * xx + f[(c + 1) % 3] * yy + i) for c in range(3)], -1)
-    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-    path = d / f'{i:05d}.jpg'
-    Image.fromarray(img).save(path, quality=90)
-    total += path.stat().st_size
-  return total / n / 1024
+  shutil.rmtree(root, ignore_errors=True)  # a rerun in the same --workdir writes them anew
+  root.mkdir(parents=True)
+  for split, count in (('train', n), ('val', max(bench_pipeline.CLASSES, n // 10))):
+    cache = tempfile.mkdtemp(prefix=f'{split}_', dir=root.parent)
+    (bench_pipeline.write_jpegs(count, (w, h), cache_dir=cache) / 'train').rename(root / split)
+    shutil.rmtree(cache)
+  sizes = [p.stat().st_size for p in root.glob('*/*/*.jpg')]
+  return sum(sizes) / len(sizes) / 1024
 
 
 def part_pipeline(clock: Clock, smoke: bool, scratch: pathlib.Path,
                   consumption: float | None) -> dict[str, Any]:
   from imgcls import data  # pylint: disable=g-import-not-at-top
-  n, classes = (40, 4) if smoke else (1200, 10)
+  n = 40 if smoke else 1200
   size = (48, 64) if smoke else (375, 500)  # ImageNet's typical 500x375
   root = scratch / 'jpegs'
   t0 = time.perf_counter()
-  kb = _write_jpegs(root, n, classes, size)
+  kb = _write_jpegs(root, n, size)
+  classes = len(list((root / 'train').iterdir()))
   clock.check('writing JPEGs')
   crop = 16 if smoke else 224
   builder = data.get_builder(f'folder:{root}', str(scratch / 'tfds'))

@@ -7,7 +7,7 @@ truncated latest checkpoint, a deleted _METADATA, two launches on one workdir, a
 (a small tmpfs, where this machine lets root mount one) and a changed config on resume. For
 each it prints what the user saw (the last line of output), the exit code, the steps lost
 and the final weights against an undisturbed run of the same config (bit for bit), and
-writes the table to OUT/fault_drill.md and .json. Runs in a few minutes on 2 CPU cores.
+writes the table to OUT/fault_drill.md and .json.
 """
 
 from __future__ import annotations
