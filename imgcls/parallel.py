@@ -122,5 +122,13 @@ def data_parallel(fn: Callable[..., Any], mesh: Mesh, *, in_specs: Any,
 
 
 def to_host(tree: Any) -> Any:
-  """Fully replicated global arrays -> numpy (works across processes)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  """Global arrays -> numpy (works across processes): a replicated array is read from this
+  process's first copy, a sharded one (an fsdp state, imgcls.sharding) gathered whole."""
+  def one(x):
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)

@@ -82,8 +82,11 @@ def _sharded_dim(spec: P) -> int | None:
 
 
 def gather(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
-  """Per-device code: this device's shards -> whole arrays (replicated leaves as they are).
-  Differentiating through it reduce-scatters the gradients (all_gather's transpose)."""
+  """Per-device code: this device's shards -> whole arrays (replicated leaves, or every leaf
+  when specs is None, as they are). Differentiating through it reduce-scatters the gradients
+  (all_gather's transpose)."""
+  if specs is None:
+    return tree
   def one(x, spec):
     dim = _sharded_dim(spec)
     return x if dim is None else lax.all_gather(x, axis_name, axis=dim, tiled=True)
@@ -91,7 +94,10 @@ def gather(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
 
 
 def shard(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
-  """Per-device code: whole arrays, equal on every device -> this device's shards."""
+  """Per-device code: whole arrays, equal on every device -> this device's shards (as they
+  are when specs is None)."""
+  if specs is None:
+    return tree
   def one(x, spec):
     dim = _sharded_dim(spec)
     if dim is None:
@@ -132,3 +138,40 @@ def clip_by_global_norm(max_norm: float, axis_name: str = AXIS) -> optax.Gradien
     return jax.tree.map(lambda u: jnp.where(norm < max_norm, u, (u / norm.astype(u.dtype)) *
                                             max_norm), updates), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def all_finite(tree: Any, axis_name: str = AXIS) -> jax.Array:
+  """Whether every whole array a tree of shards stands for is finite: one answer, the same on
+  every device (shards are checked together over `axis_name`, as `global_norm` sums them)."""
+  bad = [(jnp.sum(~jnp.isfinite(x)), _varies(x, axis_name)) for x in jax.tree.leaves(tree)]
+  total = sum((n for n, varies in bad if not varies), jnp.zeros((), jnp.int32))
+  shards = [n for n, varies in bad if varies]
+  if shards:
+    total += lax.psum(sum(shards), axis_name)
+  return total == 0
+
+
+def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors: int,
+                    axis_name: str = AXIS) -> optax.GradientTransformation:
+  """optax.apply_if_finite (same state, so step.skipped_update reads it) deciding on
+  `all_finite`: every device skips or applies the same update when the gradients are sharded."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    finite = all_finite(updates, axis_name)
+    count = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
+    updates, inner_state = lax.cond(
+        finite | (count > max_consecutive_errors),
+        lambda: inner.update(updates, state.inner_state, params, **extra_args),
+        lambda: (optax.tree.zeros_like(updates), state.inner_state))
+    return updates, optax.ApplyIfFiniteState(
+        notfinite_count=count, last_finite=finite, inner_state=inner_state,
+        total_notfinite=jnp.where(finite, state.total_notfinite,
+                                  optax.safe_increment(state.total_notfinite)))
+
+  return optax.GradientTransformationExtraArgs(init, update)

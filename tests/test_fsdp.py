@@ -15,6 +15,7 @@ import pytest
 
 from imgcls import checkpoints, optim, parallel, sharding, step as step_lib
 from imgcls.errors import ConfigError
+from imgcls.evaluators.base import make_eval_fn
 from imgcls.models import get_model
 
 from conftest import replicated_state, train_step_fn
@@ -170,6 +171,16 @@ def test_five_fsdp_steps_equal_five_replicated_steps(make_model, opt):
   assert any('batch_stats' in k for k in got) == (make_model is _resnet)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+  host = _flat(parallel.to_host(state))  # whole arrays from the shards (model_init, logs)
+  assert all(np.array_equal(host[k], got[k]) for k in got)
+
+  # The evaluators' step takes the sharded state as it is: jit gathers what shard_map's
+  # replicated in_specs ask for.
+  evaluate = make_eval_fn(model, 'softmax_xent', mesh)
+  batch = parallel.shard_batch(dict(_batches(1)[0], mask=np.ones(16, np.float32)), mesh)
+  sums, ref_sums = evaluate(state, batch)[0], evaluate(ref, batch)[0]
+  for k in ref_sums:
+    np.testing.assert_allclose(sums[k], ref_sums[k], rtol=1e-6, err_msg=k)
 
 
 # ---------------------------------------------------------- bytes per device
@@ -233,3 +244,44 @@ def test_checkpoint_of_8_sharded_devices_restores_onto_another_mesh(tmp_path, de
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# --------------------------------------------- skipping non-finite updates
+
+def test_all_finite_and_global_norm_see_every_shard():
+  mesh = parallel.make_mesh()
+  x = np.arange(16, dtype=np.float32)
+
+  def per_device(shards, whole):
+    tree = {'shards': shards, 'whole': whole}
+    return sharding.all_finite(tree), sharding.global_norm(tree)
+
+  fn = parallel.data_parallel(per_device, mesh, in_specs=(P(A), P()), out_specs=(P(), P()))
+  finite, norm = fn(x, np.ones(3, np.float32))
+  assert bool(finite)
+  np.testing.assert_allclose(norm, np.sqrt(np.sum(x ** 2) + 3), rtol=1e-6)
+  assert not bool(fn(np.where(x == 13, np.nan, x), np.ones(3, np.float32))[0])  # one device's
+  assert not bool(fn(x, np.array([1, np.inf, 1], np.float32))[0])
+
+
+def test_skipped_nonfinite_update_under_fsdp_equals_replicated():
+  mesh, model = parallel.make_mesh(), _vit()
+  good = _batches(2)
+  bad = dict(good[0], labels=np.where(np.arange(16)[:, None] == 5, np.nan, good[0]['labels']))
+  batches = [parallel.shard_batch(b, mesh) for b in (good[0], bad, good[1])]
+
+  tx = optax.apply_if_finite(_tx(), 2)
+  ref = replicated_state(model, tx, mesh, IMAGE, ema=True)
+  ref_fn = train_step_fn(mesh, model=model, tx=tx, ema_decay=0.9, skip_nonfinite_steps=2)
+  tx = sharding.apply_if_finite(_tx(), 2)
+  state, specs = fsdp_state(model, tx, mesh)
+  fn = fsdp_step_fn(model, tx, mesh, specs)
+  for i, b in enumerate(batches):
+    ref, r = ref_fn(ref, b)
+    state, m = fn(state, b)
+    assert int(r['skipped']) == (i == 1)
+    assert int(step_lib.skipped_update(state.opt_state, 2)) == (i == 1)
+    np.testing.assert_allclose(m['loss'], r['loss'], rtol=1e-6)
+    got, want = _flat(state), _flat(ref)
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
