@@ -3,7 +3,8 @@
 Steps are written per device, pmap-style, with collectives over the named axis
 `AXIS`, and mapped with `jax.shard_map` (JAX's successor to `jax.pmap`, which has
 itself been built on shard_map since JAX 0.8). Several hosts join through
-`jax.distributed`, JAX's own multi-process runtime.
+`jax.distributed`, JAX's own multi-process runtime. Where each array of the train state
+lives (replicated, or sharded over AXIS: config.sharding='fsdp') is imgcls.sharding's rule.
 """
 
 from __future__ import annotations

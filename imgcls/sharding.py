@@ -81,6 +81,8 @@ def _sharded_dim(spec: P) -> int | None:
   return next((d for d, name in enumerate(spec) if name is not None), None)
 
 
+# shard_map FSDP rather than jit with in/out shardings: step.train_step stays per-device code
+# (a gather inside its loss, a norm and a clip that read shards), its replicated path unchanged.
 def gather(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
   """Per-device code: this device's shards -> whole arrays (replicated leaves, or every leaf
   when specs is None, as they are). Differentiating through it reduce-scatters the gradients

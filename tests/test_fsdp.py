@@ -219,20 +219,28 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device():
 
 # ------------------------------------------------- checkpoints across meshes
 
-@pytest.mark.parametrize('devices,strategy', [(4, 'fsdp'), (1, 'fsdp'), (8, 'replicated')])
-def test_checkpoint_of_8_sharded_devices_restores_onto_another_mesh(tmp_path, devices, strategy):
+@pytest.fixture(scope='module')
+def saved_on_8(tmp_path_factory):
+  """(workdir, state): a ResNet's fsdp state after one step on 8 devices, checkpointed."""
   mesh8, model, tx = parallel.make_mesh(), _resnet(), _tx()
   state, specs = fsdp_state(model, tx, mesh8)
   state, _ = fsdp_step_fn(model, tx, mesh8, specs)(state,
                                                    parallel.shard_batch(_batches(1)[0], mesh8))
-  saver = checkpoints.Checkpointer(str(tmp_path), asynchronous=False)
+  workdir = tmp_path_factory.mktemp('fsdp_ckpt')
+  saver = checkpoints.Checkpointer(str(workdir), asynchronous=False)
   saver.save(1, state, {'note': 'fsdp on 8'})
   saver.close()
+  return workdir, state
 
+
+@pytest.mark.parametrize('devices,strategy', [(4, 'fsdp'), (1, 'fsdp'), (8, 'replicated')])
+def test_checkpoint_of_8_sharded_devices_restores_onto_another_mesh(saved_on_8, devices,
+                                                                     strategy):
+  (workdir, state), model, tx = saved_on_8, _resnet(), _tx()
   mesh = parallel.make_mesh(jax.devices()[:devices])
   shapes = jax.eval_shape(_create(model, tx), jax.random.PRNGKey(0))
   target = sharding.abstract_state_with_shardings(shapes, mesh, strategy, min_bytes=0)
-  reader = checkpoints.Checkpointer(str(tmp_path), asynchronous=False, read_only=True)
+  reader = checkpoints.Checkpointer(str(workdir), asynchronous=False, read_only=True)
   restored = reader.restore(1, target)
   reader.close()
 
