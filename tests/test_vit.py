@@ -250,7 +250,11 @@ def test_registry_and_config():
   assert names <= set(models.list_models())
   assert {'variant', 'width', 'depth', 'mlp_dim', 'num_heads', 'patch_size', 'pool', 'posemb',
           'representation_size', 'dropout', 'stoch_depth', 'dtype', 'param_dtype',
-          'head_zero_init', 'approximate_gelu', 'num_classes'} == models.model_kwargs('vit')
+          'head_zero_init', 'approximate_gelu', 'num_classes',
+          # the options of today's backbones (tests/models/test_vit_backbones.py)
+          'class_token', 'reg_tokens', 'no_embed_class', 'pre_norm', 'init_values', 'act',
+          'mlp_type', 'fc_norm', 'qkv_bias', 'patch_bias', 'norm_eps', 'strict_img_size',
+          'img_size', 'dynamic_img_size', 'posemb_resize'} == models.model_kwargs('vit')
   assert 'variant' not in models.model_kwargs('vit_s16')
   assert models.get_model('vit_b32').dims()['patch_size'] == 32
 

@@ -247,9 +247,11 @@ def test_export_writes_each_familys_official_format_and_refuses_unknown_structur
 
 
 def test_formats_come_from_the_families_converters():
-  assert set(weights.FORMATS) == {'vit_npz', 'bit_npz', 'timm_vit', 'timm_resnet', 'timm_bit'}
+  assert set(weights.FORMATS) == {'vit_npz', 'bit_npz', 'timm_vit', 'timm_resnet', 'timm_bit',
+                                  'timm_convnext'}
   assert {n: weights.CONVERTERS.info(n)['family'] for n in weights.CONVERTERS.names(
-      official=True)} == {'vit_npz': 'vit', 'bit_npz': 'bit', 'timm_resnet': 'resnet'}
+      official=True)} == {'vit_npz': 'vit', 'bit_npz': 'bit', 'timm_resnet': 'resnet',
+                          'timm_convnext': 'convnext'}
 
 
 def test_imgcls_variables_load_as_a_mapping_and_directories_are_refused(tmp_path):

@@ -3,7 +3,12 @@
   vit_npz   .npz of google-research/vision_transformer (AugReg etc.) and big_vision (its names,
             a 'params/' prefix, or a scanned `encoderblock` stack); written back in the
             vision_transformer layout, the one timm's npz loader also reads. Official export.
-  timm_vit  timm VisionTransformer state dict (fused qkv; the merge reshapes it to [D, H, Dh]).
+  timm_vit  timm VisionTransformer state dict (fused qkv; the merge reshapes it to [D, H, Dh]):
+            DINOv2 (LayerScale, registers, SwiGLU), SigLIP (attn_pool = MAPHead_0), CLIP
+            (norm_pre), fc_norm; from .safetensors, .bin, .pth or .npz. Export writes it back.
+Each registers the way its source resizes a position embedding on load (`posemb_resize` info,
+used by weights.load_pretrained(posemb_resize='source')): timm's antialiased bicubic, and
+scipy.ndimage.zoom(order=1) for vision_transformer and big_vision.
 """
 
 from __future__ import annotations
@@ -69,95 +74,147 @@ def npz_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
 
 
 _TIMM_SIMPLE = {
-    'cls_token': ('params/cls', None),
-    'pos_embed': (POSEMB_KEY, None),
-    'patch_embed.proj.weight': ('params/embedding/kernel', convert.conv_t2f),
-    'patch_embed.proj.bias': ('params/embedding/bias', None),
-    'norm.weight': ('params/Transformer/encoder_norm/scale', None),
-    'norm.bias': ('params/Transformer/encoder_norm/bias', None),
-    'head.weight': ('params/head/kernel', convert.linear),
-    'head.bias': ('params/head/bias', None),
+    'cls_token': 'params/cls',
+    'reg_token': 'params/reg',
+    'pos_embed': POSEMB_KEY,
+    'patch_embed.proj.bias': 'params/embedding/bias',
+    'norm_pre.weight': 'params/Transformer/norm_pre/scale',
+    'norm_pre.bias': 'params/Transformer/norm_pre/bias',
+    'norm.weight': 'params/Transformer/encoder_norm/scale',
+    'norm.bias': 'params/Transformer/encoder_norm/bias',
+    'fc_norm.weight': 'params/fc_norm/scale',
+    'fc_norm.bias': 'params/fc_norm/bias',
+    'head.weight': 'params/head/kernel',
+    'head.bias': 'params/head/bias',
+    'attn_pool.latent': 'params/MAPHead_0/probe',
+    'attn_pool.q.weight': 'params/MAPHead_0/MultiHeadDotProductAttention_0/query/kernel',
+    'attn_pool.q.bias': 'params/MAPHead_0/MultiHeadDotProductAttention_0/query/bias',
+    'attn_pool.proj.weight': 'params/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel',
+    'attn_pool.proj.bias': 'params/MAPHead_0/MultiHeadDotProductAttention_0/out/bias',
+    'attn_pool.norm.weight': 'params/MAPHead_0/LayerNorm_0/scale',
+    'attn_pool.norm.bias': 'params/MAPHead_0/LayerNorm_0/bias',
+    'attn_pool.mlp.fc1.weight': 'params/MAPHead_0/MlpBlock_0/Dense_0/kernel',
+    'attn_pool.mlp.fc1.bias': 'params/MAPHead_0/MlpBlock_0/Dense_0/bias',
+    'attn_pool.mlp.fc2.weight': 'params/MAPHead_0/MlpBlock_0/Dense_1/kernel',
+    'attn_pool.mlp.fc2.bias': 'params/MAPHead_0/MlpBlock_0/Dense_1/bias',
 }
 _TIMM_BLOCK = {
     'norm1.weight': 'LayerNorm_0/scale', 'norm1.bias': 'LayerNorm_0/bias',
     'norm2.weight': 'LayerNorm_2/scale', 'norm2.bias': 'LayerNorm_2/bias',
     'mlp.fc1.weight': 'MlpBlock_3/Dense_0/kernel', 'mlp.fc1.bias': 'MlpBlock_3/Dense_0/bias',
+    'mlp.fc1_x.weight': 'MlpBlock_3/Dense_0/kernel', 'mlp.fc1_x.bias': 'MlpBlock_3/Dense_0/bias',
+    'mlp.fc1_g.weight': 'MlpBlock_3/gate/kernel', 'mlp.fc1_g.bias': 'MlpBlock_3/gate/bias',
     'mlp.fc2.weight': 'MlpBlock_3/Dense_1/kernel', 'mlp.fc2.bias': 'MlpBlock_3/Dense_1/bias',
     'attn.proj.weight': 'MultiHeadDotProductAttention_1/out/kernel',
     'attn.proj.bias': 'MultiHeadDotProductAttention_1/out/bias',
+    'ls1.gamma': 'layer_scale_1', 'ls2.gamma': 'layer_scale_2',
 }
+_QKV = ('query', 'key', 'value')
+
+
+def _timm_value(key: str, value: np.ndarray) -> np.ndarray:
+  """torch layout -> Flax: the patch conv OIHW -> HWIO, Linear [out, in] -> [in, out]."""
+  if key == 'patch_embed.proj.weight':
+    return convert.conv_t2f(value)
+  return convert.linear(value) if key.endswith('weight') and value.ndim == 2 else value
 
 
 def timm_to_imgcls(sd: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  """timm's fused qkv / proj become [in, out] matrices; the merge reshapes them to [D, H, Dh]."""
+  """timm's fused qkv (blocks) and kv (attn_pool) are split; q/k/v/out stay [in, out] matrices
+  that the merge reshapes to [D, H, Dh] (the head count is the model's, not in the file)."""
   out, unknown = {}, []
   blk = 'params/Transformer/encoderblock_{}/'
+  pool = 'params/MAPHead_0/MultiHeadDotProductAttention_0/'
   for key, value in sd.items():
-    if key in _TIMM_SIMPLE:
-      name, fn = _TIMM_SIMPLE[key]
-      out[name] = fn(value) if fn else value
-      continue
+    ours = 'kernel' if key.rpartition('.')[2] == 'weight' else 'bias'
     m = re.fullmatch(r'blocks\.(\d+)\.(.*)', key)
-    if m and m[2] in _TIMM_BLOCK:
-      out[blk.format(m[1]) + _TIMM_BLOCK[m[2]]] = convert.linear(value) if m[2].endswith(
-          'weight') and value.ndim == 2 else value
+    if key == 'patch_embed.proj.weight':
+      out['params/embedding/kernel'] = _timm_value(key, value)
+    elif key in _TIMM_SIMPLE:
+      out[_TIMM_SIMPLE[key]] = _timm_value(key, value)
+    elif key in ('attn_pool.kv.weight', 'attn_pool.kv.bias'):
+      for part, piece in zip(_QKV[1:], np.split(value, 2, axis=0)):
+        out[pool + f'{part}/{ours}'] = _timm_value(key, piece)
+    elif m and m[2] in _TIMM_BLOCK:
+      out[blk.format(m[1]) + _TIMM_BLOCK[m[2]]] = _timm_value(key, value)
     elif m and m[2] in ('attn.qkv.weight', 'attn.qkv.bias'):
-      kind = m[2].rsplit('.', 1)[1]
-      for part, piece in zip(('query', 'key', 'value'), np.split(value, 3, axis=0)):
-        out[blk.format(m[1]) + f'MultiHeadDotProductAttention_1/{part}/' + (
-            'kernel' if kind == 'weight' else 'bias')] = convert.linear(piece) \
-            if piece.ndim == 2 else piece
+      for part, piece in zip(_QKV, np.split(value, 3, axis=0)):
+        out[blk.format(m[1]) + f'MultiHeadDotProductAttention_1/{part}/{ours}'] = _timm_value(
+            key, piece)
     else:
       unknown.append(key)
   return out, unknown
 
 
+def _attention_to_timm(p: Mapping[str, np.ndarray], a: str, width: int) -> dict[str, np.ndarray]:
+  """One imgcls attention module's q/k/v/out -> {'q', 'k', 'v', 'proj'} weight/bias, torch
+  layout ([out, in]); biases absent where the model has none."""
+  out = {}
+  for n, t in zip((*_QKV, 'out'), ('q', 'k', 'v', 'proj')):
+    kernel = p[a + f'{n}/kernel']
+    out[f'{t}.weight'] = (kernel.reshape(-1, width) if n == 'out' else
+                          kernel.reshape(width, -1)).T
+    if a + f'{n}/bias' in p:
+      out[f'{t}.bias'] = p[a + f'{n}/bias'].reshape(-1)
+  return out
+
+
 def timm_from_imgcls(flat: Mapping[str, np.ndarray]) -> Flat:
   p = {k.removeprefix('params/'): v for k, v in flat.items()}
+  used = set()
+
+  def take(key):
+    used.add(key)
+    return p[key]
+
   sd = {}
-  if 'cls' in p:
-    sd['cls_token'] = p['cls']
-  if 'Transformer/posembed_input/pos_embedding' in p:
-    sd['pos_embed'] = p['Transformer/posembed_input/pos_embedding']
-  sd['patch_embed.proj.weight'] = convert.conv_f2t(p['embedding/kernel'])
-  sd['patch_embed.proj.bias'] = p['embedding/bias']
+  simple = {v.removeprefix('params/'): k for k, v in _TIMM_SIMPLE.items()}
+  for ours, theirs in simple.items():
+    if ours in p and not ours.startswith('MAPHead_0/MultiHeadDotProductAttention_0/'):
+      sd[theirs] = _timm_value(theirs, take(ours))
+  sd['patch_embed.proj.weight'] = convert.conv_f2t(take('embedding/kernel'))
+  width = p['embedding/kernel'].shape[-1]
   depth = len({k.split('/')[1] for k in p if k.startswith('Transformer/encoderblock_')})
+  to_timm_block = {v: k for k, v in _TIMM_BLOCK.items() if 'fc1_x' not in k}
   for i in range(depth):
-    b = f'Transformer/encoderblock_{i}/'
-    t = f'blocks.{i}.'
+    b, t = f'Transformer/encoderblock_{i}/', f'blocks.{i}.'
+    gated = b + 'MlpBlock_3/gate/kernel' in p
+    for ours, theirs in to_timm_block.items():
+      if b + ours in p:
+        if gated and theirs.startswith('mlp.fc1.'):
+          theirs = theirs.replace('mlp.fc1.', 'mlp.fc1_x.')
+        sd[t + theirs] = _timm_value(theirs, take(b + ours))
     a = b + 'MultiHeadDotProductAttention_1/'
-    width = p[a + 'query/kernel'].shape[0]
-    sd[t + 'norm1.weight'], sd[t + 'norm1.bias'] = p[b + 'LayerNorm_0/scale'], p[
-        b + 'LayerNorm_0/bias']
-    sd[t + 'attn.qkv.weight'] = np.concatenate(
-        [p[a + f'{n}/kernel'].reshape(width, -1).T for n in ('query', 'key', 'value')])
-    sd[t + 'attn.qkv.bias'] = np.concatenate(
-        [p[a + f'{n}/bias'].reshape(-1) for n in ('query', 'key', 'value')])
-    sd[t + 'attn.proj.weight'] = p[a + 'out/kernel'].reshape(-1, width).T
-    sd[t + 'attn.proj.bias'] = p[a + 'out/bias']
-    sd[t + 'norm2.weight'], sd[t + 'norm2.bias'] = p[b + 'LayerNorm_2/scale'], p[
-        b + 'LayerNorm_2/bias']
-    for j in (0, 1):
-      sd[t + f'mlp.fc{j + 1}.weight'] = p[b + f'MlpBlock_3/Dense_{j}/kernel'].T
-      sd[t + f'mlp.fc{j + 1}.bias'] = p[b + f'MlpBlock_3/Dense_{j}/bias']
-  sd['norm.weight'] = p['Transformer/encoder_norm/scale']
-  sd['norm.bias'] = p['Transformer/encoder_norm/bias']
-  sd['head.weight'] = p['head/kernel'].T
-  sd['head.bias'] = p['head/bias']
-  left = set(p) - {k for k in p if k.startswith(('Transformer/', 'embedding/', 'head/'))} - {
-      'cls'}
+    attn = _attention_to_timm(p, a, width)
+    used.update(k for k in p if k.startswith(a))
+    for part in ('weight', 'bias'):
+      if f'q.{part}' in attn:
+        sd[t + f'attn.qkv.{part}'] = np.concatenate([attn[f'{n}.{part}'] for n in 'qkv'])
+    sd[t + 'attn.proj.weight'] = attn['proj.weight']
+    sd[t + 'attn.proj.bias'] = attn['proj.bias']
+  a = 'MAPHead_0/MultiHeadDotProductAttention_0/'
+  if a + 'query/kernel' in p:
+    attn = _attention_to_timm(p, a, width)
+    used.update(k for k in p if k.startswith(a))
+    sd['attn_pool.q.weight'], sd['attn_pool.q.bias'] = attn['q.weight'], attn['q.bias']
+    sd['attn_pool.kv.weight'] = np.concatenate([attn['k.weight'], attn['v.weight']])
+    sd['attn_pool.kv.bias'] = np.concatenate([attn['k.bias'], attn['v.bias']])
+    sd['attn_pool.proj.weight'], sd['attn_pool.proj.bias'] = attn['proj.weight'], attn[
+        'proj.bias']
+  left = sorted(set(p) - used)
   if left:
-    raise WeightsError(f'timm_vit export does not cover {", ".join(sorted(left))} (timm names '
-                       "pre-logits and MAP heads differently); export to 'vit_npz' instead.")
+    raise WeightsError(f'timm_vit export does not cover {", ".join(left)} (timm has no '
+                       "pre-logits layer in these models); export to 'vit_npz' instead.")
   return sd
 
 
 CONVERTERS.register('vit_npz', Converter(
     is_format=lambda keys: any(k.endswith('embedding/kernel') for k in keys),
     is_family=is_vit, to_imgcls=npz_to_imgcls, from_imgcls=npz_from_imgcls),
-    family='vit', official=True,
-    describe='official ViT .npz (vision_transformer, big_vision) read + written')
+    family='vit', official=True, posemb_resize='zoom_linear',
+    describe='official ViT .npz (vision_transformer, big_vision incl. SigLIP) read + written')
 CONVERTERS.register('timm_vit', Converter(
     is_format=lambda keys: 'patch_embed.proj.weight' in keys,
     is_family=is_vit, to_imgcls=timm_to_imgcls, from_imgcls=timm_from_imgcls),
-    family='vit', official=False, describe='timm state dict')
+    family='vit', official=False, posemb_resize='bicubic_timm',
+    describe='timm VisionTransformer state dict (DINOv2, SigLIP, CLIP, AugReg ...)')

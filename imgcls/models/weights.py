@@ -2,17 +2,23 @@
 
 Formats (`FORMATS`) are registered by the model families beside their code (convert.CONVERTERS):
   vit_npz      ViT .npz of google-research/vision_transformer and big_vision (vit_weights.py).
-  timm_vit     timm VisionTransformer state dict (vit_weights.py).
+  timm_vit     timm VisionTransformer state dict: AugReg, DINOv2, SigLIP, CLIP (vit_weights.py).
   bit_npz      BiT .npz of google-research/big_transfer (bit_weights.py).
   timm_bit     timm ResNetV2 (BiT) state dict (bit_weights.py).
   timm_resnet  timm or torchvision ResNet state dict (resnet_weights.py).
-Files may be .npz, .safetensors (numpy, no torch needed) or torch .pth/.pt/.bin (needs torch).
-`export` writes a family's official format (vit_npz, bit_npz, timm_resnet) unless told another.
+  timm_convnext timm ConvNeXt / ConvNeXt-V2 state dict (convnext_weights.py).
+Files may be .npz, .safetensors (numpy, no torch needed) or torch .pth/.pt/.bin (needs torch);
+'FILE.npz:img' reads the subtree 'img' only (big_vision's load_params selection, e.g. a SigLIP
+checkpoint's image tower under params/img/).
+`export` writes a family's official format (vit_npz, bit_npz, timm_resnet, timm_convnext) unless
+told another.
 
 `load_pretrained` converts a checkpoint onto the variables of a freshly initialised model and
 returns a `MergeReport`: what was loaded, missing, unused, reshaped (same size, other layout, e.g.
 timm's fused attention), re-initialised (the head, when the class count differs) and resized
-(position embeddings on a new grid). It is strict by default: anything missing or left over is
+(position embeddings on a new grid, `posemb_resize`: 'source' resizes as the checkpoint's
+source does, e.g. timm's antialiased bicubic). A checkpoint without a head (a backbone) leaves
+the model's head at its fresh init, reported as re-initialised. It is strict by default: anything missing or left over is
 an error naming the keys, unless `strict=False` or the keys match an `ignore` regex.
 
 Converters are hand-written key maps: no library covers these layouts for Flax (timm's own
@@ -38,12 +44,15 @@ from etils import epath
 from imgcls.models import bit_weights, resnet_weights, vit_weights  # noqa: F401
 from imgcls.models import convnext_weights  # noqa: F401
 from imgcls.models.convert import CONVERTERS, Flat, WeightsError
+from imgcls.models import vit
 from imgcls.models.vit import POSEMB_KEY
 
 FORMATS = tuple(CONVERTERS.names())
 IMGCLS = 'imgcls'  # imgcls's own names (e.g. a workdir's weights): nothing to convert
 HEAD_PREFIX = 'params/head/'
-POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic')  # how a position embedding is resized
+# How a position embedding is resized (vit.POSEMB_RESIZE_METHODS), or 'source': as the format's
+# own source does (its converter's `posemb_resize` info; bilinear for imgcls's own names).
+POSEMB_RESIZE_METHODS = (*vit.POSEMB_RESIZE_METHODS, 'source')
 
 
 # ----------------------------------------------------------------------------- files
@@ -51,7 +60,9 @@ POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic')  # how a position embedding is r
 
 def read_file(path: str | epath.PathLike) -> Flat:
   """All arrays of a .npz, .safetensors or torch checkpoint file as {key: float32 numpy}."""
-  path = epath.Path(path)
+  path, subtree = _split_subtree(path)
+  if subtree:
+    return _select(read_file(path), subtree, path)
   if not path.exists():
     raise WeightsError(f'No such weights file: {path}.')
   suffix = path.suffix.lower()
@@ -78,6 +89,31 @@ def read_file(path: str | epath.PathLike) -> Flat:
     return {k: v.float().numpy() for k, v in sd.items() if hasattr(v, 'numpy')}
   raise WeightsError(f'Unknown weights file type {suffix!r} for {path}: expected .npz, '
                      '.safetensors, .pth, .pt or .bin.')
+
+
+def _split_subtree(path: str | epath.PathLike) -> tuple[epath.Path, str]:
+  """'ckpt.npz:img' -> (ckpt.npz, 'img') when ckpt.npz exists and the whole name does not."""
+  text = str(path)
+  head, sep, tail = text.rpartition(':')
+  if sep and tail and '/' not in tail and not epath.Path(text).exists() and epath.Path(
+      head).exists():
+    return epath.Path(head), tail
+  return epath.Path(path), ''
+
+
+def _select(flat: Flat, subtree: str, path: epath.Path) -> Flat:
+  """The arrays under the first '<subtree>/' level of their keys ('params/img/...' for 'img'),
+  with everything up to it dropped."""
+  out = {}
+  for key, value in flat.items():
+    parts = key.split('/')
+    if subtree in parts[:-1]:
+      out['/'.join(parts[parts.index(subtree) + 1:])] = value
+  if not out:
+    tops = sorted({'/'.join(k.split('/')[:2]) for k in flat})[:8]
+    raise WeightsError(f'{path} has no subtree {subtree!r} (its keys start {", ".join(tops)}); '
+                       'name one of those after the colon.')
+  return out
 
 
 def write_npz(path: str | epath.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
@@ -225,14 +261,16 @@ def resize_posemb(posemb: np.ndarray, num_prefix: int, new_grid: tuple[int, int]
 
   Bilinear is what the official ViT fine-tuning code uses; 'bicubic' is offered as in timm.
   """
-  if method not in POSEMB_RESIZE_METHODS:
-    raise WeightsError(f"Unknown position-embedding resize {method!r}: use 'bilinear' or "
-                       "'bicubic'.")
+  if method not in vit.POSEMB_RESIZE_METHODS:
+    raise WeightsError(f'Unknown position-embedding resize {method!r}: use one of '
+                       f'{", ".join(vit.POSEMB_RESIZE_METHODS)}.')
   prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
   side = math.isqrt(grid.shape[0])
   if side * side != grid.shape[0]:
     raise WeightsError(f'The checkpoint position embedding has {grid.shape[0]} patch tokens, not '
                        'a square grid; it cannot be resized.')
+  if method not in ('bilinear', 'bicubic'):  # the sources' own resizes (vit.resample_grid)
+    return vit.resample_posemb(np.asarray(posemb), num_prefix, (side, side), new_grid, method)
   grid = grid.reshape(side, side, -1)
   resized = jax.image.resize(jnp.asarray(grid, jnp.float32), (*new_grid, grid.shape[-1]),
                              method=method, antialias=False)
@@ -266,6 +304,7 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
   strict: raise WeightsError if anything is missing, unused or cannot fit.
   """
   report = report or MergeReport()
+  posemb_resize = 'bilinear' if posemb_resize == 'source' else posemb_resize  # imgcls's own
   patterns = [re.compile(p) for p in ignore]
   flat_template = flatten(template)
   out = dict(flat_template)
@@ -285,7 +324,10 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
       out[key] = jnp.zeros(want.shape, want.dtype)  # logits start at zero, as BiT and ViT do
       continue
     elif key == POSEMB_KEY and value.shape[-1] == want.shape[-1]:
-      prefix = 1 if 'params/cls' in flat_template else 0
+      try:
+        prefix = vit.posemb_prefix(flat_template, value.shape[1], want.shape[1], grid)
+      except ValueError as e:
+        raise WeightsError(str(e)) from None
       new_grid = _target_grid(want.shape[1] - prefix, grid)
       old = value.shape[1]
       value = resize_posemb(value, prefix, new_grid, posemb_resize)
@@ -298,6 +340,10 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
       continue
     out[key] = jnp.asarray(value, dtype=want.dtype)
     report.loaded.append(key)
+  if not any(k.startswith(HEAD_PREFIX) for k in converted):  # a backbone without a head
+    for key in flat_template:
+      if key.startswith(HEAD_PREFIX):
+        report.reinitialised.append(f'{key}: not in the checkpoint, fresh init kept')
   done = set(report.loaded) | {r.split(':')[0] for r in report.reinitialised}
   report.missing = [k for k in flat_template if k not in done
                     and not any(p.search(k) for p in patterns)]
@@ -334,6 +380,9 @@ def load_pretrained(source: str | epath.PathLike | Mapping[str, Any],
   else:
     flat = read_file(source)
   fmt = fmt or detect_format(flat)
+  if posemb_resize == 'source':
+    posemb_resize = CONVERTERS.info(fmt).get('posemb_resize', 'bilinear') if fmt in FORMATS \
+        else 'bilinear'
   converted, unknown = to_imgcls(flat, fmt)
   report = MergeReport(source=str(source) if not isinstance(source, Mapping) else 'a dict',
                        fmt=fmt)
