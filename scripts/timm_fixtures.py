@@ -19,7 +19,9 @@ Usage (from the repo root):
       [--fixture=bit|PATH.npz] [--model_args=JSON] [--prefix=resnet/] [--atol=1e-4]
 
 generate writes vit_tok.npz, vit_gap.npz, resnet_bottleneck.npz and bit.npz, then the
-ConvNeXt fixtures (generate-convnext writes only those: see CONVNEXT_SPECS). Each holds
+ConvNeXt fixtures (generate-convnext writes only those: see CONVNEXT_SPECS) and the ViT
+backbone ones (generate-vit-backbones: VIT_BACKBONE_SPECS, and vit_backbones_table.json, timm's
+architecture facts and parameter counts of every registered DINOv2/SigLIP/CLIP name). Each holds
   sd/<key>  every state_dict tensor (num_batches_tracked left out) as float32, in
             timm's own layout (OIHW convs, [out, in] linears),
   input     the batch, NHWC float32 [2, 32, 32, 3]; timm is fed its NCHW transpose,
@@ -230,6 +232,165 @@ def generate_convnext(out_dir: pathlib.Path) -> None:
       model = timm.create_model(name)
     print(f"    '{name}': {sum(p.numel() for p in model.parameters()):_},")
 
+# ViT backbones (tests/models/test_vit_backbones.py): small random-init configurations of each
+# timm family, logits at the default size and at another grid (the position embedding resized
+# on load by timm's checkpoint_filter_fn, and for DINOv2 also at run time: dynamic_img_size).
+_VIT_SMALL = dict(embed_dim=48, depth=2, num_heads=3, num_classes=7)
+_VIT_CLS = 'timm.models.vision_transformer.VisionTransformer'
+VIT_BACKBONE_SPECS = {
+    'dinov2': dict(kwargs=dict(_VIT_SMALL, img_size=56, patch_size=14, init_values=1e-5),
+                   sizes=(56, 84), normalize='imagenet', seed=21, dynamic=True),
+    'dinov2_reg4': dict(kwargs=dict(_VIT_SMALL, img_size=56, patch_size=14, init_values=1e-5,
+                                    reg_tokens=4, no_embed_class=True),
+                        sizes=(56, 84), normalize='imagenet', seed=22, dynamic=True),
+    'dinov2_swiglu': dict(kwargs=dict(_VIT_SMALL, img_size=56, patch_size=14, init_values=1e-5,
+                                      mlp_ratio=4, act_layer={'callable': 'torch.nn.SiLU'},
+                                      mlp_layer={'callable': 'timm.layers.SwiGLUPacked'}),
+                          sizes=(56, 42), normalize='imagenet', seed=23, dynamic=True),
+    'vit_swiglu_gap': dict(kwargs=dict(_VIT_SMALL, img_size=32, patch_size=8, qkv_bias=False,
+                                       global_pool='avg', act_layer={'callable': 'torch.nn.SiLU'},
+                                       mlp_layer={'callable': 'timm.layers.SwiGLU'}),
+                           sizes=(32, 40), normalize='imagenet', seed=24),
+    'siglip': dict(kwargs=dict(_VIT_SMALL, img_size=48, patch_size=8, class_token=False,
+                               global_pool='map'),
+                   sizes=(48, 32), normalize='siglip', seed=25),
+    'siglip_gap': dict(kwargs=dict(_VIT_SMALL, img_size=48, patch_size=8, class_token=False,
+                                   global_pool='avg', fc_norm=False, act_layer='gelu_tanh'),
+                       sizes=(48, 64), normalize='siglip', seed=26),
+    'clip': dict(kwargs=dict(_VIT_SMALL, img_size=32, patch_size=8, pre_norm=True,
+                             norm_layer={'callable': 'timm.layers.LayerNorm',
+                                         'kwargs': {'eps': 1e-5}}),
+                 sizes=(32, 48), normalize='clip', seed=27),
+    'clip_quickgelu': dict(kwargs=dict(_VIT_SMALL, img_size=48, patch_size=8, pre_norm=True,
+                                       act_layer='quick_gelu',
+                                       norm_layer={'callable': 'timm.layers.LayerNorm',
+                                                   'kwargs': {'eps': 1e-5}}),
+                           sizes=(48, 40), normalize='clip', seed=28),
+}
+VIT_NORMALIZE = {'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                 'siglip': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                 'clip': ((0.48145466, 0.4578275, 0.40821073),
+                          (0.26862954, 0.26130258, 0.27577711))}
+# The names whose architecture and parameter count tests/models/test_vit_backbones.py compares
+# (tests/fixtures/timm/vit_backbones_table.json): imgcls registers each one.
+VIT_TABLE_NAMES = (
+    [f'vit_{s}_patch14{r}_dinov2' for s in ('small', 'base', 'large', 'giant')
+     for r in ('', '_reg4')]
+    + ['vit_base_patch32_siglip_256', 'vit_base_patch32_siglip_gap_256']
+    + [f'vit_base_patch16_siglip{g}_{r}' for g in ('', '_gap') for r in (224, 256, 384, 512)]
+    + [f'vit_large_patch16_siglip{g}_{r}' for g in ('', '_gap') for r in (256, 384, 512)]
+    + [f'vit_so400m_patch14_siglip_{r}' for r in (224, 378, 384)]
+    + [f'vit_so400m_patch14_siglip_gap_{r}' for r in (224, 378, 384, 448, 896)]
+    + [f'vit_so400m_patch16_siglip{g}_{r}' for g in ('', '_gap') for r in (256, 384, 512)]
+    + [f'vit_giantopt_patch16_siglip{g}_{r}' for g in ('', '_gap') for r in (256, 384)]
+    + [f'vit_base_patch32_clip_{r}' for r in (224, 256, 384, 448)]
+    + ['vit_base_patch16_clip_224', 'vit_base_patch16_clip_384', 'vit_large_patch14_clip_224',
+       'vit_large_patch14_clip_336', 'vit_huge_patch14_clip_224', 'vit_huge_patch14_clip_336',
+       'vit_huge_patch14_clip_378', 'vit_giant_patch14_clip_224', 'vit_gigantic_patch14_clip_224',
+       'vit_gigantic_patch14_clip_378', 'vit_base_patch32_clip_quickgelu_224',
+       'vit_base_patch16_clip_quickgelu_224', 'vit_large_patch14_clip_quickgelu_224',
+       'vit_large_patch14_clip_quickgelu_336', 'vit_huge_patch14_clip_quickgelu_224',
+       'vit_huge_patch14_clip_quickgelu_378', 'vit_gigantic_patch14_clip_quickgelu_224'])
+# imgcls's own names for the original papers' sizes -> timm's reference model.
+VIT_PAPER_SIZES = {'vit_s32': 'vit_small_patch32_224', 'vit_b8': 'vit_base_patch8_224',
+                   'vit_l32': 'vit_large_patch32_224', 'vit_h14': 'vit_huge_patch14_224',
+                   'vit_g14': 'vit_giant_patch14_224', 'vit_b16': 'vit_base_patch16_224'}
+
+
+def vit_input(seed: int, size: int, normalize: str) -> tuple[np.ndarray, str]:
+  """(normalised float32 NHWC [2, size, size, 3], sha256 of the uint8 draw at 96 px): the
+  top-left crop of one draw, so every size of a fixture sees the same pixels."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  u8 = np.random.default_rng(seed).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+  mean, std = (np.float32(v) for v in VIT_NORMALIZE[normalize])
+  x = (u8.astype(np.float32) / np.float32(255) - mean) / std
+  return np.ascontiguousarray(x[:, :size, :size]), hashlib.sha256(u8.tobytes()).hexdigest()
+
+
+def _vit_arch(model) -> dict:
+  """The architecture facts of a timm VisionTransformer that imgcls's options must reproduce."""
+  block = model.blocks[0]
+  mlp = block.mlp
+  act = type(mlp.act).__name__
+  if act == 'GELU' and getattr(mlp.act, 'approximate', 'none') == 'tanh':
+    act = 'GELUTanh'
+  fc1 = getattr(mlp, 'fc1', None) or mlp.fc1_x
+  return {
+      'embed_dim': model.embed_dim, 'depth': len(model.blocks),
+      'num_heads': block.attn.num_heads, 'mlp_hidden': fc1.out_features,
+      'mlp_layer': type(mlp).__name__ + ('Packed' if type(mlp).__name__ == 'GluMlp' else ''),
+      'act': act, 'patch_size': model.patch_embed.patch_size[0],
+      'img_size': model.patch_embed.img_size[0],
+      'class_token': model.cls_token is not None, 'reg_tokens': model.num_reg_tokens,
+      'no_embed_class': model.no_embed_class, 'pre_norm': not isinstance(model.norm_pre,
+                                                                         nn.Identity),
+      'layer_scale': not isinstance(block.ls1, nn.Identity),
+      'global_pool': model.global_pool, 'fc_norm': not isinstance(model.fc_norm, nn.Identity),
+      'qkv_bias': block.attn.qkv.bias is not None,
+      'patch_bias': model.patch_embed.proj.bias is not None,
+      'norm_eps': block.norm1.eps,
+      'params': sum(p.numel() for p in model.parameters()),
+  }
+
+
+def generate_vit_backbones(out_dir: pathlib.Path) -> None:
+  """Writes the VIT_BACKBONE_SPECS fixtures (sd/<key>, logits_<size>, posemb_<size> (timm's
+  resized position embedding), logits_dynamic_<size>, config) and the table of architectures
+  and parameter counts of VIT_TABLE_NAMES and VIT_PAPER_SIZES (meta device: no memory)."""
+  from timm.models.vision_transformer import checkpoint_filter_fn  # pylint: disable=import-outside-toplevel
+  out_dir.mkdir(parents=True, exist_ok=True)
+  versions = {'timm': timm.__version__, 'torch': torch.__version__, 'numpy': np.__version__}
+  for name, spec in VIT_BACKBONE_SPECS.items():
+    spec = dict(spec, **{'class': _VIT_CLS})
+    torch.manual_seed(spec['seed'])
+    model = build(spec)
+    randomize(model)
+    sd = state_dict_arrays(model)
+    arrays, sha = {}, None
+    for size in spec['sizes']:
+      x, sha = vit_input(spec['seed'], size, spec['normalize'])
+      at_size = build(spec, {'img_size': size})
+      tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
+      at_size.load_state_dict(checkpoint_filter_fn(tsd, at_size))  # resized as timm loads
+      arrays[f'logits_{size}'] = logits_of(at_size, x)
+      check_logits(f'{name} at {size}', arrays[f'logits_{size}'])
+      if size != spec['sizes'][0]:
+        arrays[f'posemb_{size}'] = at_size.pos_embed.detach().float().numpy()
+        if spec.get('dynamic'):
+          dyn = build(spec, {'dynamic_img_size': True})
+          dyn.load_state_dict(tsd)
+          arrays[f'logits_dynamic_{size}'] = logits_of(dyn, x)
+    config = {
+        'name': name, **spec, 'versions': versions,
+        'arch': {k: v for k, v in _vit_arch(model).items()},
+        'input': {'layout': 'NHWC', 'sizes': list(spec['sizes']), 'uint8_sha256': sha,
+                  'rng': f'numpy.random.default_rng({spec["seed"]}).integers(0, 256, '
+                         f'(2, 96, 96, 3), uint8), (x / 255 - mean) / std in float32 with the '
+                         f'{spec["normalize"]} mean and std, top-left crop to each size'},
+        'weights': f'torch.manual_seed({spec["seed"]}), model built, then randomize()',
+        'resize': 'timm checkpoint_filter_fn onto a model built at the other img_size '
+                  '(resample_abs_pos_embed: bicubic, antialias=True, align_corners=False); '
+                  'logits_dynamic_*: the default-size model with dynamic_img_size=True',
+    }
+    path = out_dir / f'vit_{name}.npz' if not name.startswith('vit_') else out_dir / f'{name}.npz'
+    np.savez_compressed(path, config=np.array(json.dumps(config, indent=1)), **arrays,
+                        **{f'sd/{k}': v for k, v in sd.items()})
+    print(f'{path.relative_to(_REPO) if path.is_relative_to(_REPO) else path}: '
+          f'{path.stat().st_size / 1024:.1f} KiB, {len(sd)} tensors')
+  table = {}
+  for name in (*VIT_TABLE_NAMES, *VIT_PAPER_SIZES.values()):
+    with torch.device('meta'):
+      model = timm.create_model(name, num_classes=1000)
+    table[name] = _vit_arch(model)
+  path = out_dir / 'vit_backbones_table.json'
+  path.write_text(json.dumps({'timm': timm.__version__, 'num_classes': 1000,
+                              'imgcls_paper_sizes': VIT_PAPER_SIZES, 'models': table},
+                             indent=1) + '\n')
+  print(f'{path.name}: {len(table)} models; parameter counts:')
+  for name, arch in table.items():
+    print(f'  {name}: {arch["params"]:_}')
+
+
 def _resolve(value):
   """Turns {'callable': 'mod.name', 'kwargs': {...}} into the object (or a partial)."""
   if isinstance(value, dict) and 'callable' in value:
@@ -438,6 +599,9 @@ def main(argv=None) -> int:
   gen.add_argument('--out_dir', type=pathlib.Path, default=_FIXTURE_DIR)
   gen_cn = sub.add_parser('generate-convnext', help='write only the ConvNeXt fixtures')
   gen_cn.add_argument('--out_dir', type=pathlib.Path, default=_FIXTURE_DIR)
+  gen_vb = sub.add_parser('generate-vit-backbones',
+                          help='write only the ViT backbone (DINOv2, SigLIP, CLIP) fixtures')
+  gen_vb.add_argument('--out_dir', type=pathlib.Path, default=_FIXTURE_DIR)
   for command, module_name, fixture, prefix_help in [
       ('check-vit-npz', 'timm.models.vision_transformer', 'vit_tok',
        'npz key prefix; default: auto-detected by timm ("", opt/target/, params/, params/img/)'),
@@ -459,9 +623,13 @@ def main(argv=None) -> int:
   if args.command in (None, 'generate'):
     generate(getattr(args, 'out_dir', _FIXTURE_DIR))
     generate_convnext(getattr(args, 'out_dir', _FIXTURE_DIR))
+    generate_vit_backbones(getattr(args, 'out_dir', _FIXTURE_DIR))
     return 0
   if args.command == 'generate-convnext':
     generate_convnext(args.out_dir)
+    return 0
+  if args.command == 'generate-vit-backbones':
+    generate_vit_backbones(args.out_dir)
     return 0
   return check_npz(args.module_name, args)
 

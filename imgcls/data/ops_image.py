@@ -262,6 +262,7 @@ NORMALIZE_PRESETS = {
     'inception': ((0.5,), (0.5,)),  # [-1, 1]: the official ViT and BiT checkpoints
     'clip': ((0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP
              (0.26862954, 0.26130258, 0.27577711)),
+    'siglip': ((0.5,), (0.5,)),  # [-1, 1]: SigLIP / SigLIP 2 (big_vision, timm)
 }
 
 
