@@ -6,6 +6,7 @@ an image folder or a TFDS dataset.
   imgcls train --config=configs/finetune_vit_backbones.py:model=vit_base_patch16_siglip_224,dataset=oxford_iiit_pet,classes=37,init=model.safetensors,mode=linear \
       --workdir=runs/pets_siglip_probe
 
+`model=` is any timm DINOv2, SigLIP or CLIP name (default vit_base_patch16_siglip_224).
 `init` is the backbone's timm state dict (`model.safetensors` of the Hugging Face repo, e.g.
 timm/vit_base_patch14_reg4_dinov2.lvd142m, timm/vit_base_patch16_siglip_224.v2_webli,
 timm/vit_base_patch16_clip_224.openai), or big_vision's SigLIP .npz with its image tower
@@ -42,8 +43,8 @@ MODES = ('finetune', 'linear')
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, model='vit_base_patch14_dinov2', init='', root='', dataset='oxford_iiit_pet',
-                  classes=37, train_split='train', eval_split='', size=0, epochs=30.0,
+  arg = parse_arg(arg, model='vit_base_patch16_siglip_224', init='', root='',
+                  dataset='oxford_iiit_pet', classes=37, train_split='train', eval_split='', size=0, epochs=30.0,
                   batch=128, lr=0.0, warmup=100, layer_decay=0.75, stoch_depth=0.1,
                   mode='finetune')
   # Imported here: the registry info travels with the model name (resolution, normalisation).

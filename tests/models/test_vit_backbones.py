@@ -345,6 +345,35 @@ def test_layer_decay_with_register_tokens_and_pre_norm():
   assert mults['Transformer']['encoder_norm']['scale'] == 1.0 and mults['head']['bias'] == 1.0
 
 
+def _recipe(arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'r', ROOT / 'configs' / 'finetune_vit_backbones.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_recipe_fine_tunes_with_layer_decay_and_probes_linearly():
+  from imgcls import config as config_lib  # pylint: disable=g-import-not-at-top
+  params = shapes(models.get_model('vit_small_patch14_reg4_dinov2', num_classes=5, depth=2),
+                  (1, 28, 28, 3))[0]['params']
+  c = config_lib.validate(_recipe('model=vit_small_patch14_reg4_dinov2,classes=5'))
+  assert 'normalize_preset("imagenet")' in c.pp_train and 'inception_crop(518)' in c.pp_train
+  assert c.model_load.posemb_resize == 'source' and c.optimizer.layer_decay == 0.75
+  mults = optim.Rules(c.optimizer).lr_mults(params)
+  assert mults['reg'] == 0.75 ** 3 and mults['head']['kernel'] == 1.0
+  c = config_lib.validate(_recipe('model=vit_base_patch16_siglip_224,classes=5,mode=linear'))
+  assert 'normalize_preset("siglip")' in c.pp_eval and 'central_crop(224)' in c.pp_eval
+  rules = optim.Rules(c.optimizer)
+  labels = jax.tree_util.tree_leaves_with_path(rules.labels(params))
+  assert {jax.tree_util.keystr(p).startswith("['head']") for p, l in labels if l == 'train'} == {
+      True}
+  assert c.optimizer.name == 'sgd' and c.optimizer.layer_decay == 0.0
+  with pytest.raises(config_lib.ConfigError, match='timm DINOv2'):
+    _recipe('model=vit_b16,classes=5')
+
+
 def test_finetune_from_the_cli_and_load(data_dir, tmp_path):
   """`imgcls train --config.model.name=vit_small_patch14_reg4_dinov2 --config.model_init=<timm
   .safetensors>` on the synthetic dataset (4 classes: the 7-class head is re-initialised, the
