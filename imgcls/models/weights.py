@@ -206,15 +206,15 @@ def export_format(variables: Mapping[str, Any]) -> str:
     official = ', '.join(f'{n} ({CONVERTERS.info(n)["family"]})'
                          for n in CONVERTERS.names(official=True))
     raise WeightsError('Cannot tell which model family these variables come from (their names '
-                       f'are not those of an imgcls ResNet, ViT or BiT); pass fmt= one of '
+                       f'are not those of an imgcls ResNet, ViT, BiT or ConvNeXt); pass fmt= one of '
                        f'{", ".join(FORMATS)}. Each family\'s own format: {official}.')
   return CONVERTERS.names(family=family, official=True)[0]
 
 
 def export(variables: Mapping[str, Any], path: str | epath.PathLike,
            fmt: str | None = None) -> str:
-  """Writes `variables` in `fmt` (default: their family's official format: vit_npz, bit_npz or
-  timm_resnet) as .npz, or .safetensors if the path says so; returns the format written."""
+  """Writes `variables` in `fmt` (default: their family's official format: vit_npz, bit_npz,
+  timm_resnet or timm_convnext; fmt='timm_vit' for a timm ViT backbone) as .npz, or .safetensors if the path says so; returns the format written."""
   fmt = fmt or export_format(variables)
   write_file(path, from_imgcls(variables, fmt))
   return fmt

@@ -345,6 +345,25 @@ def test_layer_decay_with_register_tokens_and_pre_norm():
   assert mults['Transformer']['encoder_norm']['scale'] == 1.0 and mults['head']['bias'] == 1.0
 
 
+@pytest.mark.skipif(not os.environ.get('IMGCLS_TIMM_PYTHON'), reason=(
+    'LIVE TIMM CHECK NOT RUN: set IMGCLS_TIMM_PYTHON to a Python with timm installed; the '
+    'committed fixtures are checked regardless.'))
+def test_live_fixtures_from_installed_timm(tmp_path):
+  """The installed timm writes the same fixtures and table (seeded draws, same versions)."""
+  subprocess.run([os.environ['IMGCLS_TIMM_PYTHON'], str(ROOT / 'scripts' / 'timm_fixtures.py'),
+                  'generate-vit-backbones', f'--out_dir={tmp_path}'], check=True,
+                 capture_output=True)
+  assert json.loads((tmp_path / 'vit_backbones_table.json').read_text()) == TABLE
+  for name in FIXTURE_NAMES:
+    with np.load(tmp_path / f'vit_{name}.npz') as f:
+      fresh = {k: f[k] for k in f.files if k != 'config'}
+    sd, _, arrays = _fixture(name)
+    committed = {**{f'sd/{k}': v for k, v in sd.items()}, **arrays}
+    assert sorted(fresh) == sorted(committed), name
+    for key, value in committed.items():
+      np.testing.assert_allclose(fresh[key], value, atol=1e-5, rtol=0, err_msg=f'{name} {key}')
+
+
 def _recipe(arg):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
