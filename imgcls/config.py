@@ -42,6 +42,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.dataset.skip_corrupt = False  # leave out (and count) files that are not readable images
   # Multi-label: a split to choose the F1-maximising threshold on ('' none), e.g. 'train[90%:]'.
   c.dataset.val_split = ''
+  # 'uniform' (each epoch a permutation) | 'balanced': every class equally often (classes drawn
+  # uniformly, then an image of the class; single-label only; imgcls/data/pipeline.py).
+  c.dataset.sampling = 'uniform'
+  # fashion_mnist_lt only: n_max / n_min of its long-tailed train split (exponential profile).
+  c.dataset.imbalance_ratio = 100.0
   c.pp_train = 'decode|value_range(-1, 1)|onehot(10)'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
   # When pp_train (or an evaluator's pp, pp_eval by default) ends in value_range(...) (label
@@ -101,10 +106,26 @@ def defaults() -> ml_collections.ConfigDict:
   # N > 0 skips up to N consecutive such updates instead (optax.apply_if_finite; counted as
   # train_skipped_steps) and stops past N.
   c.skip_nonfinite_steps = 0
+  # Where the train state lives (imgcls/sharding.py): 'replicated' on every device, or 'fsdp':
+  # params, gradients, optimizer state and EMA split over the devices, each array of
+  # sharding_min_bytes or more along its largest dimension the device count divides.
+  c.sharding = 'replicated'
+  c.sharding_min_bytes = 4 * 2**20
   c.label_smoothing = 0.0
   # 'softmax_xent' (single-label) or 'sigmoid_xent' (multi-label: multi-hot labels from the
   # pp string, e.g. multihot(K); eval reports mAP and F1 instead of a confusion matrix).
   c.loss = 'softmax_xent'
+  # Class imbalance (softmax_xent; the class prior = the train split's label frequencies,
+  # counted once and kept in WORKDIR/class_counts.json). class_weights: '' (none) | 'balanced'
+  # (n / (K n_c)) | 'effective_number' (Cui et al., with class_weights_beta) | K floats.
+  # logit_adjust_tau: the logit-adjusted loss (Menon et al.; 0: off, 1: the paper's).
+  # posthoc_tau: logits - tau * log(prior) at eval and prediction (0: off; imgcls.load and
+  # predict read it from the run's config too). imgcls/evaluators/imbalance.py has the math.
+  c.imbalance = ml_collections.ConfigDict()
+  c.imbalance.class_weights = ml_collections.FieldReference('', field_type=object)
+  c.imbalance.class_weights_beta = 0.999
+  c.imbalance.logit_adjust_tau = 0.0
+  c.imbalance.posthoc_tau = 0.0
   # Batch-level mixup / CutMix on device (imgcls/augment.py, timm's semantics): alphas of the
   # Beta distributions (0: off), the chance of CutMix when both are on, and of mixing at all.
   c.mixup = ml_collections.ConfigDict()
@@ -189,7 +210,7 @@ def _check_numbers(cfg, errors: list[str]) -> None:
   if cfg.total_steps <= 0 and cfg.num_epochs <= 0:
     errors.append("set 'num_epochs' or 'total_steps' to a positive number.")
   for key in ('eval_every_steps', 'checkpoint_every_steps', 'total_steps', 'lr.warmup_steps',
-              'profile_steps'):
+              'profile_steps', 'sharding_min_bytes'):
     if _get(cfg, key) < 0:
       errors.append(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
   if not 0.0 <= cfg.optimizer.layer_decay <= 1.0:
@@ -208,6 +229,45 @@ def _check_numbers(cfg, errors: list[str]) -> None:
                   f'got {cfg.skip_nonfinite_steps}.')
   if not 0.0 <= cfg.ema_decay < 1.0:
     errors.append(f'ema_decay must be in [0, 1) (0: off, e.g. 0.9999), got {cfg.ema_decay}.')
+  _check_imbalance(cfg, errors)
+
+
+SAMPLINGS = ('uniform', 'balanced')
+
+
+def _check_imbalance(cfg, errors: list[str]) -> None:
+  """dataset.sampling, dataset.imbalance_ratio and the imbalance group."""
+  imb = cfg.imbalance
+  _one_of(errors, 'dataset.sampling', cfg.dataset.sampling, SAMPLINGS)
+  if not cfg.dataset.imbalance_ratio >= 1:
+    errors.append(f'dataset.imbalance_ratio must be >= 1 (1: balanced), got '
+                  f'{cfg.dataset.imbalance_ratio}.')
+  w = imb.class_weights
+  if isinstance(w, str) and w not in ('', 'balanced', 'effective_number'):
+    errors.append(f"imbalance.class_weights must be '' (none), 'balanced', 'effective_number' "
+                  f'or {cfg.dataset.num_classes} numbers, got {w!r}.'
+                  f"{_suggest(w, ('balanced', 'effective_number'))}")
+  elif not isinstance(w, str) and (
+        not isinstance(w, (list, tuple)) or len(w) != cfg.dataset.num_classes
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+                   for x in w)):
+    errors.append(f"imbalance.class_weights must be '', 'balanced', 'effective_number' or "
+                  f'{cfg.dataset.num_classes} non-negative numbers (one per class), got {w!r}.')
+  if not 0.0 <= imb.class_weights_beta < 1.0:
+    errors.append(f'imbalance.class_weights_beta must be in [0, 1) (e.g. 0.999), got '
+                  f'{imb.class_weights_beta}.')
+  for key in ('logit_adjust_tau', 'posthoc_tau'):
+    if imb[key] < 0:
+      errors.append(f'imbalance.{key} must be >= 0 (0: off, 1: the prior itself), got '
+                    f'{imb[key]}.')
+  uses = [k for k, on in (('imbalance.class_weights', w not in ('', None)),
+                          ('imbalance.logit_adjust_tau', imb.logit_adjust_tau > 0),
+                          ('imbalance.posthoc_tau', imb.posthoc_tau > 0),
+                          ("dataset.sampling='balanced'", cfg.dataset.sampling == 'balanced'))
+          if on]
+  if uses and cfg.loss != 'softmax_xent':
+    errors.append(f"{', '.join(uses)} need loss='softmax_xent' (single-label), got loss="
+                  f'{cfg.loss!r}: turn them off for multi-label runs.')
 
 
 def _one_of(errors: list[str], key: str, value: Any, names) -> None:
@@ -265,13 +325,14 @@ def _check_names(cfg, errors: list[str]) -> None:
   """Names the other owners export: optimizers, schedules, losses, weight formats and
   evaluators (these imports load optax, Orbax, clu and matplotlib, never TensorFlow)."""
   # pylint: disable=g-import-not-at-top
-  from imgcls import evaluators, optim, step
+  from imgcls import evaluators, optim, sharding, step
   from imgcls.models import weights
   # pylint: enable=g-import-not-at-top
   _one_of(errors, 'optimizer.name', cfg.optimizer.name, optim.OPTIMIZERS)
   _one_of(errors, 'lr.schedule', cfg.lr.schedule, optim.SCHEDULES)
   _one_of(errors, 'weight_decay_mask', cfg.weight_decay_mask, optim.DECAY_MASKS)
   _one_of(errors, 'loss', cfg.loss, step.LOSSES)
+  _one_of(errors, 'sharding', cfg.sharding, sharding.STRATEGIES)
   if cfg.model_load.format:
     _one_of(errors, 'model_load.format', cfg.model_load.format, weights.FORMATS)
   _one_of(errors, 'model_load.posemb_resize', cfg.model_load.posemb_resize,
@@ -282,14 +343,43 @@ def _check_names(cfg, errors: list[str]) -> None:
 _VALID: set[str] = set()  # the configs (their repr) validate() has passed in this process
 
 
+def _fill_pp_placeholders(cfg, errors: list[str]) -> None:
+  """Fills, in place, the model placeholders of the pp strings ('{resolution}', '{normalize}':
+  imgcls.data.preprocess.PLACEHOLDER) from model.name's registry info. Here, after every
+  --config override, so `--config.model.name=OTHER` brings OTHER's preprocessing, and the
+  config written to the workdir (replayed by imgcls.load, predict, export) has plain strings."""
+  from imgcls.data import preprocess  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  keys = [(cfg, 'pp_train'), (cfg, 'pp_eval')] + [
+      (ev, k) for ev in cfg.evals.values() if hasattr(ev, 'keys') for k in ev.keys()
+      if k.startswith('pp')]
+  todo = [(node, k) for node, k in keys
+          if isinstance(node[k], str) and preprocess.PLACEHOLDER.search(node[k])]
+  if not todo:
+    return
+  from imgcls import models  # pylint: disable=g-import-not-at-top  (JAX: only when needed)
+  name = cfg.model.get('name')
+  if name not in models.list_models():
+    _check_model(cfg, errors)  # the unknown name, with suggestions
+    return
+  for node, key in todo:
+    try:
+      node[key] = preprocess.fill_placeholders(node[key], models.pp_values(name),
+                                               f'model {name!r}')
+    except ValueError as e:
+      errors.append(f"'{key}': {e}")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises ConfigError listing every problem; returns the config unchanged. A config passed
-  once is not checked again, so the CLI's early check and the trainer's are one check."""
+  """Raises ConfigError listing every problem; returns the config, the model placeholders of
+  its pp strings filled in (_fill_pp_placeholders). A config passed once is not checked
+  again, so the CLI's early check and the trainer's are one check."""
   key = repr(cfg.to_dict())  # repr keeps the types (1 vs 1.0, tuple vs list)
   if key in _VALID:
     return cfg
   errors: list[str] = []
   _check_tree(cfg, defaults(), '', errors)  # keys and types: instant
+  if not errors:
+    _fill_pp_placeholders(cfg, errors)
   if not errors:
     _check_numbers(cfg, errors)
     _check_pp(cfg, errors)  # no TensorFlow
@@ -301,7 +391,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors) +
                       '\nFix the config file or the --config.KEY=VALUE override.')
-  _VALID.add(key)
+  _VALID.update((key, repr(cfg.to_dict())))  # as written, and with its placeholders filled
   return cfg
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from imgcls import sharding
 from imgcls.errors import ConfigError
 from imgcls.models import vit
 
@@ -202,7 +203,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
   parts = []
   clip = config.get('grad_clip_norm', None)
   if clip:
-    parts.append(optax.clip_by_global_norm(float(clip)))
+    parts.append(sharding.clip_by_global_norm(float(clip)))
   if opt.name == 'sgd':  # L2 into the gradient, then momentum: torch.optim.SGD
     momentum = float(opt.get('momentum', 0.9))
     if wd:
@@ -222,5 +223,5 @@ def make_optimizer(config: ml_collections.ConfigDict,
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, rules.labels)
   skips = int(config.get('skip_nonfinite_steps', 0) or 0)
   if skips:  # outermost: imgcls.step.skipped_update reads its state
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=skips)
+    tx = sharding.apply_if_finite(tx, max_consecutive_errors=skips)
   return tx, schedule

@@ -7,6 +7,7 @@ the host only divides.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -16,7 +17,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from imgcls import augment
+from imgcls import augment, sharding
 from imgcls.value_range import value_range_math
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
@@ -86,10 +87,31 @@ def sigmoid_xent(logits: jax.Array, labels: jax.Array,
                  axis=-1)
 
 
-def loss_fn_for(name: str):
-  """The per-example loss called `name` (config.loss)."""
+def imbalanced_xent(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0, *,
+                    log_prior: Any = None, logit_adjust_tau: float = 0.0,
+                    class_weights: Any = None) -> jax.Array:
+  """softmax_xent of logits + tau * log(prior) (the logit-adjusted loss, Menon et al.), each
+  example's loss times its (soft) label's class weight; evaluators/imbalance.py has the math."""
+  if label_smoothing:
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / labels.shape[-1]
+  logits = logits.astype(jnp.float32)
+  if logit_adjust_tau:
+    logits = logits + logit_adjust_tau * jnp.asarray(log_prior, jnp.float32)
+  loss = softmax_xent(logits, labels)
+  if class_weights is not None:
+    loss = loss * (labels.astype(jnp.float32) @ jnp.asarray(class_weights, jnp.float32))
+  return loss
+
+
+def loss_fn_for(name: str, *, log_prior: Any = None, logit_adjust_tau: float = 0.0,
+                class_weights: Any = None):
+  """The per-example loss called `name` (config.loss); with logit_adjust_tau (needs log_prior,
+  [K]) or class_weights ([K]) softmax_xent becomes `imbalanced_xent` (config.imbalance)."""
   if name not in LOSSES:
     raise ValueError(f'loss must be one of {LOSSES}, got {name!r}')
+  if name == 'softmax_xent' and (logit_adjust_tau or class_weights is not None):
+    return functools.partial(imbalanced_xent, log_prior=log_prior,
+                             logit_adjust_tau=logit_adjust_tau, class_weights=class_weights)
   return softmax_xent if name == 'softmax_xent' else sigmoid_xent
 
 
@@ -147,11 +169,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                loss: str = 'softmax_xent', mix: augment.MixConfig = augment.MixConfig(),
                ema_decay: float = 0.0, skip_nonfinite_steps: int = 0,
                grad_accum_steps: int = 1, value_range: dict[str, float] | None = None,
-               axis_name: str = 'batch') -> tuple[TrainState, dict[str, jax.Array]]:
+               axis_name: str = 'batch', specs: TrainState | None = None,
+               imbalance: dict[str, Any] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's shard; gradients are the global-batch mean.
+
+  specs: the state's PartitionSpecs under config.sharding='fsdp' (imgcls.sharding), the state
+  arriving as this device's shards; None: replicated.
 
   value_range: the train input's `value_range` (data.TrainBatches), applied here to the
   (uint8) batch with the same float32 arithmetic as the pp op.
+  imbalance: loss_fn_for's log_prior, logit_adjust_tau and class_weights (config.imbalance).
 
   With grad_accum_steps = k > 1 the (mixed) per-device batch is split into k equal
   microbatches that run one after another under `lax.scan` (activation memory of one
@@ -160,22 +188,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   BatchNorm normalises each microbatch with that microbatch's statistics and updates its
   running averages once per microbatch (k times per step), as torch does.
   """
+  # Keyed by the global index of this device's first example, not by the device index: the
+  # keys of a slice of the global batch do not change when the device count does.
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                           lax.axis_index(axis_name))
+                           lax.axis_index(axis_name) * batch['labels'].shape[0])
+  p_specs, s_specs = (None, None) if specs is None else (specs.params, specs.batch_stats)
   rng, mix_rng = jax.random.split(rng)
-  per_example_loss = loss_fn_for(loss)
+  per_example_loss = loss_fn_for(loss, **(imbalance or {}))
   images = device_value_range(batch['image'], value_range)
   images, labels, _ = augment.mix_batch(mix_rng, images, batch['labels'], mix)
 
   def loss_and_grad(params, batch_stats, images, labels, rng):
     def loss_fn(params):
       logits, updates = model.apply(
-          {'params': params, 'batch_stats': batch_stats}, images,
+          {'params': sharding.gather(params, p_specs, axis_name),
+           'batch_stats': sharding.gather(batch_stats, s_specs, axis_name)}, images,
           train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       local = jnp.mean(per_example_loss(logits, labels, label_smoothing))
       # pmean of the loss, not of the gradients: under shard_map the gradient of a
       # replicated parameter is already summed over the axis, so this gives the mean.
-      return lax.pmean(local, axis_name), (logits, updates.get('batch_stats', batch_stats))
+      new_stats = (sharding.shard(updates['batch_stats'], s_specs, axis_name)
+                   if 'batch_stats' in updates else batch_stats)
+      return lax.pmean(local, axis_name), (logits, new_stats)
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   if grad_accum_steps == 1:
@@ -215,7 +249,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
         ema_params=optax.incremental_update(new_state.params, state.ema_params, 1.0 - d),
         ema_batch_stats=optax.incremental_update(new_state.batch_stats,
                                                  state.ema_batch_stats, 1.0 - d))
-  grad_norm = optax.tree.norm(grads)
+  grad_norm = sharding.global_norm(grads, axis_name)
   correct = top1_hits(logits, labels)
   metrics = {
       'loss': loss,
@@ -257,15 +291,19 @@ def eval_logits(model: nn.Module, variables: dict[str, Any], images: jax.Array,
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               loss: str = 'softmax_xent', axis_name: str = 'batch', tta: str = '',
-              value_range: dict[str, float] | None = None
+              value_range: dict[str, float] | None = None, logit_offset: Any = None
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Global sums of loss and top-1/top-5 hits over the real (mask 1) examples, and this
   shard's per-example probabilities (softmax, or sigmoid scores for multi-label) for the
   reports. Multi-label top-1 is precision@1; top-5 counts a true class among the top 5.
   tta='flip' scores each image with its mirror (`eval_logits`). value_range: the eval
-  input's `value_range` (data.EvalData), applied here to the uint8 batch (as in `train_step`)."""
+  input's `value_range` (data.EvalData), applied here to the uint8 batch (as in `train_step`).
+  logit_offset: [K] subtracted from the logits, tau * log(prior) (post-hoc logit adjustment,
+  config.imbalance.posthoc_tau); None: none."""
   logits = eval_logits(model, {'params': state.params, 'batch_stats': state.batch_stats},
                        device_value_range(batch['image'], value_range), loss, tta)
+  if logit_offset is not None:
+    logits = logits.astype(jnp.float32) - jnp.asarray(logit_offset, jnp.float32)
   mask = batch['mask']
   labels = batch['labels']
   k = min(5, logits.shape[-1])

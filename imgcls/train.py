@@ -19,36 +19,91 @@ import ml_collections
 import numpy as np
 
 from imgcls import augment, checkpoints, config as config_lib, data, evaluators
-from imgcls import models, optim, parallel, preemption, run_config, step as step_lib, writers
+from imgcls import models, optim, parallel, preemption, run_config, sharding
+from imgcls import step as step_lib, writers
 from imgcls.errors import UserError
 from imgcls.evaluators import metrics as metrics_lib
 from imgcls.lock import WorkdirLock
 from imgcls.models import weights
 
 
-def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bool = False):
-  """The initial train state (with an EMA copy of the weights if asked), replicated."""
+def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bool = False,
+               strategy: str = 'replicated', min_bytes: int = sharding.MIN_BYTES):
+  """The initial train state (with an EMA copy of the weights if asked), created directly
+  into its shards on `mesh` under `strategy` (config.sharding)."""
   create = functools.partial(step_lib.create_train_state, model, tx,
                              input_shape=tuple(image_shape), ema=ema)
-  return jax.jit(create, out_shardings=parallel.replicated(mesh))(
-      jax.random.PRNGKey(seed))
+  key = jax.random.PRNGKey(seed)
+  shardings = sharding.state_shardings(jax.eval_shape(create, key), mesh, strategy, min_bytes)
+  return jax.jit(create, out_shardings=shardings)(key)
 
 
 def make_train_fn(config: ml_collections.ConfigDict, model, tx, mesh, donate: bool = True,
-                  value_range: dict[str, float] | None = None):
+                  value_range: dict[str, float] | None = None, class_counts: Any = None):
   """The run's data-parallel train step: step.train_step under shard_map over the mesh's batch
   axis, the state donated (scripts/benchmark.py times this same function). value_range: the
-  train input's (`data.TrainBatches.value_range`), applied to its uint8 batches on the device."""
-  return parallel.data_parallel(
-      functools.partial(step_lib.train_step, model=model, tx=tx,
-                        label_smoothing=config.label_smoothing, loss=config.loss,
-                        mix=augment.MixConfig(**config.mixup.to_dict()),
-                        ema_decay=config.ema_decay,
-                        skip_nonfinite_steps=config.skip_nonfinite_steps,
-                        grad_accum_steps=config.grad_accum_steps,
-                        value_range=value_range, axis_name=parallel.AXIS),
-      mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()),
-      donate_argnums=(0,) if donate else ())
+  train input's (`data.TrainBatches.value_range`), applied to its uint8 batches on the device.
+  The state is laid out by config.sharding (as `init_state` makes it); under 'fsdp' the
+  specs are read from the first state the function sees (call or `.lower`)."""
+  step = functools.partial(step_lib.train_step, model=model, tx=tx,
+                           label_smoothing=config.label_smoothing, loss=config.loss,
+                           mix=augment.MixConfig(**config.mixup.to_dict()),
+                           ema_decay=config.ema_decay,
+                           skip_nonfinite_steps=config.skip_nonfinite_steps,
+                           grad_accum_steps=config.grad_accum_steps,
+                           value_range=value_range, axis_name=parallel.AXIS,
+                           imbalance=imbalance_loss_options(config, class_counts))
+  donate_argnums = (0,) if donate else ()
+  if config.sharding == 'replicated':
+    return parallel.data_parallel(step, mesh, in_specs=(P(), P(parallel.AXIS)),
+                                  out_specs=(P(), P()), donate_argnums=donate_argnums)
+  return _ShardedTrainFn(step, mesh, config.sharding, config.sharding_min_bytes, donate_argnums)
+
+
+class _ShardedTrainFn:
+  """step.train_step on a sharded state: the shard_map, its specs taken from the first state's
+  shapes (sharding.state_specs), built once; callable and `.lower`-able as a jitted function."""
+
+  def __init__(self, step, mesh, strategy: str, min_bytes: int, donate_argnums):
+    self._args = step, mesh, strategy, min_bytes, donate_argnums
+    self._fn = None
+
+  def _built(self, state):
+    if self._fn is None:
+      step, mesh, strategy, min_bytes, donate_argnums = self._args
+      specs = sharding.state_specs(state, mesh.size, strategy, min_bytes)
+      self._fn = parallel.data_parallel(
+          functools.partial(step, specs=specs), mesh, in_specs=(specs, P(parallel.AXIS)),
+          out_specs=(specs, P()), donate_argnums=donate_argnums)
+    return self._fn
+
+  def __call__(self, state, batch):
+    return self._built(state)(state, batch)
+
+  def lower(self, state, batch):
+    return self._built(state).lower(state, batch)
+
+
+def imbalance_loss_options(config: ml_collections.ConfigDict,
+                           class_counts: Any) -> dict[str, Any] | None:
+  """step.train_step's `imbalance` from config.imbalance and the train split's label counts
+  (None: plain loss). class_counts may be None when neither weights nor tau is set."""
+  from imgcls.evaluators import imbalance  # pylint: disable=g-import-not-at-top
+  imb = config.get('imbalance')
+  if imb is None or not (imb.class_weights not in ('', None) or imb.logit_adjust_tau):
+    return None
+  weights = None
+  if imb.class_weights not in ('', None):
+    weights = imbalance.class_weights(class_counts, imb.class_weights, imb.class_weights_beta)
+  return {'log_prior': imbalance.log_prior(class_counts) if imb.logit_adjust_tau else None,
+          'logit_adjust_tau': float(imb.logit_adjust_tau), 'class_weights': weights}
+
+
+def needs_class_counts(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run uses the train split's class prior (config.imbalance)."""
+  imb = config.get('imbalance')
+  return imb is not None and bool(imb.class_weights not in ('', None) or imb.logit_adjust_tau
+                                  or imb.posthoc_tau)
 
 
 def total_steps(config: ml_collections.ConfigDict, builder) -> tuple[int, int]:
@@ -89,7 +144,10 @@ def load_model_init(config: ml_collections.ConfigDict, state, mesh):
         f'model_init {config.model_init}: {e}\nSet model_load.ignore / model_load.strict in '
         'the config to adapt.') from e
   logging.info('model_init: %s', report)
-  variables = jax.device_put(variables, parallel.replicated(mesh))
+  # Placed as the state's arrays are: replicated, or config.sharding='fsdp' shards.
+  shardings = jax.tree.map(lambda x: x.sharding, template)
+  variables = {k: jax.device_put(v, shardings.get(k, parallel.replicated(mesh)))
+               for k, v in variables.items()}
   return state.replace(params=variables['params'],
                        batch_stats=variables.get('batch_stats', state.batch_stats)), report
 
@@ -188,7 +246,8 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
 
   # -------------------------------------------------------------- optimizer
   tx, schedule = optim.make_optimizer(config, num_steps)
-  state = init_state(model, tx, config.seed, image_shape, mesh, ema=config.ema_decay > 0)
+  state = init_state(model, tx, config.seed, image_shape, mesh, ema=config.ema_decay > 0,
+                     strategy=config.sharding, min_bytes=config.sharding_min_bytes)
   rules = optim.Rules(config.optimizer)
   rules.check(state.params)  # a typo'd rule fails here, before anything is written
   if rules.freeze:
@@ -200,7 +259,9 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
   if config.model_init and not checkpoints.has_checkpoints(workdir):  # before any write
     state, init_report = load_model_init(config, state, mesh)
     state = state.with_ema_reset()
-  parameter_overview.log_parameter_overview(state.params)
+  # Statistics read whole arrays: not of the shards other processes hold.
+  parameter_overview.log_parameter_overview(
+      state.params, include_stats=jax.process_count() == 1 or config.sharding == 'replicated')
   if lock:
     lock.acquire()  # nothing was written before this line
 
@@ -236,8 +297,16 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
       builder, split=ds.train_split, pp=config.pp_train,
       global_batch_size=config.batch_size, seed=config.seed, start_step=start,
       shuffle_buffer=ds.shuffle_buffer, cache=ds.cache,
-      value_range_on_device=config.value_range_on_device)
-  train_fn = make_train_fn(config, model, tx, mesh, value_range=train_iter.value_range)
+      value_range_on_device=config.value_range_on_device,
+      sampling=ds.get('sampling', 'uniform'))
+  class_counts = None
+  if needs_class_counts(config):  # counted once, kept in WORKDIR/class_counts.json
+    from imgcls.data import label_counts  # pylint: disable=g-import-not-at-top
+    class_counts = label_counts.cached_label_counts(
+        builder, ds.train_split, workdir if jax.process_index() == 0 else None)
+    logging.info('class counts of %s: %s', ds.train_split, class_counts.tolist())
+  train_fn = make_train_fn(config, model, tx, mesh, value_range=train_iter.value_range,
+                           class_counts=class_counts)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)
   pending: list[dict[str, Any]] = []  # metrics since the last log
   unchecked: list[Any] = []  # finite flags not yet read on the host (no sync per step)
@@ -301,6 +370,8 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
   writer.flush()
   result = evaluators.as_result(last_eval)
   logging.info('final eval at step %d: %s', num_steps, result)
+  from imgcls.evaluators import checkpoint as eval_checkpoint  # pylint: disable=g-import-not-at-top
+  eval_checkpoint.calibrate_after_training(config, workdir)  # on val_split, never train data
   if jax.process_index() == 0:
     print(_final_line(config, result, num_steps), flush=True)
   return result
