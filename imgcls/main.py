@@ -46,6 +46,9 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
 
+_FILTER = flags.DEFINE_string('filter', None, "Only the names matching this glob, e.g. "
+                              "'*dinov2*'.")
+
 _MODEL_ARGS: dict[str, str] = {}  # --config.model.ARG=V the config file lacks (for sweeps)
 
 
@@ -94,6 +97,13 @@ COMMANDS: dict[str, Command] = {
         'imgcls compare /tmp/sweep',
         'imgcls compare ROOT [--out=DIR]',
         (('out', 'Folder for compare.md/.csv and curves.png (default: ROOT).'),)),
+    'models': Command(
+        'List the model names with family, parameters, resolution, normalisation and weight '
+        'formats.',
+        frozenset({'filter', 'format'}),
+        "imgcls models --filter='*dinov2*'",
+        'imgcls models [--filter=GLOB] [--format=table|csv|json]',
+        (('format', 'table (default), csv or json.'),)),
     'predict': Command(
         'Label image files, folders or globs with a checkpoint; writes CSV or JSON lines.',
         frozenset({'workdir', 'out', 'step', 'weights', 'top_k', 'batch_size', 'tta'}),
@@ -186,6 +196,11 @@ def main(argv: list[str]) -> None:
     except compare.CompareError as e:
       _fail(str(e))
     return
+  if command == 'models':  # the registry and jax.eval_shape: no TensorFlow, no devices
+    if rest:
+      _fail(f'usage: {COMMANDS["models"].usage}')
+    _list_models(_FILTER.value or '*', _FORMAT.value or 'table')
+    return
   try:
     _run(command, rest)
   except UserError as e:  # bad input: one message, no traceback
@@ -234,6 +249,38 @@ def readable_error(e: BaseException) -> str | None:
 def _print_result(result: dict) -> None:
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in result.items()))
+
+
+MODEL_COLUMNS = ('name', 'family', 'params', 'resolution', 'normalize', 'formats')
+
+
+def _list_models(pattern: str, fmt: str) -> None:
+  """`imgcls models`: imgcls.models.list_model_info as an aligned table, CSV or JSON."""
+  import csv, io, json  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if fmt not in ('table', 'csv', 'json'):
+    _fail(f'`imgcls models` --format is table, csv or json, not {fmt!r}.')
+  from imgcls import models  # pylint: disable=g-import-not-at-top
+  rows = models.list_model_info(pattern)
+  if not rows:
+    _fail(f'no model name matches --filter={pattern!r}; `imgcls models` lists them all.')
+  if fmt == 'json':
+    print(json.dumps(rows, indent=1))
+    return
+  text = [{k: ('' if r[k] is None else ' '.join(r[k]) if k == 'formats' else
+               f'{r[k]:,}' if k == 'params' and fmt == 'table' else str(r[k]))
+           for k in MODEL_COLUMNS} for r in rows]
+  if fmt == 'csv':
+    out = io.StringIO()
+    writer = csv.DictWriter(out, MODEL_COLUMNS, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(text)
+    print(out.getvalue(), end='')
+    return
+  widths = {k: max(len(k), *(len(t[k]) for t in text)) for k in MODEL_COLUMNS}
+  right = ('params', 'resolution')
+  for t in [dict(zip(MODEL_COLUMNS, MODEL_COLUMNS)), *text]:
+    print('  '.join(t[k].rjust(widths[k]) if k in right else t[k].ljust(widths[k])
+                    for k in MODEL_COLUMNS).rstrip())
 
 
 def _run(command: str, rest: list[str]) -> None:

@@ -10,13 +10,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from imgcls import hardware
 from imgcls.models import bit, resnet, vit  # noqa: F401  (each registers its models)
@@ -32,6 +37,92 @@ _NOT_CONFIGURABLE = frozenset({'parent', 'name', 'lowering'})
 def list_models() -> list[str]:
   """Registered model names, sorted."""
   return MODELS.names()
+
+
+def list_model_info(pattern: str = '*') -> list[dict[str, Any]]:
+  """`imgcls models`: for each registered name matching the glob `pattern`, its family,
+  parameter count (1000 classes; None for the generic names, which take their sizes from the
+  config), default resolution and normalisation (None where the registry has none) and the
+  weight formats its family loads (the official one first)."""
+  return [describe(name) for name in list_models() if fnmatch.fnmatchcase(name, pattern)]
+
+
+def describe(name: str) -> dict[str, Any]:
+  """One row of `list_model_info`."""
+  info = MODELS.info(name)
+  return {'name': name, 'family': info.get('family'),
+          'params': None if info.get('generic') else param_count(name),
+          'resolution': info.get('resolution'), 'normalize': info.get('normalize'),
+          'formats': weight_formats(info.get('family'))}
+
+
+def weight_formats(family: str | None) -> list[str]:
+  """The checkpoint formats (imgcls.models.convert.CONVERTERS) that load `family`'s models,
+  the one export writes first."""
+  from imgcls.models import weights  # noqa: F401  pylint: disable=g-import-not-at-top  (registers them)
+  from imgcls.models.convert import CONVERTERS  # pylint: disable=g-import-not-at-top
+  names = CONVERTERS.names(family=family)
+  return sorted(names, key=lambda n: not CONVERTERS.info(n).get('official'))
+
+
+def _repeats(model: nn.Module) -> tuple[str, tuple[int, ...]] | None:
+  """(field, blocks per stage) of a model's repeated blocks: ViT's depth, ConvNeXt's depths,
+  ResNet's and BiT's stage_sizes; None for a model with none of these."""
+  if isinstance(model, vit.ViT):
+    return 'depth', (model.dims()['depth'],)
+  if isinstance(model, convnext.ConvNeXt):
+    return 'depths', tuple(model.sizes()[0])
+  if isinstance(getattr(model, 'stage_sizes', None), (tuple, list)):
+    return 'stage_sizes', tuple(model.stage_sizes)
+  return None
+
+
+_COUNTS: dict[tuple[str, int], int] = {}  # (repr of a model, size): equal models count once
+
+
+def _abstract_count(model: nn.Module, size: int) -> int:
+  """Parameters of `model` on [1, size, size, 3] images, by jax.eval_shape (nothing allocated)."""
+  key = (repr(model), size)
+  if key not in _COUNTS:
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    _COUNTS[key] = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables['params']))
+  return _COUNTS[key]
+
+
+@functools.lru_cache(maxsize=None)
+def param_count(name: str, num_classes: int = 1000) -> int:
+  """Trainable parameters of `name` (the 'params' collection, as timm counts them) at its
+  default resolution (224 where the registry has none), from jax.eval_shape of its init.
+
+  A block repeated within a stage adds the same parameters each time, so the count is affine
+  in each stage's depth: it is taken from the model with one block per stage and with two in
+  one stage at a time, which traces a few blocks instead of up to 48 (a listing of every name
+  in seconds, not minutes). Equal to the full eval_shape count (tests/test_models_cli.py).
+  """
+  model = get_model(name, num_classes=num_classes)
+  size = MODELS.info(name).get('resolution') or 224
+  repeats = _repeats(model)
+  if repeats is None or max(repeats[1]) <= 2:
+    return _abstract_count(model, size)
+  field, depths = repeats
+  as_field = (lambda d: d[0]) if field == 'depth' else tuple
+  ones = (1,) * len(depths)
+  base = _abstract_count(model.clone(**{field: as_field(ones)}), size)
+  total = base
+  for i, depth in enumerate(depths):
+    if depth > 1:
+      two = ones[:i] + (2,) + ones[i + 1:]
+      total += (depth - 1) * (_abstract_count(model.clone(**{field: as_field(two)}), size) - base)
+  return total
+
+
+def pp_values(name: str) -> dict[str, Any]:
+  """What the pp placeholders '{resolution}' and '{normalize}' (imgcls.data.preprocess) mean for
+  model `name`: its default resolution and normalize preset (None where the registry has none).
+  The configs write them so an override of model.name brings its own preprocessing."""
+  info = MODELS.info(name)
+  return {'resolution': info.get('resolution'), 'normalize': info.get('normalize')}
 
 
 def model_kwargs(name: str) -> set[str]:
