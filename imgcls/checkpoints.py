@@ -269,6 +269,41 @@ class Checkpoint:
     """Raw and (when kept) EMA weights, for scoring both; no optimizer state."""
     return dict(self.arrays())
 
+  @property
+  def calibration(self) -> dict[str, Any] | None:
+    """The post-hoc calibration fitted on held-out data for this step (`imgcls calibrate`,
+    or the end of training on dataset.val_split), or None when it has none."""
+    return read_calibration(self.path)
+
+  def write_calibration(self, calibration: dict[str, Any]) -> epath.Path:
+    """Stores (replaces) this step's calibration; see `write_calibration`."""
+    return write_calibration(self.path, calibration)
+
+
+CALIBRATION_FILE = 'calibration.json'  # beside `state` and `meta` in a step folder
+
+
+def read_calibration(step_dir: epath.Path) -> dict[str, Any] | None:
+  """A step's calibration JSON (None: never calibrated); CheckpointError when unreadable."""
+  path = epath.Path(step_dir) / CALIBRATION_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'cannot read {path} ({_first_line(e)}): recalibrate with `imgcls '
+                          f'calibrate --workdir=W --split=S`, or delete it.') from e
+
+
+def write_calibration(step_dir: epath.Path, calibration: dict[str, Any]) -> epath.Path:
+  """Writes a step's calibration atomically (a temporary file renamed over the old one), so a
+  reader sees the old calibration or the new one, never half of one."""
+  path = epath.Path(step_dir) / CALIBRATION_FILE
+  tmp = path.parent / f'.{CALIBRATION_FILE}.tmp-{os.getpid()}'
+  tmp.write_text(json.dumps(calibration, allow_nan=False))
+  tmp.rename(path)
+  return path
+
 
 def find(path: str | os.PathLike, step: str | int = 'best') -> Checkpoint:
   """The checkpoint at `path` (workdir, checkpoints folder or step folder) and `step`, with

@@ -3,7 +3,9 @@
   export(workdir, 'onnx' | 'stablehlo', out)  -> the metadata written to OUT.json
 
 The exported function takes uint8 images [B, H, W, C] of the model's input size (any batch
-size B) and returns probabilities [B, num_classes] (softmax; sigmoid for a multi-label run).
+size B) and returns probabilities [B, num_classes] (softmax; sigmoid for a multi-label run)
+of the calibrated logits when the checkpoint has a calibration (`imgcls calibrate`: logits / T,
+or per-class Platt, inside the graph).
 Baked into the graph: the value ops of pp_eval (value_range, normalize, normalize_preset)
 and the model with the weights `imgcls.load` serves (inference.weights_used). Left to the
 caller, because they depend on the file and are done on uint8 pixels before the model: the
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgcls import inference, models, step as step_lib
+from imgcls.evaluators import calibrated
 from imgcls.data import preprocess
 from imgcls.data.ops_image import NORMALIZE_PRESETS
 from imgcls.errors import UserError
@@ -120,7 +123,9 @@ def serving_fn(clf: inference.Classifier) -> Callable[[jax.Array], jax.Array]:
     x = images.astype(jnp.float32)
     for name, arguments in graph_ops:
       x = _apply_value_op(x, name, arguments)
-    return step_lib.probabilities(model.apply(variables, x, train=False), loss)
+    logits = model.apply(variables, x, train=False).astype(jnp.float32)
+    # The checkpoint's calibration (temperature / Platt), as imgcls.load applies it.
+    return step_lib.probabilities(calibrated.calibrated_logits(logits, clf.calibration), loss)
   return fn
 
 
@@ -223,7 +228,8 @@ def export_classifier(clf: inference.Classifier, fmt: str, out: str | os.PathLik
                 'shape': ['batch', *clf.image_shape],
                 'channels': {1: 'grayscale', 3: 'RGB'}.get(clf.image_shape[-1], 'as trained')},
       'output': {'name': 'probabilities', 'shape': ['batch', clf.num_classes],
-                 'kind': 'sigmoid (multi-label)' if clf.multilabel else 'softmax'},
+                 'kind': 'sigmoid (multi-label)' if clf.multilabel else 'softmax',
+                 'calibration': calibrated.describe(clf.calibration)},
       'labels': list(clf.label_names),
       'caller_preprocessing': caller_pp,
       'in_graph_preprocessing': '|'.join(

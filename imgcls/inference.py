@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgcls import checkpoints, models, step as step_lib
+from imgcls.evaluators import calibrated
 from imgcls.checkpoints import CheckpointError
 from imgcls.data import decode, preprocess
 from imgcls.models import weights as model_weights
@@ -72,9 +73,13 @@ def load(path: str | os.PathLike, step: str | int = 'best',
   variables = ckpt.weights(used)
   model = models.from_config(ckpt.config)
   _check_shapes(model, variables, ckpt.image_shape, ckpt.path)
+  calibration = ckpt.calibration
+  if calibration is not None and calibration.get('weights', used) != used:
+    calibration = None  # fitted on the other weights (raw vs EMA): it does not apply
   return Classifier(model, variables, config=ckpt.config, image_shape=ckpt.image_shape,
                     label_names=ckpt.label_names, step=ckpt.step, path=str(ckpt.path),
-                    weights=used, metrics=ckpt.meta.get('metrics') or {})
+                    weights=used, metrics=ckpt.meta.get('metrics') or {},
+                    calibration=calibration)
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -187,7 +192,8 @@ class Classifier:
 
   def __init__(self, model, variables: dict[str, Any], *, config: dict[str, Any],
                image_shape: tuple[int, ...], label_names: list[str], step: int,
-               path: str = '', weights: str = 'raw', metrics: dict[str, Any] | None = None):
+               path: str = '', weights: str = 'raw', metrics: dict[str, Any] | None = None,
+               calibration: dict[str, Any] | None = None):
     self.model = model
     self.variables = jax.device_put(variables)
     self.config = config
@@ -202,10 +208,17 @@ class Classifier:
     self.decode_channels = _decode_channels(self.pp, self.image_shape[-1])
     self.multilabel = config.get('loss') == 'sigmoid_xent'
     self.loss = loss = config.get('loss', 'softmax_xent')
+    # The calibration stored with the checkpoint (evaluators.calibrated; None: raw scores),
+    # applied to the logits before softmax/sigmoid by `probabilities`, predict and export.
+    self.calibration = calibration
 
-    def scores(v, x):
-      return step_lib.probabilities(model.apply(v, x, train=False), loss)
+    def scores(v, x, calibrate=True):
+      logits = model.apply(v, x, train=False).astype(jnp.float32)
+      if calibrate:
+        logits = calibrated.calibrated_logits(logits, self.calibration)
+      return step_lib.probabilities(logits, loss)
     self._scores = jax.jit(scores)
+    self._raw_scores = jax.jit(functools.partial(scores, calibrate=False))
     self._features = jax.jit(functools.partial(model_weights.features, model))
 
   @property
@@ -238,9 +251,18 @@ class Classifier:
     """The model's inputs [N, *image_shape] (float32) after pp_eval's image ops."""
     return self._stack(list(_images(inputs, self.decode_channels)), 0)
 
-  def probabilities(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
-    """[N, num_classes]: softmax (sigmoid for a multi-label, sigmoid_xent model)."""
-    return self._run(self._scores, inputs, batch_size)
+  def probabilities(self, inputs: Any, batch_size: int = 64,
+                    calibrated: bool = True) -> np.ndarray:
+    """[N, num_classes]: softmax (sigmoid for a multi-label, sigmoid_xent model) of the logits
+    with the checkpoint's calibration applied (`self.calibration`; calibrated=False: raw)."""
+    return self._run(self._scores if calibrated else self._raw_scores, inputs, batch_size)
+
+  def explain(self, images: Any, method: str = 'auto', target: Any = None, **kwargs) -> Any:
+    """Saliency maps for `images` (evaluators.explain.explain: Grad-CAM for CNNs, attention
+    for ViTs, integrated gradients for any model; higher = more important for `target`, by
+    default the predicted class)."""
+    from imgcls.evaluators import explain  # pylint: disable=g-import-not-at-top
+    return explain.explain(self, images, method=method, target=target, **kwargs)
 
   def predict(self, inputs: Any, top_k: int = 5, batch_size: int = 64) -> list[Prediction]:
     """Per image, the top_k (label, probability) pairs, most probable first."""

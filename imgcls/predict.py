@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from imgcls import inference, step
+from imgcls.evaluators import calibrated, conformal as conformal_lib
 from imgcls.data.folder_layout import EXTENSIONS
 from imgcls.errors import UserError
 
@@ -65,18 +66,30 @@ def expand(inputs: list[str]) -> Iterator[tuple[str, str | None]]:
 class _Writer:
   """Rows to CSV (label lists joined by ';') or JSON lines."""
 
-  def __init__(self, f: TextIO, fmt: str, top_k: int, multilabel: bool):
+  def __init__(self, f: TextIO, fmt: str, top_k: int, multilabel: bool,
+               set_column: str | None = None, selective: bool = False):
     self.f, self.fmt, self.multilabel = f, fmt, multilabel
+    self.set_column, self.selective = set_column, selective
     if fmt == 'csv':
       self.csv = csv.writer(f)
-      header = ['path'] + [x for k in range(1, top_k + 1) for x in (f'label_{k}', f'prob_{k}')]
+      header = (['path'] + ([set_column] if set_column else []) +
+                (['abstain'] if selective else []) +
+                [x for k in range(1, top_k + 1) for x in (f'label_{k}', f'prob_{k}')])
       self.csv.writerow(header + (['labels'] if multilabel else []) + ['error'])
       self.width = 2 * top_k
 
   def write(self, path: str, top: list[tuple[str, float]], labels: list[str] | None,
-            error: str | None) -> None:
+            error: str | None, label_set: list[str] | None = None,
+            abstain: bool | None = None) -> None:
+    """label_set: the conformal set (label names); abstain: True where the model routes the
+    image to a person (its top-1 is still written, as the would-be label)."""
     if self.fmt == 'jsonl':
-      row = {'path': path, 'top_k': [{'label': l, 'prob': round(p, 6)} for l, p in top]}
+      row: dict[str, Any] = {'path': path}
+      if self.set_column:
+        row[self.set_column] = label_set
+      if self.selective:
+        row['abstain'] = abstain
+      row['top_k'] = [{'label': l, 'prob': round(p, 6)} for l, p in top]
       if self.multilabel:
         row['labels'] = labels
       row['error'] = error
@@ -84,8 +97,11 @@ class _Writer:
       return
     cells = [x for l, p in top for x in (l, f'{p:.6f}')]
     cells += [''] * (self.width - len(cells))
-    self.csv.writerow([path] + cells + ([';'.join(labels or [])] if self.multilabel else []) +
-                      [error or ''])
+    lead = ([';'.join(label_set or [])] if self.set_column else []) + (
+        [('abstain' if abstain else 'no') if abstain is not None else ''] if self.selective
+        else [])
+    self.csv.writerow([path] + lead + cells +
+                      ([';'.join(labels or [])] if self.multilabel else []) + [error or ''])
 
 
 def _output_format(out: str) -> str:
@@ -97,8 +113,18 @@ def _output_format(out: str) -> str:
 
 def predict(workdir: str, inputs: list[str], out: str, *, step: str | int = 'best',
             weights: str = 'auto', top_k: int = 5, batch_size: int = 64, tta: str = '',
-            progress: TextIO | None = sys.stderr) -> dict[str, Any]:
-  """Classifies every file of `inputs` and writes one row each to `out`; returns a summary."""
+            min_confidence: float | None = None, max_risk: float | None = None,
+            conformal: float | None = None, progress: TextIO | None = sys.stderr
+            ) -> dict[str, Any]:
+  """Classifies every file of `inputs` and writes one row each to `out`; returns a summary.
+
+  Probabilities are calibrated when the checkpoint has a calibration (`imgcls calibrate`).
+  min_confidence / max_risk: abstain (column `abstain` = 'abstain', the would-be labels kept)
+  where the top-1 probability is below C, or below the threshold whose error rate on the
+  calibration split is at most R; the summary's `coverage` is the fraction answered.
+  conformal=alpha: a column `set_{100(1-alpha)}` with each image's conformal label set
+  (';'-joined in CSV), calibrated on the checkpoint's held-out split.
+  """
   fmt = _output_format(out)
   if not inputs:
     raise PredictError('no inputs: name image files, folders or globs after the flags.')
@@ -108,19 +134,37 @@ def predict(workdir: str, inputs: list[str], out: str, *, step: str | int = 'bes
     raise PredictError(f'--top_k must be a positive integer, got {top_k!r}.')
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise PredictError(f'--batch_size must be a positive integer, got {batch_size!r}.')
+  if min_confidence is not None and max_risk is not None:
+    raise PredictError('give --min_confidence or --max_risk, not both.')
+  if min_confidence is not None and not 0 <= min_confidence <= 1:
+    raise PredictError(f'--min_confidence must be a probability in [0, 1], got {min_confidence}.')
   clf = inference.load(workdir, step, weights)
+  if clf.multilabel and (min_confidence is not None or max_risk is not None or conformal):
+    raise PredictError('--min_confidence, --max_risk and --conformal are for single-label '
+                       '(softmax) models; this one is multi-label.')
+  threshold, threshold_source = min_confidence, 'min_confidence'
+  if max_risk is not None:
+    chosen = calibrated.risk_threshold(clf.calibration, max_risk)
+    threshold = chosen.threshold
+    threshold_source = (f'max_risk={max_risk}: risk {chosen.risk:.4f} at coverage '
+                        f'{chosen.coverage:.4f} on {clf.calibration["split"]!r}')
+  sets = calibrated.conformal_for(clf.calibration, conformal) if conformal else None
+  set_column = calibrated.set_column(conformal) if conformal else None
   top_k = min(top_k, clf.num_classes)
   thr, thr_source = clf.decision_threshold() if clf.multilabel else (None, None)
-  counts = {'images': 0, 'errors': 0}
+  counts = {'images': 0, 'errors': 0, 'answered': 0}
+  set_sizes: list[int] = []
   start = time.perf_counter()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, 'w', newline='', encoding='utf-8') as f:
-    writer = _Writer(f, fmt, top_k, clf.multilabel)
+    writer = _Writer(f, fmt, top_k, clf.multilabel, set_column, threshold is not None)
     pending: list[tuple[str, np.ndarray | None, str | None]] = []
 
     def flush():
       inputs_ = [x for _, x, _ in pending if x is not None]
-      probs = iter(_scores(clf, np.stack(inputs_), batch_size, tta) if inputs_ else [])
+      scored = _scores(clf, np.stack(inputs_), batch_size, tta) if inputs_ else np.zeros((0, 1))
+      masks = iter(conformal_lib.prediction_sets(scored, sets) if sets and len(scored) else [])
+      probs = iter(scored)
       for path, x, error in pending:
         if x is None:
           writer.write(path, [], None, error)
@@ -130,7 +174,17 @@ def predict(workdir: str, inputs: list[str], out: str, *, step: str | int = 'bes
         order = np.argsort(-p, kind='stable')[:top_k]
         labels = ([clf.label_names[c] for c in np.flatnonzero(p >= thr)]
                   if clf.multilabel else None)
-        writer.write(path, [(clf.label_names[c], float(p[c])) for c in order], labels, None)
+        label_set = abstain = None
+        if sets is not None:
+          mask = next(masks)
+          members = np.argsort(-np.where(mask, p, -1), kind='stable')[:int(mask.sum())]
+          label_set = [clf.label_names[c] for c in members]  # most probable first
+          set_sizes.append(len(label_set))
+        if threshold is not None:
+          abstain = bool(p.max() < threshold)
+        counts['answered'] += not abstain
+        writer.write(path, [(clf.label_names[c], float(p[c])) for c in order], labels, None,
+                     label_set, abstain)
         counts['images'] += 1
       pending.clear()
       _progress(progress, counts, time.perf_counter() - start)
@@ -155,6 +209,15 @@ def predict(workdir: str, inputs: list[str], out: str, *, step: str | int = 'bes
              'seconds': round(time.perf_counter() - start, 2)}
   if clf.multilabel:
     summary.update(threshold=thr, threshold_source=thr_source)
+  summary['calibration'] = calibrated.describe(clf.calibration)
+  if threshold is not None:
+    summary.update(coverage=counts['answered'] / max(counts['images'], 1),
+                   abstained=counts['images'] - counts['answered'],
+                   confidence_threshold=threshold, threshold_source=threshold_source)
+  if sets is not None:
+    summary.update({'set_column': set_column, 'conformal_alpha': conformal,
+                    'conformal_method': sets.method,
+                    'mean_set_size': float(np.mean(set_sizes)) if set_sizes else float('nan')})
   return summary
 
 

@@ -49,8 +49,8 @@ def test_a_flag_of_another_command_is_refused_in_one_line():
                  '--out=x.csv')
   assert proc.returncode == 2
   assert proc.stderr.strip() == (
-      'imgcls: error: --out is a flag of `imgcls compare`, `imgcls predict`, `imgcls export`, '
-      'not of `imgcls train`. See `imgcls train --help`.')
+      'imgcls: error: --out is a flag of `imgcls compare`, `imgcls predict`, `imgcls explain`, '
+      '`imgcls export`, not of `imgcls train`. See `imgcls train --help`.')
   proc = _imgcls('compare', '/tmp', '--step=best')
   assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
   assert '--step is a flag of `imgcls eval`' in proc.stderr

@@ -220,7 +220,8 @@ def test_write_report_single_label(tmp_path):
   r = reports.single_label_report(probs, rng.integers(0, 10, 50), [f'c{i}' for i in range(10)],
                                   images=rng.random((50, 8, 8, 1)))
   paths = reports.write_report(r, tmp_path / 'eval', step=np.int64(100))  # as from a loop
-  assert set(paths) == {'json', 'confusion_matrix', 'reliability', 'confident_errors'}
+  assert set(paths) == {'json', 'confusion_matrix', 'reliability', 'confident_errors',
+                        'risk_coverage'}
   assert paths['json'].endswith('report_100.json')
   for name in r.images:
     assert paths[name].endswith(f'{name}_100.png')

@@ -9,11 +9,15 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from imgcls import checkpoints, config as config_lib, data, models, parallel, step as step_lib
 from imgcls import evaluators
+from imgcls.errors import UserError
+from imgcls.evaluators import calibrated, metrics
 from imgcls.evaluators.fewshot import FewShot
 from imgcls.evaluators.ridge import (DEFAULT_L2_REGS, DEFAULT_SEEDS, DEFAULT_SHOTS,
                                      DEFAULT_VAL_PER_CLASS, FewShotError)
@@ -46,17 +50,104 @@ def evaluate_checkpoint(workdir: str, which: str = 'best', split: str | None = N
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   builder = data.builder_for(config.dataset)
-  _, evals = evaluators.from_config(config, models.from_config(config), mesh, builder)
+  context, evals = evaluators.from_config(config, models.from_config(config), mesh, builder)
+  calibration = ckpt.calibration
+  if calibration is not None and calibration.get('weights', used) == used:
+    context.calibration = calibration  # the classification reports apply it
   state = step_lib.TrainState.for_eval(jax.device_put(ckpt.weights(used),
                                                       parallel.replicated(mesh)), ckpt.step)
   result = evaluators.as_result(evaluators.run(evals, state))
   split = config.dataset.eval_split
-  result.update(step=ckpt.step, split=split, dataset=config.dataset.name, weights=used)
+  result.update(step=ckpt.step, split=split, dataset=config.dataset.name, weights=used,
+                calibration=calibrated.describe(getattr(context, 'calibration', None)))
   if jax.process_index() == 0:
     out = (ckpt.workdir or ckpt.path) / f'eval_{split}_step{ckpt.step}.json'
     out.write_text(json.dumps(result, indent=2))
     result['written_to'] = str(out)
+    if getattr(context, 'calibration', None) is not None:
+      reports_dir = (ckpt.workdir or ckpt.path) / 'reports' / _safe(f'eval_{split}')
+      for evaluator in evals:
+        evaluator.write(str(reports_dir), ckpt.step, None)
+      result['reports'] = str(reports_dir)
   return result
+
+
+def _safe(name: str) -> str:
+  """A split name as a folder name: 'test[5000:]' -> 'test_5000_'."""
+  return re.sub(r'[^\w.-]+', '_', name)
+
+
+def _base(split: str) -> str:
+  return split.split('[', 1)[0].strip()
+
+
+def check_held_out(split: str, train_split: str) -> None:
+  """Refuses a calibration split the model trained on (the whole train split, or any part of
+  it when the run trained on all of it)."""
+  if split.strip() == train_split.strip() or (
+      _base(split) == _base(train_split) and '[' not in train_split):
+    raise CalibrationError(
+        f'--split={split!r} is (part of) the training split {train_split!r}: a calibration '
+        'fitted on data the model trained on is overconfident. Use held-out data, e.g. '
+        "--split='test[:5000]' (then evaluate on 'test[5000:]'), or a validation split.")
+
+
+class CalibrationError(UserError):
+  """A calibration that cannot be fitted as asked; the message says what to do."""
+
+
+def calibrate_checkpoint(workdir: str, which: str = 'best', split: str | None = None,
+                         data_dir: str | None = None, weights: str = 'auto') -> dict[str, Any]:
+  """Fits the checkpoint's calibration on a held-out split and stores it with the step
+  (checkpoints.write_calibration; a recalibration replaces it): the temperature (or per-class
+  Platt for a multi-label run), the selective-prediction and conformal scores
+  (evaluators.calibrated). split: default the run's dataset.val_split."""
+  ckpt = checkpoints.find(workdir, which)
+  used = ckpt.weights_used(weights)
+  config = config_lib.upgrade(ml_collections.ConfigDict(ckpt.config))
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  split = split or config.dataset.val_split
+  if not split:
+    raise CalibrationError(
+        'the run has no dataset.val_split to calibrate on: name held-out data with --split, '
+        "e.g. `imgcls calibrate --workdir=W --split='test[:5000]'`.")
+  check_held_out(split, config.dataset.train_split)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  builder = data.builder_for(config.dataset)
+  context = evaluators.Context(config, models.from_config(config), mesh, builder)
+  held_out = context.eval_data(split)
+  state = step_lib.TrainState.for_eval(jax.device_put(ckpt.weights(used),
+                                                      parallel.replicated(mesh)), ckpt.step)
+  _, outputs = metrics.evaluate(context.eval_fn_for('', held_out.value_range), state, held_out,
+                                mesh, collect=True, keep_images=0)
+  multilabel = context.multilabel
+  labels = outputs.labels if multilabel else np.argmax(outputs.labels, -1)
+  record = calibrated.fit(calibrated.logits_from_probs(outputs.probs, multilabel), labels,
+                          multilabel=multilabel, split=split, step=ckpt.step, weights=used)
+  result = {'step': ckpt.step, 'split': split, 'examples': record['examples'], 'weights': used,
+            'kind': record['kind'], **record['summary']}
+  if jax.process_index() == 0:
+    result['written_to'] = str(ckpt.write_calibration(record))
+  return result
+
+
+def calibrate_after_training(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The end of `imgcls train`: calibrates the best step on dataset.val_split when the run has
+  one (held out from training), else logs how to calibrate it afterwards."""
+  split = config.dataset.get('val_split', '')
+  if not split:
+    logging.info('calibration skipped: the run has no dataset.val_split. Fit it on held-out '
+                 "data with `imgcls calibrate --workdir=%s --split='test[:5000]'` (any split "
+                 'the model did not train on).', workdir)
+    return
+  try:
+    result = calibrate_checkpoint(workdir, 'best', split)
+  except UserError as e:
+    logging.warning('calibration on %r skipped: %s', split, e)
+    return
+  logging.info('calibrated step %d on %r: %s', result['step'], split, result)
 
 
 def fewshot_checkpoint(path: str, dataset: str | None = None, train_split: str | None = None,

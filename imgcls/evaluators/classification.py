@@ -1,8 +1,11 @@
 """The classification evaluator: loss, top-1 and top-5 over every example of a split, for
 the raw weights and (when the run keeps one) the EMA, with the reports of `reports.py`.
 
-Single-label runs get the confusion matrix, per-class accuracy, calibration (ECE and a
-reliability diagram) and the most confidently wrong images; multi-label runs
+Single-label runs get the confusion matrix, per-class accuracy and recall, balanced accuracy,
+macro-F1, calibration (ECE and a reliability diagram), the risk-coverage curve and AURC, and the
+most confidently wrong images; with a stored calibration (`imgcls eval` of a calibrated
+checkpoint) the numbers are of the calibrated model, with ECE/NLL before and after and the
+conformal sets' coverage and size; multi-label runs
 (loss='sigmoid_xent') per-class AP, mAP and F1, the threshold tuned on `val_split`.
 """
 
@@ -61,8 +64,15 @@ class Classification(Evaluator):
       result.update({f'ema_{k}': v for k, v in ema.items() if k != 'examples'})
     return result, outputs
 
+  @property
+  def calibration(self) -> dict[str, Any] | None:
+    """The checkpoint's stored calibration (set on the context by `imgcls eval`), or None."""
+    return getattr(self.context, 'calibration', None)
+
   def __call__(self, state) -> dict[str, Any]:
-    result, outputs = self._score(state, collect=self.reports, keep_images=self.keep_images)
+    calibration = self.calibration if not self.context.multilabel else None
+    result, outputs = self._score(state, collect=self.reports or calibration is not None,
+                                  keep_images=self.keep_images)
     self._report = None
     if outputs is None:
       return result
@@ -79,8 +89,11 @@ class Classification(Evaluator):
     else:
       report = reports.single_label_report(
           outputs.probs, np.argmax(outputs.labels, -1), names,
-          images={index: image for _, index, image in outputs.mistakes})
+          images={index: image for _, index, image in outputs.mistakes},
+          calibration=calibration)
     result.update({k: v for k, v in report.scalars.items() if k not in result})
+    if calibration is not None:  # the numbers of the calibrated model imgcls.load serves
+      result.update({k: report.scalars[k] for k in ('ece', 'nll') if k in report.scalars})
     self._report = report
     return result
 
@@ -88,6 +101,9 @@ class Classification(Evaluator):
     """WORKDIR/reports/ (the `eval` evaluator) or WORKDIR/reports/PREFIX/: PNG + JSON, and
     the figures to TensorBoard's images tab."""
     if self._report is None or jax.process_index() != 0:
+      return
+    if writer is None:  # `imgcls eval` of a calibrated checkpoint: files only
+      reports.write_report(self._report, epath.Path(workdir), step)
       return
     outdir = epath.Path(workdir) / 'reports'
     if self.prefix != 'eval':

@@ -22,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from imgcls.evaluators import calibrated, conformal, imbalance, selective
+
 MAX_TICK_LABELS = 40  # beyond this many classes the axes drop their class names
 
 
@@ -115,7 +117,9 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
 def single_label_report(probs: np.ndarray, labels: np.ndarray,
                         label_names: Sequence[str] | None = None,
                         images: np.ndarray | None = None,
-                        num_bins: int = 15, grid_size: int = 16) -> Report:
+                        num_bins: int = 15, grid_size: int = 16,
+                        calibration: dict[str, Any] | None = None,
+                        conformal_alphas: Sequence[float] = (0.1, 0.01)) -> Report:
   """Accuracy, per-class accuracy, confusion matrix, calibration and worst errors.
 
   Args:
@@ -128,8 +132,16 @@ def single_label_report(probs: np.ndarray, labels: np.ndarray,
       the grid then shows those of the worst errors it holds.
     num_bins: equal-width confidence bins for the ECE and reliability diagram.
     grid_size: how many confidently wrong examples to list and draw.
+    calibration: the checkpoint's stored calibration (evaluators.calibrated), or None. When
+      given, `probs` are the raw softmax: every number is then of the calibrated
+      probabilities (what imgcls.load serves), with NLL and ECE before and after, and the
+      conformal sets' coverage and size at each of `conformal_alphas`.
   """
   probs = _scores('probs', probs, 'apply softmax first')
+  raw_probs = probs
+  if calibration is not None:
+    probs = _softmax(calibrated.calibrated_logits(calibrated.logits_from_probs(probs, False),
+                                                  calibration))
   n, c = probs.shape
   labels = np.asarray(labels)
   if labels.shape != (n,):
@@ -163,27 +175,94 @@ def single_label_report(probs: np.ndarray, labels: np.ndarray,
   wrong = np.flatnonzero(~correct)
   worst = wrong[np.argsort(-confidence[wrong], kind='stable')][:grid_size]
 
+  balanced = imbalance.balanced_accuracy(labels, pred, c)
   scalars = {'top1': float(correct.mean()), 'ece': ece,
-             'mean_class_accuracy': float(np.nanmean(class_acc))}
+             'nll': _nll(probs, labels),
+             'mean_class_accuracy': balanced,  # one definition: imbalance.balanced_accuracy
+             'balanced_accuracy': balanced,
+             'macro_f1': imbalance.macro_f1(labels, pred, c),
+             'aurc': selective.aurc(confidence, correct)}
   if c >= 5:  # stable sort: lower class id wins ties, as lax.top_k does
     top5 = np.argsort(-probs, axis=1, kind='stable')[:, :5]
     scalars['top5'] = float(np.mean(np.any(top5 == labels[:, None], axis=1)))
   report_json = {
       'kind': 'single_label', 'num_examples': n, 'num_classes': c, 'label_names': names,
       'scalars': scalars,
-      'per_class': {'accuracy': class_acc, 'count': count},
+      'per_class': {'accuracy': class_acc, 'count': count,
+                    'recall': imbalance.per_class_recall(labels, pred, c),
+                    'f1': imbalance.per_class_f1(labels, pred, c)},
       'confusion_matrix': confusion,  # rows: true class, columns: predicted class
       'calibration': bins,  # per bin (edges[i], edges[i + 1]]
       'confident_errors': [{'index': i, 'true': labels[i], 'pred': pred[i],
                             'prob': confidence[i]} for i in worst],
   }
+  curve = selective.risk_coverage(confidence, correct)
+  report_json['risk_coverage'] = _curve_points(curve)
   figures = {'confusion_matrix': _confusion_figure(confusion, names),
-             'reliability': _reliability_figure(bins, ece)}
+             'reliability': _reliability_figure(bins, ece),
+             'risk_coverage': _risk_coverage_figure(curve, scalars['aurc'])}
+  if calibration is not None:
+    _add_calibration(scalars, report_json, raw_probs, probs, labels, calibration, num_bins,
+                     conformal_alphas)
   shown = worst if not isinstance(images, dict) else [i for i in worst if i in images]
   if images is not None and len(shown):
     figures['confident_errors'] = _errors_figure(images, np.asarray(shown), labels, pred,
                                                  confidence, names)
   return Report(scalars, _plain(report_json), figures)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+  """Mean negative log-likelihood of the labels (probabilities floored at float32's tiny)."""
+  return float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels],
+                                          calibrated.TINY))))
+
+
+def _curve_points(curve: selective.RiskCoverage, points: int = 200) -> dict[str, Any]:
+  keep = np.unique(np.linspace(0, len(curve.coverage) - 1,
+                               min(points, len(curve.coverage))).astype(int))
+  return {'threshold': curve.threshold[keep], 'coverage': curve.coverage[keep],
+          'risk': curve.risk[keep]}
+
+
+def _add_calibration(scalars, report_json, raw_probs, probs, labels, calibration, num_bins,
+                     alphas) -> None:
+  """Before/after calibration numbers and conformal coverage / set size (overall, per class)."""
+  raw_conf = raw_probs.max(-1)
+  raw_ece, _ = calibration_bins(raw_conf, raw_probs.argmax(-1) == labels, num_bins)
+  scalars.update(ece_uncalibrated=raw_ece, nll_uncalibrated=_nll(raw_probs, labels))
+  report_json['calibration_fit'] = {
+      k: calibration.get(k) for k in ('kind', 'temperature', 'split', 'examples', 'step',
+                                      'weights', 'fitted_at', 'summary')}
+  sets = {}
+  for alpha in alphas:
+    try:
+      cal = calibrated.conformal_for(calibration, alpha)
+    except Exception:  # pylint: disable=broad-except  # too few calibration examples
+      continue
+    m = conformal.set_metrics(conformal.prediction_sets(probs, cal), labels)
+    name = calibrated.set_column(alpha)
+    scalars[f'{name}_coverage'] = m['coverage']
+    scalars[f'{name}_mean_size'] = m['mean_set_size']
+    sets[name] = dict(m, alpha=alpha, method=cal.method, qhat=cal.qhat)
+  report_json['conformal'] = sets
+
+
+def _risk_coverage_figure(curve: selective.RiskCoverage, area: float) -> np.ndarray:
+  fig = _figure(5, 4)
+  ax = fig.subplots()
+  ax.plot(curve.coverage, curve.risk, drawstyle='steps-post')
+  ax.set(xlim=(0, 1), ylim=(0, max(float(np.nanmax(curve.risk)) * 1.05, 1e-3)),
+         xlabel='coverage (fraction answered, most confident first)',
+         ylabel='risk (error rate among answered)',
+         title=f'risk-coverage (AURC = {area:.4f})')
+  ax.grid(alpha=0.3)
+  return _render(fig)
 
 
 def _image(x: Any) -> np.ndarray:

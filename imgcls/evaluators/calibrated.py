@@ -1,0 +1,150 @@
+"""A checkpoint's stored calibration: fitted once on held-out data, applied everywhere.
+
+`fit` turns a held-out split's scores into one JSON-serialisable dict (what
+checkpoints.write_calibration stores beside the step): the temperature (softmax) or the
+per-class Platt maps kept where they help (sigmoid), NLL/ECE before and after, and, for
+softmax models, what abstention and conformal sets need at predict time for any target:
+the calibrated confidence and correctness of every held-out example (`risk_threshold`) and
+the sorted conformity scores of the true labels per method (`conformal_for`: qhat for any
+alpha, exactly). `calibrated_logits` / `probabilities` apply it to numpy or jax arrays, so
+imgcls.load, predict, export (inside the graph) and the reports share one definition.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from typing import Any
+
+import numpy as np
+
+from imgcls.errors import UserError
+from imgcls.evaluators import calibration as cal, conformal, selective
+
+FORMAT = 1
+# Non-randomised (reproducible sets); an empty set stays empty (no top-1 added), which keeps
+# the coverage near 1 - alpha instead of above it (measured: docs/reliability.md).
+CONFORMAL_PARAMS = {
+    'aps': {'lam': 0.0, 'k_reg': 0, 'randomized': False, 'allow_empty': True, 'seed': 0},
+    'raps': {'lam': 0.01, 'k_reg': 5, 'randomized': False, 'allow_empty': True, 'seed': 0},
+}
+DEFAULT_METHOD = 'aps'
+TINY = 1e-45  # float32's smallest positive: probabilities that underflowed to 0
+
+
+def logits_from_probs(probs: Any, multilabel: bool) -> np.ndarray:
+  """Logits recovered from the eval step's probabilities (float64): log p for softmax (exact
+  up to a per-row constant, which softmax ignores), log p - log(1 - p) for sigmoid."""
+  p = np.asarray(probs, np.float64)
+  if multilabel:
+    p = np.clip(p, 1e-7, 1 - 1e-7)  # float32 sigmoid saturates at 1.0
+    return np.log(p) - np.log1p(-p)
+  return np.log(np.maximum(p, TINY))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def true_scores(probs: np.ndarray, labels: np.ndarray, method: str) -> np.ndarray:
+  """Sorted conformity scores of the true labels under `method`'s stored parameters."""
+  params = CONFORMAL_PARAMS[method]
+  order, score = conformal._sorted_scores(probs, params, seed_offset=0)  # pylint: disable=protected-access
+  return np.sort(score[np.arange(len(labels)), np.argmax(order == labels[:, None], axis=1)])
+
+
+def fit(logits: Any, labels: Any, *, multilabel: bool, split: str, step: int,
+        weights: str) -> dict[str, Any]:
+  """The calibration of a checkpoint from held-out (logits, labels); labels: [N] class ids,
+  or [N, C] multi-hot for a multi-label model. `split` is recorded (it must be held out)."""
+  z = np.asarray(logits, np.float64)
+  record: dict[str, Any] = {
+      'format': FORMAT, 'split': split, 'step': int(step), 'weights': weights,
+      'examples': int(len(z)),
+      'fitted_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+  if multilabel:
+    t = np.asarray(labels)
+    scaling = cal.fit_platt_where_it_helps(z, t)
+    before = cal.binary_nll(z, t)
+    after = cal.binary_nll(cal.apply_platt(z, scaling), t)
+    record.update(kind='platt', platt=scaling.to_dict(),
+                  summary={'nll_before': float(before.mean()), 'nll_after': float(after.mean()),
+                           'classes_kept': int(scaling.kept.sum())})
+    return record
+  y = np.asarray(labels)
+  temperature = cal.fit_temperature(z, y)
+  p = _softmax(z / temperature)
+  record.update(kind='temperature', temperature=temperature,
+                summary=cal.temperature_summary(z, y, temperature))
+  record['selective'] = {'confidence': p.max(-1).tolist(),
+                         'correct': (p.argmax(-1) == y).astype(int).tolist()}
+  record['conformal'] = {m: {'params': CONFORMAL_PARAMS[m],
+                             'scores': true_scores(p, y, m).tolist()}
+                         for m in CONFORMAL_PARAMS}
+  return record
+
+
+def calibrated_logits(logits: Any, calibration: dict[str, Any] | None) -> Any:
+  """Logits with the calibration applied (numpy or jax, inside jit or an exported graph):
+  `logits / T`, or `a * logits + b` per class; unchanged when there is none."""
+  if calibration is None:
+    return logits
+  if calibration['kind'] == 'temperature':
+    return logits / np.float32(calibration['temperature'])
+  platt = calibration['platt']
+  return logits * np.asarray(platt['a'], np.float32) + np.asarray(platt['b'], np.float32)
+
+
+def describe(calibration: dict[str, Any] | None) -> str:
+  if calibration is None:
+    return 'none (raw scores; `imgcls calibrate --workdir=W --split=S` fits one)'
+  what = (f"temperature {calibration['temperature']:.4f}" if calibration['kind'] == 'temperature'
+          else f"Platt on {sum(calibration['platt']['kept'])} classes")
+  return f"{what}, fitted on {calibration['split']!r} ({calibration['examples']} examples)"
+
+
+def _softmax_only(calibration: dict[str, Any] | None, what: str) -> dict[str, Any]:
+  if calibration is None:
+    raise UserError(f'{what} needs a calibration stored with the checkpoint: run `imgcls '
+                    "calibrate --workdir=W --split=HELD_OUT` first (e.g. --split='test[:5000]').")
+  if calibration['kind'] != 'temperature':
+    raise UserError(f'{what} is for single-label (softmax) models; this one is multi-label.')
+  return calibration
+
+
+def conformal_for(calibration: dict[str, Any] | None, alpha: float,
+                  method: str = DEFAULT_METHOD) -> conformal.ConformalCalibration:
+  """The split-conformal calibration at `alpha` from the stored scores (exact: the same qhat
+  conformal.calibrate gives on the held-out split)."""
+  calibration = _softmax_only(calibration, '--conformal')
+  if method not in calibration['conformal']:
+    raise UserError(f'conformal method {method!r} unknown; choose one of '
+                    f"{sorted(calibration['conformal'])}.")
+  if not 0 < alpha < 1:
+    raise UserError(f'--conformal={alpha}: expected a miscoverage rate alpha in (0, 1), '
+                    'e.g. 0.1 for sets that hold the true label 90% of the time.')
+  stored = calibration['conformal'][method]
+  scores = stored['scores']
+  n = len(scores)
+  k = math.ceil((n + 1) * (1 - alpha))
+  if k > n:
+    raise UserError(f'{n} calibration examples are too few for alpha={alpha}: recalibrate '
+                    f'on at least {math.ceil(1 / alpha) - 1} examples or raise alpha.')
+  return conformal.ConformalCalibration(float(scores[k - 1]), method, float(alpha), n,
+                                        dict(stored['params']))
+
+
+def risk_threshold(calibration: dict[str, Any] | None,
+                   max_risk: float) -> selective.SelectiveThreshold:
+  """The confidence threshold whose error rate on the calibration split is <= max_risk."""
+  calibration = _softmax_only(calibration, '--max_risk')
+  s = calibration['selective']
+  return selective.threshold_for_risk(s['confidence'], s['correct'], max_risk)
+
+
+def set_column(alpha: float) -> str:
+  """The column of `predict --conformal=alpha`: 'set_90' for alpha = 0.1."""
+  level = round(100 * (1 - alpha), 2)
+  return f'set_{level:g}'.replace('.', '_')
