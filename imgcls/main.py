@@ -42,6 +42,14 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: 
                                    'of process 0 (jax.distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
+_MIN_CONFIDENCE = flags.DEFINE_float('min_confidence', None, 'Abstain where the top-1 '
+                                     'probability is below this.')
+_MAX_RISK = flags.DEFINE_float('max_risk', None, 'Abstain below the confidence whose error '
+                               'rate on the calibration split is at most this (e.g. 0.02).')
+_CONFORMAL = flags.DEFINE_float('conformal', None, 'Write conformal label sets covering the '
+                                'true label with probability 1 - alpha (e.g. 0.1).')
+_METHOD = flags.DEFINE_string('method', 'auto', 'Saliency method: auto, gradcam, rollout, '
+                              'attention_grad or ig.')
 _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
@@ -106,10 +114,29 @@ COMMANDS: dict[str, Command] = {
         (('format', 'table (default), csv or json.'),)),
     'predict': Command(
         'Label image files, folders or globs with a checkpoint; writes CSV or JSON lines.',
-        frozenset({'workdir', 'out', 'step', 'weights', 'top_k', 'batch_size', 'tta'}),
+        frozenset({'workdir', 'out', 'step', 'weights', 'top_k', 'batch_size', 'tta',
+                   'min_confidence', 'max_risk', 'conformal'}),
         'imgcls predict --workdir=/tmp/fmnist --out=/tmp/pred.csv photos/',
-        'imgcls predict --workdir=DIR --out=FILE.csv|FILE.jsonl PATH|FOLDER|GLOB ...',
-        (('out', 'FILE.csv or FILE.jsonl: one row per image.'),)),
+        'imgcls predict --workdir=DIR --out=FILE.csv|FILE.jsonl [--max_risk=R | '
+        '--min_confidence=C] [--conformal=ALPHA] PATH|FOLDER|GLOB ...',
+        (('out', 'FILE.csv or FILE.jsonl: one row per image.'),
+         ('max_risk', 'Abstain (column abstain) below the confidence whose error rate on the '
+                      'calibration split is at most R; needs `imgcls calibrate`.'),
+         ('conformal', 'ALPHA: a column set_{100(1-ALPHA)} with each image\'s label set '
+                       '(conformal, ~1-ALPHA coverage); needs `imgcls calibrate`.'))),
+    'calibrate': Command(
+        'Fit temperature scaling, abstention and conformal scores on held-out data.',
+        frozenset({'workdir', 'step', 'split', 'weights', 'data_dir'}),
+        "imgcls calibrate --workdir=/tmp/fmnist --split='test[:5000]'",
+        'imgcls calibrate --workdir=DIR [--split=HELD_OUT] [--step=best|latest|N]',
+        (('split', 'Held-out split to fit on (default: the run\'s dataset.val_split); never '
+                   'the training split.'),)),
+    'explain': Command(
+        'Saliency maps of image files: overlays (PNG) and raw maps (.npy) per file.',
+        frozenset({'workdir', 'out', 'step', 'method'}),
+        'imgcls explain --workdir=/tmp/fmnist --out=/tmp/maps photos/shoe.png',
+        'imgcls explain --workdir=DIR --out=FOLDER [--method=auto] FILE ...',
+        (('out', 'Folder for NAME.png (overlay) and NAME.npy (map at the image\'s size).'),)),
     'export': Command(
         'Export a checkpoint to ONNX or StableHLO, checked against imgcls.load.',
         frozenset({'workdir', 'format', 'out', 'step', 'weights'}),
@@ -117,7 +144,8 @@ COMMANDS: dict[str, Command] = {
         'imgcls export --workdir=DIR --format=onnx|stablehlo --out=PATH',
         (('out', 'The file to write (its metadata goes to PATH.json).'),)),
 }
-MODEL_COMMANDS = ('train', 'eval', 'fewshot', 'sweep', 'predict', 'export')  # these run models
+MODEL_COMMANDS = ('train', 'eval', 'fewshot', 'sweep', 'predict', 'export', 'calibrate',
+                  'explain')  # these run models
 HELP_FLAGS = ('--help', '-h', '-?', '--helpshort')
 
 
@@ -312,7 +340,17 @@ def _run(command: str, rest: list[str]) -> None:
     _print_result(predict.predict(
         _require(_WORKDIR, 'workdir', command), rest, _require(_OUT, 'out', command),
         step=_STEP.value, weights=_WEIGHTS.value, top_k=_TOP_K.value,
-        batch_size=_BATCH_SIZE.value, tta=_TTA.value))
+        batch_size=_BATCH_SIZE.value, tta=_TTA.value, min_confidence=_MIN_CONFIDENCE.value,
+        max_risk=_MAX_RISK.value, conformal=_CONFORMAL.value))
+    return
+  if command == 'explain':
+    from imgcls.evaluators import explain
+    if not rest:
+      _fail(f'usage: {COMMANDS["explain"].usage}')
+    written = explain.explain_files(_require(_WORKDIR, 'workdir', command),
+                                    _require(_OUT, 'out', command), rest,
+                                    method=_METHOD.value, step=_STEP.value)
+    print(_explain_summary(written, _OUT.value))
     return
   if command == 'export' and not rest:
     from imgcls import export
@@ -335,7 +373,7 @@ def _run(command: str, rest: list[str]) -> None:
       return
     config_lib.validate(config)  # before TF and the trainer load (train reuses the check)
   from imgcls import checkpoints, parallel
-  if command in ('eval', 'fewshot'):
+  if command in ('eval', 'fewshot', 'calibrate'):
     checkpoints.check_step_arg(_STEP.value)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
@@ -343,6 +381,10 @@ def _run(command: str, rest: list[str]) -> None:
     from imgcls.evaluators import checkpoint
     _print_result(checkpoint.evaluate_checkpoint(workdir, _STEP.value, _SPLIT.value,
                                                  _DATA_DIR.value, weights=_WEIGHTS.value))
+  elif command == 'calibrate':
+    from imgcls.evaluators import checkpoint
+    _print_result(checkpoint.calibrate_checkpoint(workdir, _STEP.value, _SPLIT.value,
+                                                  _DATA_DIR.value, weights=_WEIGHTS.value))
   elif command == 'fewshot':
     from imgcls.evaluators import checkpoint
     try:
@@ -356,6 +398,11 @@ def _run(command: str, rest: list[str]) -> None:
     from imgcls import train
     train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
   # pylint: enable=g-import-not-at-top
+
+
+def _explain_summary(written, out: str) -> str:
+  count = sum(str(p).endswith('.png') for p in written)
+  return f'wrote saliency maps of {count} files to {out} (NAME.png overlays, NAME.npy maps)'
 
 
 def _set_xla_flags() -> None:
