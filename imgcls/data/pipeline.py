@@ -10,6 +10,9 @@ gap; batches may straddle them. So batch k is a pure function of (seed, k, proce
 starting at step s costs reading at most one epoch of raw records: no decoding and no
 iterator state to checkpoint. W >= N gives a full permutation of the part every epoch.
 
+sampling='balanced' (single-label) holds the split's encoded records in memory instead and
+draws each global position i.i.d.: a class uniformly, then one of its records (`_balanced`).
+
 Both pipelines take the full pp string and own its device-side tail: with
 value_range_on_device, a final value_range leaves tf.data (images stay uint8) and the
 returned object's `value_range` tells the train or eval step to apply it on the device.
@@ -102,12 +105,14 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
                    shuffle_buffer: int = 50_000, cache: bool = True, prefetch: int = 2,
                    process_index: int | None = None, process_count: int | None = None,
                    threads: int | None = None,
-                   value_range_on_device: bool = False) -> TrainBatches:
+                   value_range_on_device: bool = False,
+                   sampling: str = 'uniform') -> TrainBatches:
   """Infinite stream of this process's share of each global batch, from batch start_step on.
 
   threads: tf.data's private thread pool size (None: TF's shared pool, one thread per core).
   value_range_on_device: a final value_range of pp is left to the train step (`.value_range`
   of the result; config.value_range_on_device).
+  sampling: 'uniform' (epochs of permuted windows) or 'balanced' (config.dataset.sampling).
   """
   index, count = _process(process_index, process_count)
   batch = _local_batch(global_batch_size, count)
@@ -117,6 +122,14 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
   n = num_examples(builder, part)
   if n == 0:
     raise DataError(f'Split {split!r} has no examples for process {index} of {count}.')
+  if sampling == 'balanced':
+    ds = _balanced(builder, split, seed, start_step, global_batch_size, index, batch)
+    ds = _checked(ds.map(lambda f: _public(pp_fn(f)), num_parallel_calls=tf.data.AUTOTUNE), pp,
+                  threads)
+    return TrainBatches(
+        ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator(), value_range)
+  if sampling != 'uniform':
+    raise DataError(f"sampling must be 'uniform' or 'balanced', got {sampling!r}.")
   window = max(1, min(shuffle_buffer, n))
   first_epoch, offset = divmod(start_step * batch, n)
   first_window, skip = divmod(offset, window)
@@ -147,6 +160,37 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
                 threads)
   return TrainBatches(ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator(),
                       value_range)
+
+
+def _balanced(builder: tfds.core.DatasetBuilder, split: str, seed: int, start_step: int,
+              global_batch: int, index: int, batch: int) -> tf.data.Dataset:
+  """This process's rows (index*batch .. of each global batch) of the class-balanced stream
+  from step start_step on: global position i draws a class uniformly (among those the split
+  holds) and one of its records uniformly, from a stateless seed of (seed, i); its pp seed
+  too. So global batch k is a pure function of (seed, k), whatever the process count."""
+  from imgcls.data import label_counts  # pylint: disable=g-import-not-at-top
+  key, k = label_counts.single_label_key(builder, "dataset.sampling='balanced'")
+  n = num_examples(builder, split)
+  records = _read(builder, split).batch(n).get_single_element()  # Encoded, in file order.
+  labels = tf.cast(records[key], tf.int64)
+  order = tf.argsort(labels, stable=True)  # Record ids grouped by class.
+  counts = tf.math.bincount(labels, minlength=k, maxlength=k, dtype=tf.int64)
+  starts = tf.cumsum(counts, exclusive=True)
+  present = tf.reshape(tf.where(counts > 0), [-1])
+
+  def draw(j):
+    i = (j // batch) * global_batch + index * batch + j % batch  # j: this process's j-th row
+    u = tf.random.stateless_uniform([2], _key(seed, 2, i), dtype=tf.float64)
+    c = tf.gather(present, tf.cast(u[0] * tf.cast(tf.size(present), tf.float64), tf.int64))
+    r = tf.cast(u[1] * tf.cast(counts[c], tf.float64), tf.int64)  # the class's r-th record
+    pos = order[starts[c] + r]
+    out = {name: v[pos] for name, v in records.items()}
+    out[preprocess.RNG_KEY] = tf.random.stateless_uniform(
+        [2], _key(seed, 3, i), minval=None, maxval=None, dtype=tf.int64)
+    return out
+
+  return tf.data.Dataset.counter(start_step * batch).map(draw,
+                                                         num_parallel_calls=tf.data.AUTOTUNE)
 
 
 class EvalData:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # The source modules register themselves in SOURCES; imported here so that every source is
 # known once this module is.
-from imgcls.data import fashion_mnist, folder, mosaic, tfds_source  # noqa: F401
+from imgcls.data import fashion_mnist, folder, long_tail, mosaic, tfds_source  # noqa: F401
 from imgcls.data.base import (SOURCES, TFDS_HOST, DataError, base_name,  # noqa: F401
                               default_data_dir, download_hosts, network_available, source_for)
 from imgcls.registry import lazy_import
@@ -53,17 +53,19 @@ def check_num_classes(builder: tfds.core.DatasetBuilder, name: str, num_classes:
 def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True,
                 num_classes: int | None = None, skip_corrupt: bool = False,
                 folder_split: str = DEFAULT_FOLDER_SPLIT,
-                folder_seed: int = 0) -> tfds.core.DatasetBuilder:
+                folder_seed: int = 0,
+                imbalance_ratio: float | None = None) -> tfds.core.DatasetBuilder:
   """A prepared TFDS builder for `name`; prepares it if allowed and possible, else DataError.
 
   `name` is a TFDS name ('fashion_mnist', 'cifar10:3.0.2') or an image folder
   ('folder:/path/to/images', see imgcls/data/folder.py); skip_corrupt, folder_split and
-  folder_seed only apply to folders. With num_classes, a dataset with another number of
+  folder_seed only apply to folders, imbalance_ratio to fashion_mnist_lt. With num_classes, a dataset with another number of
   classes is a DataError.
   """
   data_dir = default_data_dir(data_dir)
   builder = source_for(name).builder(name, data_dir, prepare=prepare, skip_corrupt=skip_corrupt,
-                                     folder_split=folder_split, folder_seed=folder_seed)
+                                     folder_split=folder_split, folder_seed=folder_seed,
+                                     imbalance_ratio=imbalance_ratio)
   if num_classes is not None:
     check_num_classes(builder, name, num_classes)
   return builder
@@ -71,7 +73,7 @@ def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True,
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
             skip_corrupt: bool = False, folder_split: str = DEFAULT_FOLDER_SPLIT,
-            folder_seed: int = 0) -> str:
+            folder_seed: int = 0, imbalance_ratio: float | None = None) -> str:
   """Prepares `name` in data_dir (fashion_mnist offline; others by TFDS with manual_dir).
 
   Returns the prepared dataset's folder. 'folder:/path' names prepare an image folder
@@ -79,7 +81,8 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   """
   data_dir = default_data_dir(data_dir)
   builder = source_for(name).prepare(name, data_dir, manual_dir, skip_corrupt=skip_corrupt,
-                                     folder_split=folder_split, folder_seed=folder_seed)
+                                     folder_split=folder_split, folder_seed=folder_seed,
+                                     imbalance_ratio=imbalance_ratio)
   return str(builder.data_dir)
 
 
@@ -99,7 +102,7 @@ def num_examples(builder: tfds.core.DatasetBuilder, split) -> int:
 # defaults get_builder uses when a plain dict leaves one out.
 _DATASET_OPTIONS = {'data_dir': None, 'prepare': True, 'num_classes': None,
                     'skip_corrupt': False, 'folder_split': DEFAULT_FOLDER_SPLIT,
-                    'folder_seed': 0}
+                    'folder_seed': 0, 'imbalance_ratio': None}
 
 
 def _options(dataset_cfg, data_dir: str | None) -> tuple[str, dict]:
@@ -132,12 +135,14 @@ def prepare_for(dataset_cfg, data_dir: str | None = None, manual_dir: str | None
   """
   name, options = _options(dataset_cfg, data_dir)
   path = prepare(name, options['data_dir'], manual_dir, skip_corrupt=options['skip_corrupt'],
-                 folder_split=options['folder_split'], folder_seed=options['folder_seed'])
+                 folder_split=options['folder_split'], folder_seed=options['folder_seed'],
+                 imbalance_ratio=options['imbalance_ratio'])
   if options['num_classes'] is not None:
     check_num_classes(get_builder(name, options['data_dir'], prepare=False,
                                   skip_corrupt=options['skip_corrupt'],
                                   folder_split=options['folder_split'],
-                                  folder_seed=options['folder_seed']),
+                                  folder_seed=options['folder_seed'],
+                                  imbalance_ratio=options['imbalance_ratio']),
                       name, options['num_classes'])
   return path
 

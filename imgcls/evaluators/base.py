@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from jax.sharding import PartitionSpec as P
 import ml_collections
+import numpy as np
 
 from imgcls import data, parallel, step as step_lib
 from imgcls.registry import Registry
@@ -15,13 +16,14 @@ EVALUATORS = Registry('evaluator')
 
 
 def make_eval_fn(model, loss: str, mesh, tta: str = '',
-                 value_range: dict[str, float] | None = None):
+                 value_range: dict[str, float] | None = None, logit_offset: Any = None):
   """step.eval_step under shard_map over the mesh's batch axis: (global sums, batch-sharded
   per-example outputs). Every evaluator's step; scripts/benchmark.py times this same one.
-  value_range: the input's (`EvalData.value_range`), applied on the device."""
+  value_range: the input's (`EvalData.value_range`), applied on the device. logit_offset:
+  [K] subtracted from the logits (post-hoc logit adjustment, `posthoc_logit_offset`)."""
   return parallel.data_parallel(
       functools.partial(step_lib.eval_step, model=model, loss=loss, axis_name=parallel.AXIS,
-                        tta=tta, value_range=value_range),
+                        tta=tta, value_range=value_range, logit_offset=logit_offset),
       mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P(parallel.AXIS)))
 
 
@@ -50,6 +52,20 @@ class Evaluator:
     del workdir, step, writer
 
 
+def posthoc_logit_offset(config: ml_collections.ConfigDict, builder: Any,
+                         counts: Any = None) -> np.ndarray | None:
+  """tau * log(prior) of config.imbalance.posthoc_tau (the train split's label frequencies,
+  or `counts`), which the eval step subtracts from the logits; None when tau is 0."""
+  tau = config.get('imbalance', {}).get('posthoc_tau', 0.0)
+  if not tau:
+    return None
+  from imgcls.data import label_counts  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from imgcls.evaluators import imbalance  # pylint: disable=g-import-not-at-top
+  if counts is None:
+    counts = label_counts.memo_label_counts(builder, config.dataset.train_split)
+  return tau * imbalance.log_prior(counts)
+
+
 class Context:
   """What a run's evaluators share: the config, the model, the mesh, the dataset's builder
   and class names, and the jitted eval steps (one per test-time augmentation and value_range,
@@ -76,7 +92,8 @@ class Context:
     key = (tta, tuple(sorted((value_range or {}).items())))
     if key not in self._eval_fns:
       self._eval_fns[key] = make_eval_fn(self.model, self.config.loss, self.mesh, tta,
-                                         value_range)
+                                         value_range, posthoc_logit_offset(self.config,
+                                                                           self.builder))
     return self._eval_fns[key]
 
   def image_shape(self) -> tuple[int, ...]:
