@@ -8,7 +8,10 @@
 `init` is a timm ConvNeXt state dict, e.g. `model.safetensors` of the Hugging Face repo
 timm/convnext_tiny.fb_in1k (`model=` names the size: convnext_tiny by default, any
 convnext_* or convnextv2_* name); its head is re-initialised (zero) for your classes. The
-resolution (224) and the ImageNet mean/std come with the model name (its registry info).
+resolution (224) and the ImageNet mean/std come with the model name (its registry info): the
+pp strings say '{resolution}' and '{normalize}', filled in when the config is validated, so
+`--config.model.name=convnextv2_tiny` brings its own (imgcls.data.preprocess.PLACEHOLDER).
+`size=` fixes the resolution instead.
 ConvNeXt-T reaches 82.1% ImageNet-1k top-1 at 224 px (Liu et al. 2022, "A ConvNet for the
 2020s", Table 1); ConvNeXt V2-T fine-tuned after FCMAE pre-training, 83.0% (Woo et al. 2023).
 
@@ -37,7 +40,7 @@ def get_config(arg=None):
                   classes=37, train_split='train', eval_split='', size=0, epochs=30.0,
                   batch=128, lr=1e-4, warmup=100, layer_decay=0.8,
                   stoch_depth=0.1)
-  # Imported here: the registry info travels with the model name (resolution, normalisation).
+  # Imported here: the registry says which names are ConvNeXts (and their stage-3 depth).
   from imgcls.models import convnext  # noqa: F401  pylint: disable=g-import-not-at-top
   from imgcls.models.registry import MODELS  # pylint: disable=g-import-not-at-top
   if arg.model not in MODELS or MODELS.info(arg.model).get('family') != 'convnext':
@@ -45,9 +48,8 @@ def get_config(arg=None):
                       f'models, not {arg.model!r}.')
   if arg.classes <= 0:
     raise ConfigError('configs/finetune_convnext.py needs classes= (the number of classes).')
-  info = MODELS.info(arg.model)
   c = defaults()
-  n, s = arg.classes, arg.size or info['resolution']
+  n, s = arg.classes, arg.size or '{resolution}'
   if arg.root:
     from imgcls.data import folder  # pylint: disable=g-import-not-at-top
     c.dataset.name = f'folder:{arg.root}'
@@ -59,9 +61,9 @@ def get_config(arg=None):
     c.dataset.eval_split = arg.eval_split or 'test'
   c.dataset.num_classes = n
   c.dataset.shuffle_buffer = 10_000
-  norm = f'normalize_preset("{info["normalize"]}")|onehot({n})'
+  norm = f'normalize_preset("{{normalize}}")|onehot({n})'
   c.pp_train = f'decode(3)|inception_crop({s})|flip_lr|{norm}'
-  resize = round(s / 0.875)  # timm's crop_pct for these weights
+  resize = round(arg.size / 0.875) if arg.size else '{resolution/0.875}'  # timm's crop_pct
   c.pp_eval = (f'decode(3)|resize_small({resize}, method="bicubic", antialias=True)|'
                f'central_crop({s})|{norm}')
 

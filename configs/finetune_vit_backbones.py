@@ -13,7 +13,9 @@ timm/vit_base_patch16_clip_224.openai), or big_vision's SigLIP .npz with its ima
 selected as big_vision's load_params does (`init=webli_en_b16_224.npz:img`). The head is
 re-initialised (zero) for your classes (these backbones ship without one). The resolution and
 the normalisation come with the name (registry info): ImageNet mean/std for DINOv2, [-1, 1]
-for SigLIP, CLIP's mean/std for CLIP; `size=` fine-tunes at another resolution, the position
+for SigLIP, CLIP's mean/std for CLIP; the pp strings say '{resolution}' and '{normalize}',
+filled in when the config is validated, so `--config.model.name=OTHER` brings OTHER's
+(imgcls.data.preprocess.PLACEHOLDER). `size=` fine-tunes at another resolution, the position
 embeddings resized on load as the source does (timm's antialiased bicubic; big_vision's
 scipy zoom for its .npz): model_load.posemb_resize='source'.
 
@@ -47,7 +49,7 @@ def get_config(arg=None):
                   dataset='oxford_iiit_pet', classes=37, train_split='train', eval_split='', size=0, epochs=30.0,
                   batch=128, lr=0.0, warmup=100, layer_decay=0.75, stoch_depth=0.1,
                   mode='finetune')
-  # Imported here: the registry info travels with the model name (resolution, normalisation).
+  # Imported here: the names this recipe knows (the registry's timm ViT names).
   from imgcls.models import vit  # pylint: disable=g-import-not-at-top
   if arg.model not in vit.TIMM_NAMES:
     raise ConfigError(f'configs/finetune_vit_backbones.py fine-tunes the timm DINOv2, SigLIP '
@@ -58,9 +60,8 @@ def get_config(arg=None):
   if arg.mode not in MODES:
     raise ConfigError(f'configs/finetune_vit_backbones.py mode= is one of {", ".join(MODES)}, '
                       f'not {arg.mode!r}.')
-  _, resolution, normalize = vit.TIMM_NAMES[arg.model]
   c = defaults()
-  n, s = arg.classes, arg.size or resolution
+  n, s = arg.classes, arg.size or '{resolution}'
   if arg.root:
     from imgcls.data import folder  # pylint: disable=g-import-not-at-top
     c.dataset.name = f'folder:{arg.root}'
@@ -72,7 +73,7 @@ def get_config(arg=None):
     c.dataset.eval_split = arg.eval_split or 'test'
   c.dataset.num_classes = n
   c.dataset.shuffle_buffer = 10_000
-  norm = f'normalize_preset("{normalize}")|onehot({n})'
+  norm = f'normalize_preset("{{normalize}}")|onehot({n})'
   c.pp_train = f'decode(3)|inception_crop({s})|flip_lr|{norm}'
   # timm's crop_pct is 1.0 for these weights: resize the short side to the size, crop the centre.
   c.pp_eval = (f'decode(3)|resize_small({s}, method="bicubic", antialias=True)|'

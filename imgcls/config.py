@@ -391,7 +391,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors) +
                       '\nFix the config file or the --config.KEY=VALUE override.')
-  _VALID.update((key, repr(cfg.to_dict())))  # as written, and with its placeholders filled
+  _VALID.add(repr(cfg.to_dict()))  # with its placeholders filled (another may fill them apart)
   return cfg
 
 

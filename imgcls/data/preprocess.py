@@ -24,6 +24,8 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import re
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from imgcls.data.base import DataError
@@ -79,6 +81,33 @@ def image_only(pp: str) -> str:
   return '|'.join(op for op in ops if _op_name(op) not in label_ops)
 
 
+# Model placeholders in a pp string, filled from the model's registry info (its name's
+# resolution and normalize preset; imgcls.models.pp_values) by imgcls.config.validate after
+# every --config override: '{resolution}', '{normalize}', and '{resolution/0.875}' for
+# round(resolution / 0.875), the eval resize before a central crop of 0.875 (timm's crop_pct).
+PLACEHOLDER = re.compile(r'\{(\w+)(?:\s*/\s*(\d*\.?\d+))?\}')
+
+
+def fill_placeholders(spec: str, values: Mapping[str, Any], source: str) -> str:
+  """`spec` with its PLACEHOLDERs replaced by `values` (those of `source`, for messages)."""
+  def fill(match: re.Match) -> str:
+    key, divisor = match[1], match[2]
+    if key not in values:
+      raise DataError(f'unknown placeholder {match[0]} in pp {spec!r}; known: '
+                      f'{", ".join("{" + k + "}" for k in values)}.')
+    value = values[key]
+    if value is None:
+      raise DataError(f'pp {spec!r} asks for {match[0]}, but {source} has no default {key}: '
+                      'write the value into the pp string.')
+    if divisor is not None:
+      if not isinstance(value, (int, float)) or float(divisor) <= 0:
+        raise DataError(f'{match[0]} in pp {spec!r}: only a number divides by a positive '
+                        'number, e.g. {resolution/0.875}.')
+      value = round(value / float(divisor))
+    return str(value)
+  return PLACEHOLDER.sub(fill, spec)
+
+
 def _op_name(text: str) -> str:
   return text.split('(', 1)[0].strip()
 
@@ -108,6 +137,10 @@ def get_pp_fn(spec: str, fuse: bool | None = None) -> Op:
   fuse: replace adjacent ops registered in FUSIONS by their fused op (same output, faster);
   None reads IMGCLS_PP_FUSE (on unless '0').
   """
+  if PLACEHOLDER.search(spec):
+    raise DataError(f'pp {spec!r} still has model placeholders ({PLACEHOLDER.search(spec)[0]}): '
+                    'imgcls.config.validate fills them from model.name; validate the config '
+                    'first (or fill them with preprocess.fill_placeholders).')
   calls = []  # (name, args, kwargs, op)
   for text in filter(str.strip, spec.split('|')):
     name, args, kwargs = _parse_op(text)
