@@ -305,6 +305,7 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
     class_counts = label_counts.cached_label_counts(
         builder, ds.train_split, workdir if jax.process_index() == 0 else None)
     logging.info('class counts of %s: %s', ds.train_split, class_counts.tolist())
+    meta['class_counts'] = class_counts.tolist()  # with each checkpoint: imgcls.load's prior
   train_fn = make_train_fn(config, model, tx, mesh, value_range=train_iter.value_range,
                            class_counts=class_counts)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)

@@ -138,3 +138,7 @@ def test_tiny_run_with_every_option_keeps_the_counts(tiny_config, data_dir, tmp_
   assert saved['split'] == 'train' and sum(saved['counts']) == 160
   from imgcls.data import label_counts  # pylint: disable=g-import-not-at-top
   np.testing.assert_array_equal(label_counts.load(str(tmp_path)), saved['counts'])
+  from imgcls import checkpoints  # pylint: disable=g-import-not-at-top
+  step_dirs = [p for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert step_dirs and all(checkpoints.read_meta(d)['class_counts'] == saved['counts']
+                           for d in step_dirs)
