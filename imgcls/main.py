@@ -54,6 +54,10 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
 
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    'compilation_cache', True, "JAX's persistent compilation cache, in JAX_COMPILATION_CACHE_DIR "
+    'or ~/.cache/imgcls/xla ($XDG_CACHE_HOME); --nocompilation_cache turns it off.')
+
 _FILTER = flags.DEFINE_string('filter', None, "Only the names matching this glob, e.g. "
                               "'*dinov2*'.")
 
@@ -76,7 +80,8 @@ _MULTI = ('coordinator_address', 'num_processes', 'process_id')
 COMMANDS: dict[str, Command] = {
     'train': Command(
         'Train and evaluate a config in a workdir; rerunning resumes it.',
-        frozenset({'config', 'workdir', 'allow_config_change', 'data_dir', *_MULTI}),
+        frozenset({'config', 'workdir', 'allow_config_change', 'data_dir', 'compilation_cache',
+                   *_MULTI}),
         'imgcls train --config=configs/default.py --workdir=/tmp/fmnist',
         'imgcls train --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...]'),
     'eval': Command(
@@ -373,6 +378,8 @@ def _run(command: str, rest: list[str]) -> None:
       return
     config_lib.validate(config)  # before TF and the trainer load (train reuses the check)
   from imgcls import checkpoints, parallel
+  if command == 'train':
+    parallel.compilation_cache(_COMPILATION_CACHE.value)
   if command in ('eval', 'fewshot', 'calibrate'):
     checkpoints.check_step_arg(_STEP.value)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -321,8 +321,13 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
     try:
       for step in range(start, num_steps):
         profiler.before(step, state)
+        batch = parallel.shard_batch(next(train_iter), mesh)
+        if step == start:  # compiled ahead of time: the compile time goes to the log
+          train_fn, seconds, how = parallel.compile_timed(train_fn, state, batch)
+          logging.info('first step compiled in %.1f s (compilation cache: %s, %s)', seconds,
+                       parallel.cache_state(), how)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, m = train_fn(state, parallel.shard_batch(next(train_iter), mesh))
+          state, m = train_fn(state, batch)
         profiler.after(step, (state, m))
         pending.append(m)
         unchecked.append(m['finite'])

@@ -2,13 +2,15 @@
 
 Records are read with images still encoded and decoded by the pp string's `decode` op.
 
-Train order: each process reads its own part (tfds.even_splits) of N examples. Epoch e
-cuts the part, in file order, into windows of W = min(shuffle_buffer, N) records and
-permutes each window with a stateless seed from (seed, process, e, window), which also
-draws one seed per position for the random pp ops. Epochs follow one another without a
-gap; batches may straddle them. So batch k is a pure function of (seed, k, process), and
-starting at step s costs reading at most one epoch of raw records: no decoding and no
-iterator state to checkpoint. W >= N gives a full permutation of the part every epoch.
+Train order: every process walks the same global order of the split's N examples and keeps
+its contiguous slice of each global batch (process p of P: rows p*B/P .. (p+1)*B/P - 1).
+Epoch e cuts the split, in file order, into windows of W = min(shuffle_buffer, N) records
+and permutes each window with a stateless seed from (seed, e, window), which also draws one
+seed per position for the random pp ops. Epochs follow one another without a gap; batches
+may straddle them. So global batch k is a pure function of (seed, k), whatever the process
+and device counts (a run resumes on another topology with the same data), and starting at
+step s costs reading at most one epoch of raw records: no decoding and no iterator state to
+checkpoint. W >= N gives a full permutation of the split every epoch.
 
 sampling='balanced' (single-label) holds the split's encoded records in memory instead and
 draws each global position i.i.d.: a class uniformly, then one of its records (`_balanced`).
@@ -130,10 +132,12 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
         ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator(), value_range)
   if sampling != 'uniform':
     raise DataError(f"sampling must be 'uniform' or 'balanced', got {sampling!r}.")
+  # Elastic: each process reads the whole split (P times the raw reads, decoding only its
+  # share) and filters its slice of every global batch out of the one global order.
+  n, raw = num_examples(builder, split), _read(builder, split)
   window = max(1, min(shuffle_buffer, n))
-  first_epoch, offset = divmod(start_step * batch, n)
+  first_epoch, offset = divmod(start_step * global_batch_size, n)
   first_window, skip = divmod(offset, window)
-  raw = _read(builder, part)
   if cache:  # Filled here in one pass, so no iterator ever leaves it half-written.
     raw = raw.cache()
     raw.reduce(np.int64(0), lambda c, _: c + 1)
@@ -141,8 +145,8 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
   def shuffle_window(epoch, w, records):
     """Window w of the epoch, permuted, with one seed per position for the random pp ops."""
     size = tf.shape(records[next(iter(records))])[0]
-    perm = tf.random.experimental.stateless_shuffle(tf.range(size), _key(seed, index, 0, epoch, w))
-    rngs = tf.random.stateless_uniform([size, 2], _key(seed, index, 1, epoch, w), minval=None,
+    perm = tf.random.experimental.stateless_shuffle(tf.range(size), _key(seed, 0, 0, epoch, w))
+    rngs = tf.random.stateless_uniform([size, 2], _key(seed, 0, 1, epoch, w), minval=None,
                                        maxval=None, dtype=tf.int64)
     start = tf.where((epoch == first_epoch) & (w == first_window), skip, 0)
     out = {k: tf.gather(v, perm[start:]) for k, v in records.items()}
@@ -156,6 +160,9 @@ def train_iterator(builder: tfds.core.DatasetBuilder, *, split: str, pp: str,
     return windows.map(lambda w, r: shuffle_window(epoch, w, r)).unbatch()
 
   ds = tf.data.Dataset.counter(first_epoch).flat_map(one_epoch)
+  if count > 1:  # global position i (from the start step's first row) -> row i % B
+    ds = ds.enumerate().filter(
+        lambda i, _: (i % global_batch_size) // batch == index).map(lambda _, f: f)
   ds = _checked(ds.map(lambda f: _public(pp_fn(f)), num_parallel_calls=tf.data.AUTOTUNE), pp,
                 threads)
   return TrainBatches(ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator(),
