@@ -148,7 +148,7 @@ def _attention_maps(model, variables, x, targets):
 def _vit_layout(model, x) -> tuple[int, int, int]:
   """(patch grid height, width, index of the first patch token)."""
   p = model.dims()['patch_size']
-  return x.shape[1] // p, x.shape[2] // p, int(model.pool == 'tok')
+  return x.shape[1] // p, x.shape[2] // p, model.num_prefix_tokens()
 
 
 def _rollout(model, x, mixes: list[jax.Array]) -> jax.Array:
@@ -163,7 +163,7 @@ def _rollout(model, x, mixes: list[jax.Array]) -> jax.Array:
   if model.pool == 'tok':
     row = r[:, 0]
   elif model.pool == 'gap':
-    row = jnp.mean(r, axis=1)
+    row = jnp.mean(r[:, first:], axis=1)  # the pool averages the patch tokens only
   else:
     row = jnp.einsum('nj,njk->nk', mixes[-1][:, 0], r)
   return row[:, first:].reshape(n, gh, gw)
