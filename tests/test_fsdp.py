@@ -5,7 +5,6 @@ that restore onto a mesh of another size or strategy."""
 import functools
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import ml_collections
@@ -56,29 +55,6 @@ def _batches(n=5, batch=16):
           for _ in range(n)]
 
 
-def fsdp_train_step(state, batch, *, model, tx, specs, ema_decay):
-  """step.train_step's math on a state sharded by `specs` (a TrainState of PartitionSpecs),
-  per device: the parameters are gathered inside the loss, so their gradients come back
-  reduce-scattered onto the shards, which optax and the EMA update where they lie."""
-  def loss_fn(params):
-    variables = {'params': sharding.gather(params, specs.params),
-                 'batch_stats': sharding.gather(state.batch_stats, specs.batch_stats)}
-    logits, updates = model.apply(variables, batch['image'], train=True,
-                                  mutable=['batch_stats'])
-    loss = lax.pmean(jnp.mean(step_lib.softmax_xent(logits, batch['labels'])), A)
-    return loss, updates.get('batch_stats', state.batch_stats)
-
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      batch_stats=sharding.shard(stats, specs.batch_stats), opt_state=opt_state)
-  d = step_lib.ema_decay_at(state.step, ema_decay)
-  new = new.replace(
-      ema_params=optax.incremental_update(new.params, state.ema_params, 1.0 - d),
-      ema_batch_stats=optax.incremental_update(new.batch_stats, state.ema_batch_stats, 1.0 - d))
-  return new, {'loss': loss, 'grad_norm': sharding.global_norm(grads)}
-
-
 def _create(model, tx):
   return functools.partial(step_lib.create_train_state, model, tx, input_shape=IMAGE, ema=True)
 
@@ -90,9 +66,13 @@ def fsdp_state(model, tx, mesh, min_bytes=0):
   return jax.jit(create, out_shardings=sharding.named(specs, mesh))(key), specs
 
 
-def fsdp_step_fn(model, tx, mesh, specs, ema_decay=0.9):
+def fsdp_step_fn(model, tx, mesh, specs, ema_decay=0.9, **kw):
+  """step.train_step on a state sharded by `specs` (a TrainState of PartitionSpecs), per device:
+  the parameters are gathered inside the loss, so their gradients come back reduce-scattered
+  onto the shards, which optax and the EMA update where they lie."""
   return parallel.data_parallel(
-      functools.partial(fsdp_train_step, model=model, tx=tx, specs=specs, ema_decay=ema_decay),
+      functools.partial(step_lib.train_step, model=model, tx=tx, specs=specs,
+                        ema_decay=ema_decay, **kw),
       mesh, in_specs=(specs, P(A)), out_specs=(specs, P()))
 
 
@@ -283,7 +263,7 @@ def test_skipped_nonfinite_update_under_fsdp_equals_replicated():
   ref_fn = train_step_fn(mesh, model=model, tx=tx, ema_decay=0.9, skip_nonfinite_steps=2)
   tx = sharding.apply_if_finite(_tx(), 2)
   state, specs = fsdp_state(model, tx, mesh)
-  fn = fsdp_step_fn(model, tx, mesh, specs)
+  fn = fsdp_step_fn(model, tx, mesh, specs, skip_nonfinite_steps=2)
   for i, b in enumerate(batches):
     ref, r = ref_fn(ref, b)
     state, m = fn(state, b)
@@ -293,3 +273,40 @@ def test_skipped_nonfinite_update_under_fsdp_equals_replicated():
     got, want = _flat(state), _flat(ref)
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+# ------------------------------------------- the run: train_and_evaluate, config.sharding
+
+def _run_config(tiny_config, data_dir, model, strategy):
+  c = tiny_config(data_dir, total_steps=5, eval_every_steps=5, log_every_steps=1,
+                  sharding=strategy, sharding_min_bytes=0, ema_decay=0.9, grad_clip_norm=1.0)
+  if model == 'vit':  # AdamW, key biases frozen (see _tx)
+    c.model = ml_collections.ConfigDict(dict(name='vit', width=64, depth=2, mlp_dim=128,
+                                             num_heads=4, patch_size=4))
+    c.optimizer.name, c.optimizer.freeze, c.lr.base = 'adamw', ('key/bias',), 1e-3
+  else:  # the ResNet also accumulates 2 microbatches and may skip non-finite updates
+    c.grad_accum_steps, c.skip_nonfinite_steps = 2, 2
+  return c
+
+
+@pytest.mark.parametrize('model', ['vit', 'resnet'])
+def test_five_fsdp_steps_of_train_and_evaluate_equal_replicated(model, tiny_config, data_dir,
+                                                                tmp_path):
+  from imgcls import compare, train  # pylint: disable=g-import-not-at-top
+  runs = {}
+  for strategy in ('replicated', 'fsdp'):
+    workdir = str(tmp_path / strategy)
+    result = train.train_and_evaluate(_run_config(tiny_config, data_dir, model, strategy),
+                                      workdir)
+    weights = checkpoints.find(workdir, 'latest').weights('raw')
+    runs[strategy] = result, compare.read_metrics(workdir), _flat(weights)
+  (r_res, r_log, r_w), (f_res, f_log, f_w) = runs['replicated'], runs['fsdp']
+  assert [r['step'] for r in f_log if 'train_loss' in r] == [1, 2, 3, 4, 5]
+  for r, f in zip(r_log, f_log):
+    for k in ('train_loss', 'train_grad_norm', 'eval_loss'):
+      if k in r:
+        np.testing.assert_allclose(f[k], r[k], rtol=1e-6, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(f_res['loss'], r_res['loss'], rtol=1e-6, atol=1e-6)
+  assert f_w.keys() == r_w.keys()
+  for k in r_w:
+    np.testing.assert_allclose(f_w[k], r_w[k], rtol=1e-6, atol=1e-6, err_msg=k)
