@@ -301,7 +301,7 @@ def write_calibration(step_dir: epath.Path, calibration: dict[str, Any]) -> epat
   path = epath.Path(step_dir) / CALIBRATION_FILE
   tmp = path.parent / f'.{CALIBRATION_FILE}.tmp-{os.getpid()}'
   tmp.write_text(json.dumps(calibration, allow_nan=False))
-  tmp.rename(path)
+  tmp.replace(path)  # overwrites: a recalibration replaces the old one
   return path
 
 

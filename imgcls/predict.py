@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from imgcls import inference, step
-from imgcls.evaluators import calibrated, conformal as conformal_lib
+from imgcls.evaluators import calibrated
 from imgcls.data.folder_layout import EXTENSIONS
 from imgcls.errors import UserError
 
@@ -163,7 +163,7 @@ def predict(workdir: str, inputs: list[str], out: str, *, step: str | int = 'bes
     def flush():
       inputs_ = [x for _, x, _ in pending if x is not None]
       scored = _scores(clf, np.stack(inputs_), batch_size, tta) if inputs_ else np.zeros((0, 1))
-      masks = iter(conformal_lib.prediction_sets(scored, sets) if sets and len(scored) else [])
+      masks = iter(calibrated.prediction_sets(scored, sets) if sets and len(scored) else [])
       probs = iter(scored)
       for path, x, error in pending:
         if x is None:

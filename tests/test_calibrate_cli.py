@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 import imgcls
 from imgcls import checkpoints, export, predict, train
 from imgcls.errors import UserError
-from imgcls.evaluators import calibrated, conformal
+from imgcls.evaluators import calibrated
 from imgcls.evaluators.checkpoint import (CalibrationError, calibrate_checkpoint,
                                           evaluate_checkpoint)
 
@@ -85,7 +85,9 @@ def test_calibrate_refuses_the_training_split(run):
 @pytest.fixture(scope='module')
 def calibrated_run(run, pngs):
   del pngs  # made before the calibration: the uncalibrated tests above ran on the same run
-  result = calibrate_checkpoint(run, split='test')
+  first = calibrate_checkpoint(run, split='test[:20]')
+  assert first['split'] == 'test[:20]' and first['examples'] == 20
+  result = calibrate_checkpoint(run, split='test')  # a recalibration replaces the first
   assert result['split'] == 'test' and result['examples'] == NUM_TEST
   return run, result
 
@@ -153,7 +155,7 @@ def test_predict_abstains_and_writes_conformal_sets(calibrated_run, pngs, tmp_pa
   covered = np.mean([t in s for t, s in zip(truth, sets)])
   assert covered >= 0.9  # calibrated on these very examples: at least 1 - alpha
   assert summary['mean_set_size'] == pytest.approx(np.mean([len(s) for s in sets]))
-  masks = conformal.prediction_sets(clf.probabilities(pngs),
+  masks = calibrated.prediction_sets(clf.probabilities(pngs),
                                     calibrated.conformal_for(clf.calibration, 0.1))
   assert [sorted(s) for s in sets] == [sorted(clf.label_names[i] for i in np.flatnonzero(m))
                                        for m in masks]

@@ -245,7 +245,7 @@ def _add_calibration(scalars, report_json, raw_probs, probs, labels, calibration
       cal = calibrated.conformal_for(calibration, alpha)
     except Exception:  # pylint: disable=broad-except  # too few calibration examples
       continue
-    m = conformal.set_metrics(conformal.prediction_sets(probs, cal), labels)
+    m = conformal.set_metrics(calibrated.prediction_sets(probs, cal), labels)
     name = calibrated.set_column(alpha)
     scalars[f'{name}_coverage'] = m['coverage']
     scalars[f'{name}_mean_size'] = m['mean_set_size']
