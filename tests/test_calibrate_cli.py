@@ -194,3 +194,24 @@ def test_explain_command_writes_maps_at_the_image_size(calibrated_run, pngs, tmp
     assert (tmp_path / 'maps' / f'{stem}.png').exists()
   maps = imgcls.load(run).explain(pngs[:2], method='gradcam')
   assert len(maps) == 2
+
+
+def test_multilabel_platt_is_stored_and_applied_like_the_temperature():
+  rng = np.random.default_rng(0)
+  targets = (rng.random((400, 3)) < 0.4).astype(int)
+  logits = 3.0 * (2 * targets - 1) + rng.normal(0, 2, (400, 3))  # overconfident scale
+  record = calibrated.fit(logits, targets, multilabel=True, split='val', step=1, weights='raw')
+  assert record['kind'] == 'platt' and record['summary']['nll_after'] <= record['summary']['nll_before']
+  record = json.loads(json.dumps(record))  # as stored
+  a, b = (np.asarray(record['platt'][k]) for k in ('a', 'b'))
+  np.testing.assert_allclose(calibrated.calibrated_logits(logits, record), logits * a + b,
+                             atol=1e-5)  # a, b applied in float32, as in the graph
+  assert calibrated.calibrated_logits(logits, None) is logits
+  with pytest.raises(UserError, match='single-label'):
+    calibrated.conformal_for(record, 0.1)
+
+
+def test_set_column_names():
+  assert calibrated.set_column(0.1) == 'set_90'
+  assert calibrated.set_column(0.01) == 'set_99'
+  assert calibrated.set_column(0.005) == 'set_99_5'
