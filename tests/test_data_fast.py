@@ -1,6 +1,7 @@
 """imgcls.data's structure: checking a pp string or finding a source loads no TensorFlow, the
-modules import one another without loops (imports inside functions and lazy_import count), the
-bottom module imports no other data module, and no module outgrows a screenful of screens."""
+modules import one another without loops (imports inside functions, lazy_import and LazySource
+declarations count), the bottom module imports no other data module, and no module outgrows a
+screenful of screens."""
 
 import ast
 import json
@@ -28,9 +29,17 @@ for bad in ('decode|no_such_op', 'resize(0)', 'value_range(1, 2, in_min=3, in_ma
     preprocess.get_pp_fn(bad)
   except DataError as e:
     errors.append(str(e))
+import sys
+SOURCE_MODULES = ('fashion_mnist', 'long_tail', 'mosaic', 'folder', 'tfds_source')
+loaded = lambda: [m for m in SOURCE_MODULES if f'imgcls.data.{m}' in sys.modules]
+declared, loaded_at_start = sources.SOURCES.names(), loaded()
+sources.source_for('fashion_mnist')
+loaded_by_one = loaded()
 found = [type(sources.source_for(n)).__name__
          for n in ('fashion_mnist', 'fashion_mnist_mosaic/small', 'folder:/x', 'cifar10')]
 print(json.dumps({'seconds': time.perf_counter() - start, 'errors': errors, 'sources': found,
+                  'declared': declared, 'loaded_at_start': loaded_at_start,
+                  'loaded_by_one': loaded_by_one, 'loaded_by_all': loaded(),
                   'tf': is_loaded('tensorflow'), 'tfds': is_loaded('tensorflow_datasets'),
                   'image_only': preprocess.image_only('decode|flip_lr|onehot(10)')}))
 '''
@@ -43,6 +52,13 @@ def test_pp_validation_and_sources_load_no_tensorflow():
   print(f"pp validation in a fresh process: {result['seconds']:.2f} s (imports included)")
   assert len(result['errors']) == 6, result['errors']
   assert result['sources'] == ['FashionMnistSource', 'MosaicSource', 'FolderSource', 'TfdsSource']
+  # Every source is known by name up front; a lookup imports only the source it picks (and
+  # fashion_mnist's base class, tfds_source).
+  assert result['declared'] == ['fashion_mnist', 'fashion_mnist_lt', 'fashion_mnist_mosaic',
+                                'folder', 'tfds']
+  assert result['loaded_at_start'] == []
+  assert result['loaded_by_one'] == ['fashion_mnist', 'tfds_source']
+  assert result['loaded_by_all'] == ['fashion_mnist', 'mosaic', 'folder', 'tfds_source']
   assert result['image_only'] == 'decode|flip_lr'
   assert not result['tf'] and not result['tfds'], 'checking a pp string loaded TensorFlow'
 
@@ -56,7 +72,8 @@ def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module:
       names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
-    elif (isinstance(node, ast.Call) and getattr(node.func, 'id', '') == 'lazy_import' and
+    elif (isinstance(node, ast.Call) and
+          getattr(node.func, 'id', '') in ('lazy_import', 'LazySource') and
           node.args and isinstance(node.args[0], ast.Constant)):
       names = [node.args[0].value]
     for name in names:
@@ -96,3 +113,14 @@ def test_base_is_the_bottom():
 def test_no_module_over_450_lines():
   long = {p.name: n for p in DATA.glob('*.py') if (n := len(p.read_text().splitlines())) > 450}
   assert not long, long
+
+
+def test_lazy_sources_match_their_declarations():
+  from imgcls.data import base, folder_layout, sources  # pylint: disable=g-import-not-at-top
+  assert sources.DEFAULT_FOLDER_SPLIT == folder_layout.DEFAULT_SPLIT
+  for name in sources.SOURCES.names():  # loading each checks its claims against the table
+    assert not isinstance(sources.SOURCES.get(name), base.LazySource)
+  registry = base.SourceRegistry('dataset source')
+  registry.register('x', base.LazySource('imgcls.data.folder', names=('x',)))
+  with pytest.raises(ValueError, match='declared with'):
+    registry.register('x', sources.SOURCES.get('folder'))

@@ -2,8 +2,9 @@
 and the train/eval pipelines.
 
 Importing this package is cheap and loads no TensorFlow: it registers every pp op
-(imgcls.data.ops) and every dataset source (imgcls.data.sources), whose TensorFlow and TFDS
-imports are lazy; the pipelines (which import JAX and TensorFlow) load on first use of
+(imgcls.data.ops) and declares every dataset source by name (imgcls.data.sources; a source's
+module loads when a lookup first picks it, and its TensorFlow and TFDS imports are lazy); the
+pipelines (which import JAX and TensorFlow) load on first use of
 train_iterator, eval_data or EvalData, and synthetic data on make_synthetic_dataset.
 
 Layout, bottom up (no module imports one above it): base (DataError, paths, SOURCES) ->

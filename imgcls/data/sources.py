@@ -1,24 +1,34 @@
 """Finding datasets by name: the source registry's front door, class checks, split sizes.
 
-`get_builder(name)` asks the source registered for the name (base.SOURCES, filled by
-fashion_mnist.py, mosaic.py, folder.py and tfds_source.py, all imported here) for a prepared
+`get_builder(name)` asks the source registered for the name (base.SOURCES) for a prepared
 TFDS builder; `builder_for(config.dataset)` does the same with a config's dataset options.
+Every source is declared below by the names it claims and its module, which registers the
+real source when a lookup first picks it: a run imports only the source it reads.
 Nothing here loads TensorFlow until a dataset is really built.
 """
 
 from __future__ import annotations
 
-
-# The source modules register themselves in SOURCES; imported here so that every source is
-# known once this module is.
-from imgcls.data import fashion_mnist, folder, long_tail, mosaic, tfds_source  # noqa: F401
-from imgcls.data.base import (SOURCES, TFDS_HOST, DataError, base_name,  # noqa: F401
-                              default_data_dir, download_hosts, network_available, source_for)
+from imgcls.data.base import (SOURCES, TFDS_HOST, DataError, LazySource,  # noqa: F401
+                              base_name, default_data_dir, download_hosts, network_available,
+                              source_for)
 from imgcls.registry import lazy_import
 
 tfds = lazy_import('tensorflow_datasets')
 
-DEFAULT_FOLDER_SPLIT = folder.DEFAULT_SPLIT
+# Each source's registered name -> what it claims (as its class says; checked when it loads).
+for _name, _source in {
+    'fashion_mnist': LazySource('imgcls.data.fashion_mnist', names=('fashion_mnist',)),
+    'fashion_mnist_lt': LazySource('imgcls.data.long_tail', names=('fashion_mnist_lt',)),
+    'fashion_mnist_mosaic': LazySource('imgcls.data.mosaic', names=('fashion_mnist_mosaic',)),
+    'folder': LazySource('imgcls.data.folder', prefix='folder:'),
+    'tfds': LazySource('imgcls.data.tfds_source', fallback=True),
+}.items():
+  if _name not in SOURCES:  # a source module imported before this one registered itself
+    SOURCES.register(_name, _source)
+
+# folder_layout.DEFAULT_SPLIT (a test keeps them equal), without importing the folder source.
+DEFAULT_FOLDER_SPLIT = 'train=0.8,validation=0.1,test=0.1'
 
 
 def class_label(builder: tfds.core.DatasetBuilder):
