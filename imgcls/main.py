@@ -1,11 +1,10 @@
-"""The `imgcls` command: parses flags, checks them against the command, and calls the one
-library function each command names. `imgcls --help` lists the commands (COMMANDS below),
-`imgcls COMMAND --help` shows that command's flags and an example.
+"""The `imgcls` command: defines and parses the flags, checks them against the command
+(imgcls.cli holds the command table and the help drawn from it), and calls the one library
+function each command names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging as logging_std
 import os
@@ -15,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imgcls.cli import (COMMANDS, HELP_FLAGS, MODEL_COMMANDS, check_flags, command_help, fail,
+                        overview)
 from imgcls.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -64,144 +65,15 @@ _FILTER = flags.DEFINE_string('filter', None, "Only the names matching this glob
 _MODEL_ARGS: dict[str, str] = {}  # --config.model.ARG=V the config file lacks (for sweeps)
 
 
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-  """One subcommand: a line for `imgcls --help`, the flags it takes (names without dashes;
-  'config' also covers --config.KEY=VALUE overrides) and a command line that works."""
-  summary: str
-  flags: frozenset[str]
-  example: str
-  usage: str = ''
-  flag_help: tuple[tuple[str, str], ...] = ()  # this command's reading of a shared flag
-
-
-_MULTI = ('coordinator_address', 'num_processes', 'process_id')
-COMMANDS: dict[str, Command] = {
-    'train': Command(
-        'Train and evaluate a config in a workdir; rerunning resumes it.',
-        frozenset({'config', 'workdir', 'allow_config_change', 'data_dir', 'compilation_cache',
-                   *_MULTI}),
-        'imgcls train --config=configs/default.py --workdir=/tmp/fmnist',
-        'imgcls train --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...]'),
-    'eval': Command(
-        "Score a checkpoint with its run's evaluators (or on --split).",
-        frozenset({'workdir', 'step', 'split', 'weights', 'data_dir', *_MULTI}),
-        'imgcls eval --workdir=/tmp/fmnist --step=best',
-        'imgcls eval --workdir=DIR [--step=best|latest|N] [--split=SPLIT] [--weights=auto]'),
-    'fewshot': Command(
-        "Few-shot linear probe of a checkpoint's features.",
-        frozenset({'workdir', 'dataset', 'shots', 'step', 'data_dir', *_MULTI}),
-        'imgcls fewshot --workdir=/tmp/fmnist --shots=1,5,10',
-        'imgcls fewshot --workdir=DIR [--dataset=NAME|folder:/path] [--shots=1,5,10,25]'),
-    'prepare': Command(
-        'Prepare a dataset offline (a TFDS name, or the dataset a config names).',
-        frozenset({'config', 'data_dir', 'manual_dir'}),
-        'imgcls prepare fashion_mnist --manual_dir=/usr/share/datasets/fashion-mnist',
-        'imgcls prepare NAME [--data_dir=DIR] [--manual_dir=DIR] | prepare --config=FILE'),
-    'sweep': Command(
-        "Train each variant of a sweep config in ROOT/NAME, then compare them.",
-        frozenset({'config', 'workdir', 'dry_run', 'data_dir'}),
-        'imgcls sweep --config=configs/fashion_mnist_sweep.py --workdir=/tmp/sweep --dry_run',
-        'imgcls sweep --config=FILE[:ARG] --workdir=ROOT [--dry_run]'),
-    'compare': Command(
-        'Tabulate and plot the runs under ROOT (compare.md, compare.csv, curves.png).',
-        frozenset({'out'}),
-        'imgcls compare /tmp/sweep',
-        'imgcls compare ROOT [--out=DIR]',
-        (('out', 'Folder for compare.md/.csv and curves.png (default: ROOT).'),)),
-    'models': Command(
-        'List the model names with family, parameters, resolution, normalisation and weight '
-        'formats.',
-        frozenset({'filter', 'format'}),
-        "imgcls models --filter='*dinov2*'",
-        'imgcls models [--filter=GLOB] [--format=table|csv|json]',
-        (('format', 'table (default), csv or json.'),)),
-    'predict': Command(
-        'Label image files, folders or globs with a checkpoint; writes CSV or JSON lines.',
-        frozenset({'workdir', 'out', 'step', 'weights', 'top_k', 'batch_size', 'tta',
-                   'min_confidence', 'max_risk', 'conformal'}),
-        'imgcls predict --workdir=/tmp/fmnist --out=/tmp/pred.csv photos/',
-        'imgcls predict --workdir=DIR --out=FILE.csv|FILE.jsonl [--max_risk=R | '
-        '--min_confidence=C] [--conformal=ALPHA] PATH|FOLDER|GLOB ...',
-        (('out', 'FILE.csv or FILE.jsonl: one row per image.'),
-         ('max_risk', 'Abstain (column abstain) below the confidence whose error rate on the '
-                      'calibration split is at most R; needs `imgcls calibrate`.'),
-         ('conformal', 'ALPHA: a column set_{100(1-ALPHA)} with each image\'s label set '
-                       '(conformal, ~1-ALPHA coverage); needs `imgcls calibrate`.'))),
-    'calibrate': Command(
-        'Fit temperature scaling, abstention and conformal scores on held-out data.',
-        frozenset({'workdir', 'step', 'split', 'weights', 'data_dir'}),
-        "imgcls calibrate --workdir=/tmp/fmnist --split='test[:5000]'",
-        'imgcls calibrate --workdir=DIR [--split=HELD_OUT] [--step=best|latest|N]',
-        (('split', 'Held-out split to fit on (default: the run\'s dataset.val_split); never '
-                   'the training split.'),)),
-    'explain': Command(
-        'Saliency maps of image files: overlays (PNG) and raw maps (.npy) per file.',
-        frozenset({'workdir', 'out', 'step', 'method'}),
-        'imgcls explain --workdir=/tmp/fmnist --out=/tmp/maps photos/shoe.png',
-        'imgcls explain --workdir=DIR --out=FOLDER [--method=auto] FILE ...',
-        (('out', 'Folder for NAME.png (overlay) and NAME.npy (map at the image\'s size).'),)),
-    'export': Command(
-        'Export a checkpoint to ONNX or StableHLO, checked against imgcls.load.',
-        frozenset({'workdir', 'format', 'out', 'step', 'weights'}),
-        'imgcls export --workdir=/tmp/fmnist --format=onnx --out=/tmp/model.onnx',
-        'imgcls export --workdir=DIR --format=onnx|stablehlo --out=PATH',
-        (('out', 'The file to write (its metadata goes to PATH.json).'),)),
-}
-MODEL_COMMANDS = ('train', 'eval', 'fewshot', 'sweep', 'predict', 'export', 'calibrate',
-                  'explain')  # these run models
-HELP_FLAGS = ('--help', '-h', '-?', '--helpshort')
-
-
-def overview() -> str:
-  """`imgcls --help`: the commands, a line each."""
-  width = max(map(len, COMMANDS))
-  lines = [f'  {name:<{width}}  {c.summary}' for name, c in COMMANDS.items()]
-  return ('usage: imgcls COMMAND [flags]\n\ncommands:\n' + '\n'.join(lines) +
-          '\n\n`imgcls COMMAND --help` shows its flags and an example; --helpfull shows every '
-          'flag.\n')
-
-
-def command_help(name: str) -> str:
-  """`imgcls COMMAND --help`: its usage, its flags with their help text, and an example."""
-  command, own = COMMANDS[name], dict(COMMANDS[name].flag_help)
-  lines = [f'usage: {command.usage}', '', command.summary, '', 'flags:']
-  for flag in sorted(command.flags):
-    f = flags.FLAGS[flag]
-    value = ','.join(f.default) if isinstance(f.default, list) else f.default
-    default = '' if value in (None, '', False) else f' (default: {value})'
-    lines.append(f'  --{flag}: {own.get(flag, f.help)}{default}')
-    if flag == 'config':
-      lines.append('  --config.KEY=VALUE: set any key of the config (keys: imgcls/config.py), '
-                   'e.g. --config.lr.base=0.1.')
-  lines += ['', 'example:', f'  {command.example}', '']
-  return '\n'.join(lines)
-
-
-def check_flags(name: str, given: set[str]) -> None:
-  """Refuses, in one line, a flag that belongs to other commands only."""
-  for flag in sorted(given - COMMANDS[name].flags):
-    owners = [c for c, command in COMMANDS.items() if flag in command.flags]
-    if owners:  # absl's own flags (--verbosity, ...) belong to no command: any may take them
-      _fail(f'--{flag} is a flag of ' + ', '.join(f'`imgcls {c}`' for c in owners) +
-            f', not of `imgcls {name}`. See `imgcls {name} --help`.')
-
-
 def _given_flags() -> set[str]:
   """The names of the flags set on the command line (--config.KEY=V counts as config)."""
   names = {n.split('.')[0] for n in flags.FLAGS if flags.FLAGS[n].present}
   return names | ({'config'} if _MODEL_ARGS else set())
 
 
-def _fail(message: str) -> None:
-  print(f'imgcls: error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def _require(flag, name: str, command: str) -> str:
   if not flag.value:
-    _fail(f'`imgcls {command}` needs --{name}.')
+    fail(f'`imgcls {command}` needs --{name}.')
   return flag.value
 
 
@@ -217,32 +89,32 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   command, *rest = argv[1:] or ['train']
   if command not in COMMANDS:
-    _fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)} '
-          '(`imgcls --help` says what each does).')
+    fail(f'unknown command {command!r}; use one of: {", ".join(COMMANDS)} '
+         '(`imgcls --help` says what each does).')
   check_flags(command, _given_flags())
   if command == 'compare':  # needs neither JAX nor TF
     from imgcls import compare  # pylint: disable=g-import-not-at-top
     if len(rest) != 1:
-      _fail(f'usage: {COMMANDS["compare"].usage}')
+      fail(f'usage: {COMMANDS["compare"].usage}')
     try:
       print(compare.compare(rest[0], _OUT.value), end='')
     except compare.CompareError as e:
-      _fail(str(e))
+      fail(str(e))
     return
   if command == 'models':  # the registry and jax.eval_shape: no TensorFlow, no devices
     if rest:
-      _fail(f'usage: {COMMANDS["models"].usage}')
+      fail(f'usage: {COMMANDS["models"].usage}')
     _list_models(_FILTER.value or '*', _FORMAT.value or 'table')
     return
   try:
     _run(command, rest)
   except UserError as e:  # bad input: one message, no traceback
-    _fail(str(e))
+    fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     message = readable_error(e)
     if message is None or flags.FLAGS.verbosity > 0:  # --verbosity=1 shows the traceback
       raise
-    _fail(message)
+    fail(message)
 
 
 def _chain(e: BaseException):
@@ -291,11 +163,11 @@ def _list_models(pattern: str, fmt: str) -> None:
   """`imgcls models`: imgcls.models.list_model_info as an aligned table, CSV or JSON."""
   import csv, io, json  # pylint: disable=g-import-not-at-top,g-multiple-import
   if fmt not in ('table', 'csv', 'json'):
-    _fail(f'`imgcls models` --format is table, csv or json, not {fmt!r}.')
+    fail(f'`imgcls models` --format is table, csv or json, not {fmt!r}.')
   from imgcls import models  # pylint: disable=g-import-not-at-top
   rows = models.list_model_info(pattern)
   if not rows:
-    _fail(f'no model name matches --filter={pattern!r}; `imgcls models` lists them all.')
+    fail(f'no model name matches --filter={pattern!r}; `imgcls models` lists them all.')
   if fmt == 'json':
     print(json.dumps(rows, indent=1))
     return
@@ -330,8 +202,8 @@ def _run(command: str, rest: list[str]) -> None:
   if command == 'prepare':
     from imgcls import data
     if len(rest) > 1 or (not rest and config is None):
-      _fail(f'usage: {COMMANDS["prepare"].usage} (the dataset a training config names, with '
-            'its --config.dataset.KEY=VALUE options).')
+      fail(f'usage: {COMMANDS["prepare"].usage} (the dataset a training config names, with '
+           'its --config.dataset.KEY=VALUE options).')
     if rest:
       path = data.prepare(rest[0], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
     else:
@@ -351,7 +223,7 @@ def _run(command: str, rest: list[str]) -> None:
   if command == 'explain':
     from imgcls.evaluators import explain
     if not rest:
-      _fail(f'usage: {COMMANDS["explain"].usage}')
+      fail(f'usage: {COMMANDS["explain"].usage}')
     written = explain.explain_files(_require(_WORKDIR, 'workdir', command),
                                     _require(_OUT, 'out', command), rest,
                                     method=_METHOD.value, step=_STEP.value)
@@ -367,12 +239,12 @@ def _run(command: str, rest: list[str]) -> None:
           f'{meta["verification"]["max_abs_diff"]:.2g}; metadata in {_OUT.value}.json')
     return
   if rest:
-    _fail(f'unexpected arguments {rest}.')
+    fail(f'unexpected arguments {rest}.')
   workdir = _require(_WORKDIR, 'workdir', command)
   if command in ('train', 'sweep'):
     if config is None:
-      _fail(f'`imgcls {command}` needs --config, e.g. --config=configs/'
-            f'{"fashion_mnist_sweep" if command == "sweep" else "default"}.py')
+      fail(f'`imgcls {command}` needs --config, e.g. --config=configs/'
+           f'{"fashion_mnist_sweep" if command == "sweep" else "default"}.py')
     if command == 'sweep':
       _sweep(config, workdir)
       return
@@ -397,7 +269,7 @@ def _run(command: str, rest: list[str]) -> None:
     try:
       shots = [int(k) for k in _SHOTS.value]
     except ValueError:
-      _fail(f'--shots must be integers, e.g. --shots=1,5,10,25; got {_SHOTS.value}.')
+      fail(f'--shots must be integers, e.g. --shots=1,5,10,25; got {_SHOTS.value}.')
     _print_result(checkpoint.fewshot_checkpoint(workdir, _DATASET.value,
                                                 data_dir=_DATA_DIR.value, step=_STEP.value,
                                                 shots=shots))
@@ -455,10 +327,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # A failing get_config() arrives with its traceback; its last line is the message.
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     message = lines[-1] if 'Traceback' in text else ' '.join(lines)
-    _fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls COMMAND --help`; config '
-          'keys are listed in imgcls/config.py. An override sets a key the config has, or any '
-          'argument of the configured model (--config.model.dtype=bfloat16).')
-    raise  # unreachable: _fail exits
+    fail(f'bad flag or config override: {message.rstrip(".")}. See `imgcls COMMAND --help`; config '
+         'keys are listed in imgcls/config.py. An override sets a key the config has, or any '
+         'argument of the configured model (--config.model.dtype=bfloat16).')
+    raise  # unreachable: fail exits
   if model_args:  # checked against the model's signature by config.validate, as file keys are
     config_lib.apply_model_overrides(_CONFIG.value, model_args)
     _MODEL_ARGS.update({f'model.{k}': v for k, v in model_args.items()})

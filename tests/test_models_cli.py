@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import imgcls
-from imgcls import main, models
+from imgcls import cli, main, models
 from imgcls.models.registry import MODELS
 
 from conftest import count_params, shapes
@@ -117,4 +117,4 @@ def test_cli_filters_prints_json_and_loads_no_tensorflow():
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert [d['name'] for d in json.loads(proc.stdout)] == ['convnext_tiny', 'convnextv2_tiny']
   assert 'TF False' in proc.stderr
-  assert 'models' in main.overview() and '--filter' in main.command_help('models')
+  assert 'models' in cli.overview() and '--filter' in cli.command_help('models')
