@@ -263,7 +263,7 @@ def test_registry():
   names = {'bit', *bit.RELEASED}
   assert names <= set(models.list_models())
   assert {'stage_sizes', 'num_classes', 'width', 'num_groups', 'std_eps', 'gn_eps',
-          'stoch_depth', 'dtype'} == models.model_kwargs('bit')
+          'stoch_depth', 'dtype', 'remat'} == models.model_kwargs('bit')
   assert not {'stage_sizes', 'width'} & models.model_kwargs('bit_r50x1')
   variables, logits = shapes(models.get_model('bit_r50x1', num_classes=5), (2, 64, 64, 3))
   assert logits.shape == (2, 5) and variables['params']['head']['kernel'].shape == (2048, 5)

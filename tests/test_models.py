@@ -145,7 +145,7 @@ def test_registry_lists_and_builds():
   assert {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'} <= set(names)
   kwargs = models.model_kwargs('resnet50')
   assert {'num_classes', 'width', 'stem', 'dtype', 'bn_momentum', 'bn_epsilon', 'bn_axis_name',
-          'zero_init_residual'} == kwargs
+          'zero_init_residual', 'remat'} == kwargs
   model = models.get_model('resnet34', num_classes=3)
   assert isinstance(model, nn.Module) and model.num_classes == 3
 

@@ -254,7 +254,8 @@ def test_registry_and_config():
           # the options of today's backbones (tests/models/test_vit_backbones.py)
           'class_token', 'reg_tokens', 'no_embed_class', 'pre_norm', 'init_values', 'act',
           'mlp_type', 'fc_norm', 'qkv_bias', 'patch_bias', 'norm_eps', 'strict_img_size',
-          'img_size', 'dynamic_img_size', 'posemb_resize'} == models.model_kwargs('vit')
+          'img_size', 'dynamic_img_size', 'posemb_resize',
+          'remat', 'scan'} == models.model_kwargs('vit')  # tests/models/test_remat_scan.py
   assert 'variant' not in models.model_kwargs('vit_s16')
   assert models.get_model('vit_b32').dims()['patch_size'] == 32
 

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imgcls.models import layers
 from imgcls.models.layers import PLAIN, Lowering, drop_path
 from imgcls.models.registry import MODELS
 from imgcls.models.resnet import conv_init
@@ -138,7 +139,8 @@ class ResNetV2(nn.Module):
   when training (timm's linspace), drawing from the 'dropout' rng. `dtype` is the compute dtype;
   parameters stay float32, the head runs in float32 and logits are float32. The stem output is
   sown as intermediates/stem (apply with mutable=['intermediates'] to read it). `lowering`: how
-  convs and the pool are computed (layers.Lowering).
+  convs and the pool are computed (layers.Lowering). `remat`: a layers.REMAT_POLICIES name;
+  each unit's activations are then recomputed in the backward pass (same parameters).
   """
   stage_sizes: Sequence[int]
   num_classes: int = 1000
@@ -148,9 +150,11 @@ class ResNetV2(nn.Module):
   gn_eps: float = 1e-5
   stoch_depth: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = ''
   lowering: Lowering = PLAIN
 
   def __post_init__(self):
+    layers.check_remat(self.remat)
     # Configs may hand over a list; a tuple keeps the module hashable (jit static arguments).
     if self.stage_sizes is not None and not isinstance(self.stage_sizes, tuple):
       object.__setattr__(self, 'stage_sizes', tuple(self.stage_sizes))
@@ -187,13 +191,14 @@ class ResNetV2(nn.Module):
     self.sow('intermediates', 'stem', x)
 
     total, k = sum(self.stage_sizes), 0
+    unit = layers.remat(PreActBottleneck, self.remat, static_argnums=(2,))  # train: static
     for i, num_units in enumerate(self.stage_sizes):
       for j in range(num_units):
-        x = PreActBottleneck(
+        x = unit(
             self.width * 2**i, strides=2 if i > 0 and j == 0 else 1, num_groups=self.num_groups,
             std_eps=self.std_eps, gn_eps=self.gn_eps,
             drop_path=self.stoch_depth * k / max(total - 1, 1), dtype=self.dtype,
-            lowering=self.lowering, name=f'stage{i + 1}_unit{j + 1}')(x, train=train)
+            lowering=self.lowering, name=f'stage{i + 1}_unit{j + 1}')(x, train)
         k += 1
 
     x = nn.relu(nn.GroupNorm(num_groups=self.num_groups, epsilon=self.gn_eps, dtype=self.dtype,

@@ -150,6 +150,8 @@ class ConvNeXt(nn.Module):
   drop_path_rate). dropout: before the head. `dtype` is the compute dtype; parameters are kept
   in `param_dtype` and logits are float32. `lowering`: how convs and matmuls are computed
   (layers.PLAIN unless models.from_config passes the CPU kernels); the same values either way.
+  `remat`: a layers.REMAT_POLICIES name; each block's activations are then recomputed in the
+  backward pass (same parameters and values, less memory).
   """
   num_classes: int = 1000
   variant: str | None = None
@@ -165,7 +167,12 @@ class ConvNeXt(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = ''
   lowering: Lowering = PLAIN
+
+  def __post_init__(self):
+    layers.check_remat(self.remat)
+    super().__post_init__()
 
   def sizes(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
     """(depths, dims, conv_mlp) after applying the explicit arguments to the variant."""
@@ -201,16 +208,17 @@ class ConvNeXt(nn.Module):
     x = conv(dims[0], p, p, name='stem_conv')(x)
     x = norm(name='stem_norm')(x)
     total, done = sum(depths), 0
+    block = layers.remat(Block, self.remat, static_argnums=(2,))  # deterministic: static
     for i, (depth, dim) in enumerate(zip(depths, dims)):
       if i > 0:
         x = norm(name=f'stage{i + 1}_down_norm')(x)
         x = conv(dim, 2, 2, name=f'stage{i + 1}_down_conv')(x)
       for j in range(depth):
         rate = self.stoch_depth * done / max(total - 1, 1)
-        x = Block(self.kernel_size, conv_mlp=conv_mlp, grn=self.grn,
+        x = block(self.kernel_size, conv_mlp=conv_mlp, grn=self.grn,
                   layer_scale_init=self.layer_scale_init, drop_path=rate,
                   norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  lowering=self.lowering, name=f'stage{i + 1}_block{j + 1}')(x, deterministic=not train)
+                  lowering=self.lowering, name=f'stage{i + 1}_block{j + 1}')(x, not train)
         done += 1
 
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

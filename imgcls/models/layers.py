@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imgcls.errors import ConfigError
+
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -77,10 +79,42 @@ class Lowering:
 PLAIN = Lowering()  # every model's default: portable (exports as it is), any backend
 
 
-def drop_path(module: nn.Module, y: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+# model.remat: which activations a rematerialised block keeps for the backward pass (the rest
+# are recomputed); '' and 'none' keep everything (no remat). jax.checkpoint_policies' names.
+REMAT_POLICIES = {
+    '': None,
+    'none': None,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(policy: str) -> None:
+  """A one-line ConfigError unless `policy` is one of REMAT_POLICIES."""
+  if policy not in REMAT_POLICIES:
+    raise ConfigError(f'model.remat must be one of {", ".join(map(repr, REMAT_POLICIES))}, got '
+                      f'{policy!r}: set e.g. --config.model.remat=nothing_saveable.')
+
+
+def remat(module: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = (),
+          prevent_cse: bool = True) -> type[nn.Module]:
+  """`module` rematerialised with the named policy (nn.remat: its parameters keep their names),
+  or `module` itself when policy is '' or 'none'. static_argnums count `self` as 0: Python
+  flags such as `train` / `deterministic` must be passed positionally there."""
+  check_remat(policy)
+  if REMAT_POLICIES[policy] is None:
+    return module
+  return nn.remat(module, policy=REMAT_POLICIES[policy], static_argnums=static_argnums,
+                  prevent_cse=prevent_cse)
+
+
+def drop_path(module: nn.Module, y: jax.Array, rate: float | jax.Array,
+              deterministic: bool) -> jax.Array:
   """Stochastic depth: zeroes a residual branch for a random subset of examples and rescales
-  the rest by 1 / (1 - rate); draws from `module`'s 'dropout' rng. Identity when deterministic."""
-  if deterministic or rate == 0.0:
+  the rest by 1 / (1 - rate); draws from `module`'s 'dropout' rng. Identity when deterministic.
+  `rate` may be traced (a scanned block's per-layer rate): then it always draws."""
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
     return y
   keep = 1.0 - rate
   shape = (y.shape[0],) + (1,) * (y.ndim - 1)

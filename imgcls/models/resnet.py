@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imgcls.models import layers
 from imgcls.models.layers import PLAIN, Lowering
 from imgcls.models.registry import MODELS
 
@@ -112,7 +113,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """ResNet v1.5. `width`: stage 1's channels. `stem`: 'imagenet' (7x7/2 + max-pool, /4),
   'small' (3x3/1, no pool: full resolution for 28-64 px) or 'small_s2' (3x3/2, no pool).
-  `lowering`: how convs, ReLUs and the pool are computed (layers.Lowering)."""
+  `lowering`: how convs, ReLUs and the pool are computed (layers.Lowering). `remat`: a
+  layers.REMAT_POLICIES name; each block's activations are then recomputed in the backward
+  pass (same parameters and values, less memory)."""
   stage_sizes: Sequence[int]
   block: type[nn.Module]
   num_classes: int = 1000
@@ -123,7 +126,12 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = 'batch'
   zero_init_residual: bool = True
+  remat: str = ''
   lowering: Lowering = PLAIN
+
+  def __post_init__(self):
+    layers.check_remat(self.remat)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -149,10 +157,11 @@ class ResNet(nn.Module):
       x = conv(self.width, (3, 3), (s, s), name='conv_init')(x)
       x = relu(norm(name='bn_init')(x))
 
+    block = layers.remat(self.block, self.remat)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block(self.width * 2**i, strides, conv, norm,
+        x = block(self.width * 2**i, strides, conv, norm,
                        zero_init=self.zero_init_residual, lowering=self.lowering,
                        name=f'stage{i + 1}_block{j + 1}')(x)
 

@@ -66,6 +66,37 @@ def block_index(path: str) -> int | None:
   return int(m[1]) if m else None
 
 
+SCANNED_BLOCK = 'encoderblock'  # the one block scan=True compiles, its params stacked
+
+
+def stack_blocks(variables: dict[str, Any]) -> dict[str, Any]:
+  """An Encoder's variables with encoderblock_0 .. encoderblock_{n-1} stacked on a leading axis
+  into SCANNED_BLOCK (what the scanned encoder reads); other entries as they are."""
+  out = {}
+  for col, tree in variables.items():
+    blocks = sorted((int(k.rpartition('_')[2]), v) for k, v in tree.items()
+                    if re.fullmatch(r'encoderblock_\d+', k))
+    rest = {k: v for k, v in tree.items() if not re.fullmatch(r'encoderblock_\d+', k)}
+    if blocks:
+      rest[SCANNED_BLOCK] = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in blocks])
+    out[col] = rest
+  return out
+
+
+def unstack_blocks(variables: dict[str, Any]) -> dict[str, Any]:
+  """stack_blocks' inverse: SCANNED_BLOCK split along its leading axis into encoderblock_{i}."""
+  out = {}
+  for col, tree in variables.items():
+    tree = dict(tree)
+    stacked = tree.pop(SCANNED_BLOCK, None)
+    if stacked is not None:
+      depth = jax.tree.leaves(stacked)[0].shape[0]
+      for i in range(depth):
+        tree[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    out[col] = tree
+  return out
+
+
 def layer_index(path: str, depth: int) -> int:
   """Layer of a parameter path (without 'params/') for layer-wise lr decay: 0 for the patch and
   position embeddings, the class and register tokens and the pre-norm (timm's 'stem' group),
@@ -349,15 +380,18 @@ class Encoder1DBlock(nn.Module):
   norm_eps: float = 1e-6
   lowering: Lowering = PLAIN
 
-  def _branch(self, y: jax.Array, index: int, deterministic: bool) -> jax.Array:
+  def _branch(self, y: jax.Array, index: int, deterministic: bool, rate: Any) -> jax.Array:
     if self.init_values is not None:
       scale = self.param(f'layer_scale_{index}', nn.initializers.constant(self.init_values),
                          (y.shape[-1],), self.param_dtype)
       y = y * scale.astype(y.dtype)
-    return drop_path(self, y, self.drop_path, deterministic)
+    return drop_path(self, y, self.drop_path if rate is None else rate, deterministic)
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               drop_rate: jax.Array | None = None) -> jax.Array:
+    """drop_rate: this block's stochastic-depth rate when given (a scanned input), else
+    the `drop_path` field."""
     norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype,  # noqa: E731
                                      param_dtype=self.param_dtype, use_fast_variance=False,
                                      name=name)
@@ -365,12 +399,12 @@ class Encoder1DBlock(nn.Module):
     y = MultiHeadAttention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
                            lowering=self.lowering, name='MultiHeadDotProductAttention_1')(y, y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
-    x = x + self._branch(y, 1, deterministic)
+    x = x + self._branch(y, 1, deterministic, drop_rate)
     y = norm('LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.approximate_gelu,
                  act=self.act, mlp_type=self.mlp_type, lowering=self.lowering,
                  name='MlpBlock_3')(y, deterministic=deterministic)
-    return x + self._branch(y, 2, deterministic)
+    return x + self._branch(y, 2, deterministic, drop_rate)
 
 
 class AddPositionEmbs(nn.Module):
@@ -429,6 +463,8 @@ class Encoder(nn.Module):
   grid: tuple[int, int] | None = None
   posemb_grid: tuple[int, int] | None = None
   posemb_resize: str = 'bicubic_timm'
+  remat: str = ''
+  scan: bool = False
   lowering: Lowering = PLAIN
 
   def _norm(self, name: str) -> nn.LayerNorm:
@@ -443,13 +479,24 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     if self.pre_norm:
       x = self._norm('norm_pre')(x)
-    for i in range(self.depth):
-      rate = self.stoch_depth * i / max(self.depth - 1, 1)
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, rate, self.dtype,
-                         self.param_dtype, self.approximate_gelu, act=self.act,
-                         mlp_type=self.mlp_type, init_values=self.init_values,
-                         qkv_bias=self.qkv_bias, norm_eps=self.norm_eps, lowering=self.lowering,
-                         name=f'encoderblock_{i}')(x, deterministic=deterministic)
+    # deterministic is static (a Python flag) under remat; under scan the same remat'd block
+    # is the scan body, so prevent_cse can be off (jax.checkpoint's advice for loops).
+    block = functools.partial(
+        layers.remat(Encoder1DBlock, self.remat, static_argnums=(2,), prevent_cse=not self.scan),
+        self.mlp_dim, self.num_heads, self.dropout, dtype=self.dtype,
+        param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu, act=self.act,
+        mlp_type=self.mlp_type, init_values=self.init_values, qkv_bias=self.qkv_bias,
+        norm_eps=self.norm_eps, lowering=self.lowering)
+    rates = [self.stoch_depth * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    if self.scan:  # one block, parameters stacked on a leading axis, per-layer rate scanned
+      body = lambda blk, x, rate: (  # noqa: E731  (no rng drawn when there is no rate)
+          blk(x, deterministic, rate if self.stoch_depth else None), None)
+      x, _ = nn.scan(body, variable_axes={'params': 0},
+                     split_rngs={'params': True, 'dropout': True}, length=self.depth)(
+                         block(name=SCANNED_BLOCK), x, jnp.asarray(rates, jnp.float32))
+    else:
+      for i, rate in enumerate(rates):
+        x = block(drop_path=rate, name=f'encoderblock_{i}')(x, deterministic)
     return self._norm('encoder_norm')(x) if self.final_norm else x
 
 
@@ -509,6 +556,14 @@ class ViT(nn.Module):
     the last whole patch (timm's so400m/14 at 384); img_size [img_size] with dynamic_img_size
     [dynamic_img_size]: the position embedding is built for img_size and resized at run time
     (posemb_resize, timm's antialiased bicubic) to the input's grid.
+
+  Memory and compile time (the values and parameters stay the same): remat, a
+  layers.REMAT_POLICIES name, recomputes each block's activations in the backward pass; scan
+  compiles one block and loops it over stacked parameters (nn.scan). The parameters of a
+  scanned ViT keep the unrolled names (encoderblock_0 ... encoderblock_{depth-1}) in every
+  variable tree it takes or returns, stacked only inside the encoder, so its state,
+  checkpoints and weight files are those of the unscanned ViT. Under scan, stochastic depth
+  draws its masks from the scan's split rngs (other masks than unrolled, same rates).
   """
   num_classes: int = 1000
   variant: str | None = None
@@ -541,7 +596,13 @@ class ViT(nn.Module):
   img_size: int | Sequence[int] | None = None
   dynamic_img_size: bool = False
   posemb_resize: str = 'bicubic_timm'
+  remat: str = ''
+  scan: bool = False
   lowering: Lowering = PLAIN
+
+  def __post_init__(self):
+    layers.check_remat(self.remat)
+    super().__post_init__()
 
   def dims(self) -> dict[str, int]:
     """width, depth, mlp_dim, num_heads, patch_size after applying the overrides."""
@@ -612,7 +673,13 @@ class ViT(nn.Module):
     if prefix:
       x = jnp.concatenate([*prefix, x], axis=1)
 
-    x = Encoder(d['depth'], d['mlp_dim'], d['num_heads'], self.dropout, self.stoch_depth,
+    # model.scan stacks the blocks inside the encoder only: outside it (state, checkpoints,
+    # weight files) the parameters keep their unrolled names (stack_blocks / unstack_blocks).
+    encoder = Encoder
+    if self.scan:
+      encoder = nn.map_variables(Encoder, 'params', stack_blocks, unstack_blocks,
+                                 init=self.is_initializing())
+    x = encoder(d['depth'], d['mlp_dim'], d['num_heads'], self.dropout, self.stoch_depth,
                 learned_posemb=self.posemb == 'learn', dtype=self.dtype,
                 param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
                 act=self.act, mlp_type=self.mlp_type, init_values=self.init_values,
@@ -620,7 +687,8 @@ class ViT(nn.Module):
                 final_norm=not self.fc_norm,
                 posemb_skip=num_prefix if self.no_embed_class else 0, grid=grid,
                 posemb_grid=param_grid, posemb_resize=self.posemb_resize,
-                lowering=self.lowering, name='Transformer')(x, deterministic=not train)
+                remat=self.remat, scan=self.scan, lowering=self.lowering,
+                name='Transformer')(x, deterministic=not train)
 
     if self.pool == 'tok':
       x = x[:, 0]
