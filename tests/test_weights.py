@@ -254,6 +254,25 @@ def test_formats_come_from_the_families_converters():
                           'timm_convnext': 'convnext'}
 
 
+def test_converters_load_when_weights_are_read_not_when_a_model_is_built():
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  code = (
+      'import sys\n'
+      'from imgcls import models\n'
+      'from imgcls.models import convert, weights\n'
+      "loaded = lambda: [m for m in convert.CONVERTER_MODULES if f'imgcls.models.{m}' in "
+      'sys.modules]\n'
+      "models.get_model('resnet10', num_classes=4, width=8)\n"
+      'print(loaded())\n'
+      'weights.FORMATS\n'
+      'print(loaded())\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  built, read = out.stdout.strip().splitlines()[-2:]
+  assert built == '[]'
+  assert read == "['bit_weights', 'convnext_weights', 'resnet_weights', 'vit_weights']"
+
+
 def test_imgcls_variables_load_as_a_mapping_and_directories_are_refused(tmp_path):
   model = models.get_model('resnet10', num_classes=4, width=8)
   variables = _randomise(_init(model))

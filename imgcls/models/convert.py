@@ -6,11 +6,14 @@ format name, with info `family=` (the imgcls family whose names it maps to), `of
 for the format `weights.export` writes for that family by default, and `describe=` (a few
 words for tables such as the README's). `imgcls.models.weights`
 reads and writes files, detects formats and merges; it knows no family's names.
+The converter modules are imported on the first read of CONVERTERS (reading, exporting or
+listing weights), so building and training a model loads none of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
@@ -41,7 +44,48 @@ class Converter:
   from_imgcls: Callable[[Mapping[str, np.ndarray]], Flat]
 
 
-CONVERTERS: Registry[Converter] = Registry('weights format')
+# The modules that define and register the converters (imgcls.models.*).
+CONVERTER_MODULES = ('bit_weights', 'convnext_weights', 'resnet_weights', 'vit_weights')
+
+
+class ConverterRegistry(Registry[Converter]):
+  """A Registry that imports every family's converter module before its first read."""
+
+  _loaded = False
+
+  def _load(self) -> None:
+    if self._loaded:
+      return
+    self._loaded = True  # first: each module registers into this registry while it loads
+    try:
+      for module in CONVERTER_MODULES:
+        importlib.import_module(f'imgcls.models.{module}')
+    except BaseException:
+      self._loaded = False
+      raise
+
+  def names(self, **where) -> list[str]:
+    self._load()
+    return super().names(**where)
+
+  def __contains__(self, name: object) -> bool:
+    self._load()
+    return super().__contains__(name)
+
+  def __len__(self) -> int:
+    self._load()
+    return super().__len__()
+
+  def unknown(self, name) -> str:
+    self._load()
+    return super().unknown(name)
+
+  def get(self, name: str) -> Converter:
+    self._load()
+    return super().get(name)
+
+
+CONVERTERS = ConverterRegistry('weights format')
 
 
 # Layout helpers: torch stores convs OIHW and linear layers [out, in]; Flax HWIO and [in, out].

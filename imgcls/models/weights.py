@@ -40,19 +40,27 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-# Each family's converters register themselves on import.
-from imgcls.models import bit_weights, resnet_weights, vit_weights  # noqa: F401
-from imgcls.models import convnext_weights  # noqa: F401
+# Each family's converters register themselves when CONVERTERS is first read.
 from imgcls.models.convert import CONVERTERS, Flat, WeightsError
 from imgcls.models import vit
 from imgcls.models.vit import POSEMB_KEY
 
-FORMATS = tuple(CONVERTERS.names())
 IMGCLS = 'imgcls'  # imgcls's own names (e.g. a workdir's weights): nothing to convert
 HEAD_PREFIX = 'params/head/'
 # How a position embedding is resized (vit.POSEMB_RESIZE_METHODS), or 'source': as the format's
 # own source does (its converter's `posemb_resize` info; bilinear for imgcls's own names).
 POSEMB_RESIZE_METHODS = (*vit.POSEMB_RESIZE_METHODS, 'source')
+
+
+def formats() -> tuple[str, ...]:
+  """The registered weights formats (`weights.FORMATS`); imports the converters."""
+  return tuple(CONVERTERS.names())
+
+
+def __getattr__(name: str):
+  if name == 'FORMATS':  # read on use, so importing this module loads no converter
+    return formats()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 # ----------------------------------------------------------------------------- files
@@ -174,12 +182,12 @@ def detect_format(flat: Mapping[str, np.ndarray]) -> str:
   sample = ', '.join(sorted(keys)[:5])
   what = f'looks like several formats ({", ".join(found)})' if found else 'has an unknown format'
   raise WeightsError(f'Cannot tell the format of a checkpoint with keys like {sample}: it '
-                     f'{what}; pass fmt= one of {", ".join(FORMATS)}.')
+                     f'{what}; pass fmt= one of {", ".join(formats())}.')
 
 
 def _check_format(fmt: str) -> None:
-  if fmt not in FORMATS:
-    raise WeightsError(f'Unknown weights format {fmt!r}; expected one of {", ".join(FORMATS)}.')
+  if fmt not in formats():
+    raise WeightsError(f'Unknown weights format {fmt!r}; expected one of {", ".join(formats())}.')
 
 
 def to_imgcls(flat: Mapping[str, np.ndarray], fmt: str | None = None) -> tuple[Flat, list[str]]:
@@ -207,7 +215,7 @@ def export_format(variables: Mapping[str, Any]) -> str:
                          for n in CONVERTERS.names(official=True))
     raise WeightsError('Cannot tell which model family these variables come from (their names '
                        f'are not those of an imgcls ResNet, ViT, BiT or ConvNeXt); pass fmt= one of '
-                       f'{", ".join(FORMATS)}. Each family\'s own format: {official}.')
+                       f'{", ".join(formats())}. Each family\'s own format: {official}.')
   return CONVERTERS.names(family=family, official=True)[0]
 
 
@@ -381,7 +389,7 @@ def load_pretrained(source: str | epath.PathLike | Mapping[str, Any],
     flat = read_file(source)
   fmt = fmt or detect_format(flat)
   if posemb_resize == 'source':
-    posemb_resize = CONVERTERS.info(fmt).get('posemb_resize', 'bilinear') if fmt in FORMATS \
+    posemb_resize = CONVERTERS.info(fmt).get('posemb_resize', 'bilinear') if fmt in formats() \
         else 'bilinear'
   converted, unknown = to_imgcls(flat, fmt)
   report = MergeReport(source=str(source) if not isinstance(source, Mapping) else 'a dict',
