@@ -123,7 +123,7 @@ def serving_fn(clf: inference.Classifier) -> Callable[[jax.Array], jax.Array]:
     x = images.astype(jnp.float32)
     for name, arguments in graph_ops:
       x = _apply_value_op(x, name, arguments)
-    logits = model.apply(variables, x, train=False).astype(jnp.float32)
+    logits = clf.adjusted_logits(model.apply(variables, x, train=False).astype(jnp.float32))
     # The checkpoint's calibration (temperature / Platt), as imgcls.load applies it.
     return step_lib.probabilities(calibrated.calibrated_logits(logits, clf.calibration), loss)
   return fn

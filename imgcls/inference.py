@@ -79,7 +79,23 @@ def load(path: str | os.PathLike, step: str | int = 'best',
   return Classifier(model, variables, config=ckpt.config, image_shape=ckpt.image_shape,
                     label_names=ckpt.label_names, step=ckpt.step, path=str(ckpt.path),
                     weights=used, metrics=ckpt.meta.get('metrics') or {},
-                    calibration=calibration)
+                    calibration=calibration, logit_offset=_posthoc_offset(ckpt))
+
+
+def _posthoc_offset(ckpt: checkpoints.Checkpoint) -> np.ndarray | None:
+  """-tau * log(prior) when the run asks for post-hoc logit adjustment
+  (config.imbalance.posthoc_tau, prior from the class counts saved in the meta), else None."""
+  tau = float((ckpt.config.get('imbalance') or {}).get('posthoc_tau') or 0.0)
+  counts = ckpt.meta.get('class_counts')
+  if not tau:
+    return None
+  if not counts:
+    raise checkpoints.CheckpointError(
+        f'{ckpt.path}: the run asks for post-hoc logit adjustment (imbalance.posthoc_tau='
+        f'{tau}) but its checkpoint holds no class_counts; evaluate it with a checkpoint '
+        'saved by this version, or retrain.')
+  from imgcls.evaluators import imbalance  # pylint: disable=g-import-not-at-top
+  return -tau * imbalance.log_prior(counts)
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -193,7 +209,8 @@ class Classifier:
   def __init__(self, model, variables: dict[str, Any], *, config: dict[str, Any],
                image_shape: tuple[int, ...], label_names: list[str], step: int,
                path: str = '', weights: str = 'raw', metrics: dict[str, Any] | None = None,
-               calibration: dict[str, Any] | None = None):
+               calibration: dict[str, Any] | None = None,
+               logit_offset: np.ndarray | None = None):
     self.model = model
     self.variables = jax.device_put(variables)
     self.config = config
@@ -211,15 +228,21 @@ class Classifier:
     # The calibration stored with the checkpoint (evaluators.calibrated; None: raw scores),
     # applied to the logits before softmax/sigmoid by `probabilities`, predict and export.
     self.calibration = calibration
+    # Post-hoc logit adjustment (-tau * log prior; None: off), as the run's evals applied it.
+    self.logit_offset = logit_offset
 
     def scores(v, x, calibrate=True):
-      logits = model.apply(v, x, train=False).astype(jnp.float32)
+      logits = self.adjusted_logits(model.apply(v, x, train=False).astype(jnp.float32))
       if calibrate:
         logits = calibrated.calibrated_logits(logits, self.calibration)
       return step_lib.probabilities(logits, loss)
     self._scores = jax.jit(scores)
     self._raw_scores = jax.jit(functools.partial(scores, calibrate=False))
     self._features = jax.jit(functools.partial(model_weights.features, model))
+
+  def adjusted_logits(self, logits: Any) -> Any:
+    """The logits with the run's post-hoc logit adjustment added (unchanged when it has none)."""
+    return logits if self.logit_offset is None else logits + self.logit_offset
 
   @property
   def name(self) -> str:

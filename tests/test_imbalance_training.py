@@ -142,3 +142,14 @@ def test_tiny_run_with_every_option_keeps_the_counts(tiny_config, data_dir, tmp_
   step_dirs = [p for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
   assert step_dirs and all(checkpoints.read_meta(d)['class_counts'] == saved['counts']
                            for d in step_dirs)
+  # imgcls.load applies the run's post-hoc adjustment: probabilities are the softmax of
+  # logits - tau * log(prior), as the run's evals scored them.
+  import imgcls  # pylint: disable=g-import-not-at-top
+  from imgcls.evaluators import imbalance  # pylint: disable=g-import-not-at-top
+  clf = imgcls.load(str(tmp_path))
+  x = np.random.default_rng(0).uniform(-1, 1, (3,) + clf.image_shape).astype(np.float32)
+  logits = np.asarray(clf.model.apply(clf.variables, x, train=False), np.float32)
+  expected = jax.nn.softmax(logits - imbalance.log_prior(saved['counts']), axis=-1)
+  np.testing.assert_allclose(clf.logit_offset, -imbalance.log_prior(saved['counts']))
+  assert clf.calibration is None  # the tiny run has no val_split: scores are not calibrated
+  np.testing.assert_allclose(clf.scores(x), expected, atol=1e-5)
