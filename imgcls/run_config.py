@@ -58,10 +58,11 @@ def write(workdir: str, config: dict[str, Any]) -> None:
 
 # Config fields that do not change a run's math: a resume may change them freely.
 NOT_MATH = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-            'async_checkpoints', 'keep_checkpoints', 'eval_reports', 'eval_batch_size', 'evals', 'fewshot',
+            'async_checkpoints', 'keep_checkpoints', 'eval_reports', 'eval_batch_size', 'evals',
+            'fewshot',
             'best_metric', 'dataset.data_dir', 'dataset.prepare', 'dataset.cache',
             'dataset.eval_split', 'dataset.val_split', 'model_init', 'model_load',
-            'profile_steps')
+            'profile_steps', 'sharding', 'sharding_min_bytes')
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -165,3 +165,11 @@ def test_two_process_run_resumes_in_one(reference, tiny_config, data_dir, tmp_pa
   workdir = _resumable(two, tmp_path / 'resumed')
   ids, losses = _run(monkeypatch, _config(tiny_config, data_dir), workdir)
   _assert_continues(reference, ids, losses)
+
+
+def test_a_resume_may_change_the_sharding_without_allow_config_change():
+  from imgcls import config as config_lib, run_config  # pylint: disable=g-import-not-at-top
+  old = config_lib.defaults().to_dict()
+  new = dict(old, sharding='fsdp', sharding_min_bytes=0)
+  assert run_config.config_changes(old, new) == []
+  assert run_config.config_changes(old, dict(old, batch_size=7)) != []
