@@ -83,6 +83,9 @@ def test_the_two_commands_are_kept():
   assert 'pip install uv && uv run imgcls train --config=configs/default.py ' \
          '--workdir=workdirs/default' in README
   assert 'pip install uv && uv run pytest' in README
+  # CI runs the README's test command, word for word.
+  ci = [l for l in (ROOT / '.ci' / 'run').read_text().splitlines() if 'uv run pytest' in l]
+  assert len(ci) == 1 and f'```bash\n{ci[0]}\n```' in README, ci
 
 
 def test_every_command_is_one_we_check():
