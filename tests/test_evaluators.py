@@ -166,3 +166,28 @@ def test_training_imports_no_serving_code():
           "print('imgcls.inference' in sys.modules)")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip().splitlines()[-1] == 'False'
+
+
+def test_fewshot_code_loads_only_for_a_config_that_lists_it():
+  """Every type is known by name up front; fewshot (and ridge) load on their first use."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  code = '''
+import json, sys
+from imgcls import config as config_lib, evaluators
+loaded = lambda: [m for m in ('fewshot', 'ridge') if f'imgcls.evaluators.{m}' in sys.modules]
+c = config_lib.defaults()
+out = {'names': evaluators.EVALUATORS.names(), 'start': loaded()}
+out['errors'] = evaluators.check(c)
+out['default'] = loaded()
+c.evals.fs = dict(type='fewshot', shots=(1, 5))
+out['fs_errors'] = evaluators.check(c)
+out['with_fewshot'] = loaded()
+print(json.dumps(out))
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['names'] == ['classification', 'fewshot']
+  assert result['start'] == result['default'] == []
+  assert result['errors'] == [] and result['fs_errors'] == []
+  assert result['with_fewshot'] == ['fewshot', 'ridge']

@@ -17,7 +17,7 @@ The protocol, kept small:
   evaluator.write(workdir, step, writer)   # optional: files and images of the last call
 
 A new kind is a module here whose class subclasses `Evaluator`, is registered with
-`@EVALUATORS.register(type)` and is imported below. Metrics are written as `{prefix}_{key}`
+`@EVALUATORS.register(type)` and is declared below (`EVALUATORS.declare(type, module)`). Metrics are written as `{prefix}_{key}`
 (prefix: the option `prefix`, default the name). `config.defaults()` declares the default
 list (`evals.eval`, a classification of dataset.eval_split); a config adds to it
 (`c.evals.val = dict(type='classification', split='validation')`) or replaces it
@@ -32,8 +32,11 @@ import ml_collections
 
 from imgcls import data
 from imgcls.evaluators.base import EVALUATORS, Context, Evaluator
-# Each module registers its evaluator types where they are defined.
-from imgcls.evaluators import classification, fewshot  # noqa: F401  pylint: disable=unused-import
+
+# Each type's module registers its class where it is defined; it is imported when a config
+# first uses the type (EVALUATORS.get), so a run without few-shot never loads its code.
+EVALUATORS.declare('classification', 'imgcls.evaluators.classification')
+EVALUATORS.declare('fewshot', 'imgcls.evaluators.fewshot')
 
 __all__ = ['EVALUATORS', 'Context', 'Evaluator', 'as_result', 'build', 'check', 'eval_tta',
            'eval_value_range', 'from_config', 'run', 'specs', 'write']
