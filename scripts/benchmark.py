@@ -11,6 +11,8 @@
   uv run python scripts/benchmark.py --smoke        # seconds; the test suite runs it
   # Where the step's time goes, per XLA op, named by the model code that emitted it:
   uv run python scripts/benchmark.py --config=configs/fashion_mnist_resnet.py --grad_accum= --ops=15
+  # XLA's per-device memory of the train step, ViT-B/16 .. g/14, replicated vs fsdp, remat off/on:
+  uv run python scripts/benchmark.py --memory      # 8 simulated devices unless XLA_FLAGS says
 
 Per model it prints compile time apart from steady-state train and eval images/s; the
 model FLOPs of one step from XLA's cost analysis; the FLOP/s achieved against a matmul
@@ -38,6 +40,9 @@ import time
 import bench_util  # scripts/, beside this file
 from imgcls import hardware
 
+if '--memory' in sys.argv and 'device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +  # --memory: 8 simulated devices
+                             ' --xla_force_host_platform_device_count=8').strip()
 hardware.set_xla_flags()  # before JAX starts its backends, as the CLI does
 
 from absl import app, flags  # noqa: E402
@@ -47,7 +52,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgcls import config as config_lib, models, optim, parallel  # noqa: E402
-from imgcls import train  # noqa: E402
+from imgcls import sharding, train  # noqa: E402
 from imgcls import evaluators  # noqa: E402
 from imgcls.evaluators import base as evaluators_base  # noqa: E402
 from imgcls.data import preprocess  # noqa: E402
@@ -75,6 +80,22 @@ _ACCUM = flags.DEFINE_list('grad_accum', ['1', '2', '4'], 'Config mode: grad_acc
                            'values whose compiled memory is printed (empty: none).')
 _JSON = flags.DEFINE_string('json', None, 'Write every figure here as JSON.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes, 1 round: checks the script runs.')
+_MEMORY = flags.DEFINE_bool('memory', False, 'Print XLA\'s per-device argument and temporary '
+                            'bytes of the compiled train step (abstract state: nothing '
+                            'allocated) per model, size, sharding and remat, and the largest '
+                            'per-device batch that fits each of --memory_gib.')
+_MEM_MODELS = flags.DEFINE_list('memory_models', ['vit_b16', 'vit_l16', 'vit_h14', 'vit_g14'],
+                                '--memory: registered model names.')
+_MEM_SIZES = flags.DEFINE_list('memory_sizes', ['224', '384'], '--memory: image sizes.')
+_MEM_BATCH = flags.DEFINE_integer('memory_batch', 8, '--memory: images per device.')
+_MEM_REMAT = flags.DEFINE_list('memory_remat', ['', 'nothing_saveable'],
+                               '--memory: model.remat policies (empty string: off).')
+_MEM_SHARDING = flags.DEFINE_list('memory_sharding', ['replicated', 'fsdp'],
+                                  '--memory: config.sharding values.')
+_MEM_GIB = flags.DEFINE_list('memory_gib', ['16', '32', '40', '80'],
+                             '--memory: per-device memory sizes for the largest-batch columns.')
+_MEM_BUDGET = flags.DEFINE_float('memory_budget_s', 0.0, '--memory: start no new compile after '
+                                 'this many seconds (0: no limit).')
 _OPS = flags.DEFINE_integer('ops', 0, 'Also print where the train step spends its time: the '
                             'N slowest XLA ops of a profiled step and the time per op kind.')
 
@@ -414,6 +435,92 @@ def config_mode(config, mesh) -> dict:
   return out
 
 
+def compiled_memory(config, mesh, per_device: int, image_size: int) -> dict:
+  """XLA's memory analysis (bytes per device) of the run's train step (train.make_train_fn,
+  the state donated) for `per_device` images per device, lowered on an abstract state
+  (jax.eval_shape of train.init_state's function, with the state's shardings): nothing is
+  allocated, so models far larger than this machine's memory are measured."""
+  from imgcls import step as step_lib  # noqa: PLC0415
+  model = models.from_config(config)
+  tx, _ = optim.make_optimizer(config, total_steps=10_000)
+  shape = (image_size, image_size, 3)
+  shapes = jax.eval_shape(lambda k: step_lib.create_train_state(model, tx, k, input_shape=shape),
+                          jax.random.PRNGKey(0))
+  state = sharding.abstract_state_with_shardings(shapes, mesh, config.sharding,
+                                                 config.sharding_min_bytes)
+  n = per_device * mesh.size
+  batched = parallel.batch_sharded(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((n, *shape), jnp.float32, sharding=batched),
+           'labels': jax.ShapeDtypeStruct((n, config.dataset.num_classes), jnp.float32,
+                                          sharding=batched)}
+  t0 = time.perf_counter()
+  m = train.make_train_fn(config, model, tx, mesh).lower(state, batch).compile().memory_analysis()
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.params))
+  return {'params': params, 'arguments': m.argument_size_in_bytes,
+          'outputs': m.output_size_in_bytes, 'aliased': m.alias_size_in_bytes,
+          'temporaries': m.temp_size_in_bytes, 'compile_s': time.perf_counter() - t0}
+
+
+def max_batch(small: dict, large: dict, b_small: int, b_large: int, gib: float) -> int:
+  """The largest per-device batch whose arguments + unaliased outputs + temporaries fit `gib`,
+  the temporaries extrapolated linearly in the batch through the two compiled batch sizes."""
+  slope = (large['temporaries'] - small['temporaries']) / (b_large - b_small)
+  fixed = (small['arguments'] + small['outputs'] - small['aliased'] + small['temporaries'] -
+           slope * b_small)
+  if slope <= 0:
+    return -1
+  return max(0, int((gib * 2**30 - fixed) // slope))
+
+
+def memory_mode(mesh) -> list[dict]:
+  """The memory table: one row per model, image size, sharding and remat policy."""
+  gibs = [float(g) for g in _MEM_GIB.value]
+  # Temporaries are not linear at small batches (the optimizer's update, not the activations,
+  # sets the peak there): the fit goes through 4x and 8x the table's batch.
+  b, b2, b3 = _MEM_BATCH.value, 4 * _MEM_BATCH.value, 8 * _MEM_BATCH.value
+  t_start = time.perf_counter()
+  rows = []
+  print(f'\n== memory of the compiled train step per device ({mesh.size} devices, AdamW, '
+        f'float32, {b} images per device; largest batch: arguments + outputs not aliased + '
+        f'temporaries, temporaries linear in the batch through {b2} and {b3} per device)',
+        flush=True)
+  head = (f'| model | px | sharding | remat | params (M) | arguments GiB | temporaries GiB | '
+          f'temporaries GiB at {b3}/dev | '
+          + ' | '.join(f'max batch/dev {g:g} GiB' for g in gibs) + ' | compile s |')
+  print(head, flush=True)
+  print('|' + '---|' * (head.count('|') - 1), flush=True)
+  for name in _MEM_MODELS.value:
+    for size in map(int, _MEM_SIZES.value):
+      for strategy in _MEM_SHARDING.value:
+        for remat in _MEM_REMAT.value:
+          if _MEM_BUDGET.value and time.perf_counter() - t_start > _MEM_BUDGET.value:
+            print(f'| {name} | {size} | {strategy} | {remat or "off"} | (not measured: '
+                  '--memory_budget_s spent) |', flush=True)
+            continue
+          spec = Spec(name, size, b * mesh.size, 'adamw')
+          c = spec.config()
+          c.sharding = strategy
+          if remat:
+            c.model.remat = remat
+          c = config_lib.validate(c)
+          small = compiled_memory(c, mesh, b, size)
+          mid = compiled_memory(c, mesh, b2, size)
+          large = compiled_memory(c, mesh, b3, size)
+          fits = [max_batch(mid, large, b2, b3, g) for g in gibs]
+          row = {'model': name, 'image_size': size, 'sharding': strategy,
+                 'remat': remat or 'off', 'per_device_batch': b, 'small': small,
+                 'mid': mid, 'large': large, 'batches': (b, b2, b3), 'max_batch_per_device': dict(zip(_MEM_GIB.value, fits))}
+          rows.append(row)
+          gib = lambda x: f'{x / 2**30:.2f}'  # noqa: E731
+          print(f'| {name} | {size} | {strategy} | {remat or "off"} | '
+                f'{small["params"] / 1e6:.1f} | {gib(small["arguments"])} | '
+                f'{gib(small["temporaries"])} | {gib(large["temporaries"])} | ' +
+                ' | '.join(map(str, fits)) +
+                f' | {small["compile_s"] + mid["compile_s"] + large["compile_s"]:.0f} |',
+                flush=True)
+  return rows
+
+
 def main(_):
   mesh = parallel.make_mesh()
   report: dict = {'cpu': bench_util.cpu_model_name(), 'native_bf16': hardware.native_bf16(),
@@ -424,6 +531,8 @@ def main(_):
         f'backend {report["backend"]} x{mesh.size}; jax {jax.__version__}; '
         f'XLA_FLAGS={report["xla_flags"]!r}', flush=True)
   steps, rounds = (2, 1) if _SMOKE.value else (_STEPS.value, _ROUNDS.value)
+  if _MEMORY.value:
+    report['memory'] = memory_mode(mesh)
   if _CONFIG.value is not None:
     report['config'] = config_mode(config_lib.validate(_CONFIG.value), mesh)
   specs = PRESETS['smoke'] if _SMOKE.value else PRESETS.get(_PRESET.value or '', [])
