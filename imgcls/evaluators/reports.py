@@ -1,9 +1,9 @@
-"""Evaluation reports people read: per-class numbers, calibration, errors, figures.
+"""Evaluation reports people read: per-class numbers, calibration, errors, and their figures.
 
 `single_label_report` (softmax classifiers) and `multi_label_report` (sigmoid
-classifiers) turn predictions gathered on the host into a `Report`;
-`write_report` puts it on disk as one JSON file and PNGs. Pure numpy and
-matplotlib (Agg, no pyplot state), so it runs anywhere after `jax.device_get`.
+classifiers) turn predictions gathered on the host into a `Report`, drawing its figures
+with imgcls.evaluators.figures; `write_report` puts it on disk as one JSON file and PNGs.
+Pure numpy, so it runs anywhere after `jax.device_get`.
 Average precision and F1 are written here because sklearn is not a dependency.
 """
 
@@ -18,13 +18,9 @@ from typing import Any, Mapping, Sequence
 
 from etils import epath
 from matplotlib import image as mpl_image
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import numpy as np
 
-from imgcls.evaluators import calibrated, conformal, imbalance, selective
-
-MAX_TICK_LABELS = 40  # beyond this many classes the axes drop their class names
+from imgcls.evaluators import calibrated, conformal, figures, imbalance, selective
 
 
 @dataclasses.dataclass
@@ -76,27 +72,6 @@ def _plain(x: Any) -> Any:
   if isinstance(x, (list, tuple)):
     return [_plain(v) for v in x]
   return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _figure(w: float, h: float) -> Figure:
-  fig = Figure(figsize=(w, h), dpi=100, layout='constrained')
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _render(fig: Figure) -> np.ndarray:
-  fig.canvas.draw()
-  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def _class_ticks(ax, names: list[str], axes: str) -> None:
-  if len(names) > MAX_TICK_LABELS:
-    return  # 100+ names are unreadable; the JSON has the numbers
-  ticks, size = np.arange(len(names)), 8 if len(names) <= 15 else 6
-  if 'x' in axes:
-    ax.set_xticks(ticks, names, rotation=90, fontsize=size)
-  if 'y' in axes:
-    ax.set_yticks(ticks, names, fontsize=size)
 
 
 # ------------------------------------------------------------------ single-label
@@ -198,17 +173,17 @@ def single_label_report(probs: np.ndarray, labels: np.ndarray,
   }
   curve = selective.risk_coverage(confidence, correct)
   report_json['risk_coverage'] = _curve_points(curve)
-  figures = {'confusion_matrix': _confusion_figure(confusion, names),
-             'reliability': _reliability_figure(bins, ece),
-             'risk_coverage': _risk_coverage_figure(curve, scalars['aurc'])}
+  rendered = {'confusion_matrix': figures.confusion_figure(confusion, names),
+              'reliability': figures.reliability_figure(bins, ece),
+              'risk_coverage': figures.risk_coverage_figure(curve, scalars['aurc'])}
   if calibration is not None:
     _add_calibration(scalars, report_json, raw_probs, probs, labels, calibration, num_bins,
                      conformal_alphas)
   shown = worst if not isinstance(images, dict) else [i for i in worst if i in images]
   if images is not None and len(shown):
-    figures['confident_errors'] = _errors_figure(images, np.asarray(shown), labels, pred,
-                                                 confidence, names)
-  return Report(scalars, _plain(report_json), figures)
+    rendered['confident_errors'] = figures.errors_figure(images, np.asarray(shown), labels,
+                                                         pred, confidence, names)
+  return Report(scalars, _plain(report_json), rendered)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -253,18 +228,6 @@ def _add_calibration(scalars, report_json, raw_probs, probs, labels, calibration
   report_json['conformal'] = sets
 
 
-def _risk_coverage_figure(curve: selective.RiskCoverage, area: float) -> np.ndarray:
-  fig = _figure(5, 4)
-  ax = fig.subplots()
-  ax.plot(curve.coverage, curve.risk, drawstyle='steps-post')
-  ax.set(xlim=(0, 1), ylim=(0, max(float(np.nanmax(curve.risk)) * 1.05, 1e-3)),
-         xlabel='coverage (fraction answered, most confident first)',
-         ylabel='risk (error rate among answered)',
-         title=f'risk-coverage (AURC = {area:.4f})')
-  ax.grid(alpha=0.3)
-  return _render(fig)
-
-
 def _image(x: Any) -> np.ndarray:
   """One image as float [H, W, 1|3]."""
   x = np.asarray(x, np.float64)
@@ -272,59 +235,6 @@ def _image(x: Any) -> np.ndarray:
   if x.ndim != 3 or x.shape[-1] not in (1, 3):
     raise ValueError(f'an image has shape {x.shape}; expected [H, W, 1 or 3].')
   return x
-
-
-def _confusion_figure(confusion: np.ndarray, names: list[str]) -> np.ndarray:
-  c = len(names)
-  rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-  side = min(max(5.0, 0.35 * c + 2.5), 12.0)
-  fig = _figure(side + 1, side)
-  ax = fig.subplots()
-  im = ax.imshow(rows, cmap='Blues', vmin=0, vmax=1, interpolation='nearest')
-  fig.colorbar(im, ax=ax, shrink=0.8, label='fraction of the true class')
-  _class_ticks(ax, names, 'xy')
-  if c <= 12:  # cell values only where they fit
-    for (i, j), v in np.ndenumerate(rows):
-      if confusion[i, j]:
-        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=7,
-                color='white' if v > 0.5 else 'black')
-  ax.set(xlabel='predicted', ylabel='true', title='confusion matrix (row-normalised)')
-  return _render(fig)
-
-
-def _reliability_figure(bins: dict[str, np.ndarray], ece: float) -> np.ndarray:
-  lo, width = bins['edges'][:-1], np.diff(bins['edges'])
-  fig = _figure(5, 6)
-  ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-  ax.bar(lo, np.nan_to_num(bins['accuracy']), width, align='edge', edgecolor='k',
-         label='accuracy')
-  ax.plot(lo + width / 2, bins['confidence'], 'ro', label='mean confidence')
-  ax.plot([0, 1], [0, 1], 'k--', label='perfect calibration')
-  ax.set(ylabel='accuracy', xlim=(0, 1), ylim=(0, 1), title=f'reliability (ECE = {ece:.4f})')
-  ax.legend(loc='upper left', fontsize='small')
-  ax_n.bar(lo, bins['count'], width, align='edge', edgecolor='k', color='gray')
-  ax_n.set(xlabel='confidence (max probability)', ylabel='examples')
-  return _render(fig)
-
-
-def _errors_figure(images: np.ndarray, idx: np.ndarray, labels: np.ndarray, pred: np.ndarray,
-                   confidence: np.ndarray, names: list[str]) -> np.ndarray:
-  cols = math.ceil(math.sqrt(len(idx)))
-  rows = math.ceil(len(idx) / cols)
-  fig = _figure(2.2 * cols, 2.3 * rows)
-  axes = fig.subplots(rows, cols, squeeze=False).ravel()
-  for ax in axes[len(idx):]:
-    ax.axis('off')
-  for ax, i in zip(axes, idx):
-    ax.set(xticks=[], yticks=[])
-    x = images[i]
-    span = x.max() - x.min()  # per-image rescale: inputs come in any range
-    x = (x - x.min()) / span if span > 0 else np.zeros_like(x)
-    ax.imshow(x[..., 0] if x.shape[-1] == 1 else x, cmap='gray', vmin=0, vmax=1)
-    ax.set_title(f'true: {names[labels[i]]} / pred: {names[pred[i]]} (p={confidence[i]:.2f})',
-                 fontsize=7, wrap=True)
-  fig.suptitle('most confidently wrong')
-  return _render(fig)
 
 
 # ------------------------------------------------------------------ multi-label
@@ -427,10 +337,12 @@ def multi_label_report(scores: np.ndarray, targets: np.ndarray,
     scalars.update(threshold_tuned=tuned, f1_micro_tuned=micro_t, f1_macro_tuned=macro_t)
     report_json['tuned'] = {'threshold': tuned, 'val_f1_micro': val_f1,
                             'f1_micro': micro_t, 'f1_macro': macro_t}
-  figures = {'ap_per_class': _ap_figure(ap, names, mean_ap),
-             'f1_threshold': _f1_figure(scores, targets, threshold, val_scores, val_targets,
-                                        tuned)}
-  return Report(scalars, _plain(report_json), figures)
+  curves = [(label, *micro_f1_curve(s, t)) for label, s, t in
+            [('eval', scores, targets), ('validation', val_scores, val_targets)]
+            if s is not None]
+  rendered = {'ap_per_class': figures.ap_figure(ap, names, mean_ap),
+              'f1_threshold': figures.f1_figure(curves, threshold, tuned)}
+  return Report(scalars, _plain(report_json), rendered)
 
 
 def _targets(targets: Any, scores: np.ndarray, name: str = 'targets') -> np.ndarray:
@@ -441,37 +353,6 @@ def _targets(targets: Any, scores: np.ndarray, name: str = 'targets') -> np.ndar
   if not np.all((targets == 0) | (targets == 1)):
     raise ValueError(f'{name} holds values other than 0 and 1; expected multi-hot targets.')
   return targets.astype(bool)
-
-
-def _ap_figure(ap: np.ndarray, names: list[str], mean_ap: float) -> np.ndarray:
-  c, few = len(names), len(names) <= MAX_TICK_LABELS
-  fig = _figure(min(max(5.0, 0.3 * c + 2), 14.0), 4)
-  ax = fig.subplots()  # many classes: sorted, so the shape of the distribution shows
-  ax.bar(np.arange(c), np.nan_to_num(ap if few else -np.sort(-ap)), width=0.8 if few else 1)
-  ax.axhline(np.nan_to_num(mean_ap), color='r', ls='--', label=f'mAP = {mean_ap:.4f}')
-  _class_ticks(ax, names, 'x')
-  ax.set(ylim=(0, 1), ylabel='average precision', xlabel='class' if few else 'classes, sorted',
-         title=f'AP per class ({int(np.isnan(ap).sum())} without positives excluded)')
-  ax.legend(fontsize='small')
-  return _render(fig)
-
-
-def _f1_figure(scores, targets, threshold, val_scores, val_targets, tuned) -> np.ndarray:
-  fig = _figure(6, 4)
-  ax = fig.subplots()
-  for label, s, t in [('eval', scores, targets), ('validation', val_scores, val_targets)]:
-    if s is None:
-      continue
-    x, y = micro_f1_curve(s, t)
-    keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), 2000)).astype(int))
-    ax.plot(x[keep], y[keep], drawstyle='steps-post', label=f'{label} micro F1')
-  ax.axvline(threshold, color='gray', ls=':', label=f'threshold {threshold:.3g}')
-  if tuned is not None:
-    ax.axvline(tuned, color='r', ls='--', label=f'tuned on validation {tuned:.3g}')
-  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='threshold', ylabel='micro F1',
-         title='F1 vs threshold')
-  ax.legend(fontsize='small')
-  return _render(fig)
 
 
 # ------------------------------------------------------------------ writing
