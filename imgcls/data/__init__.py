@@ -34,6 +34,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+  if name == 'mosaic':  # a public module (data.mosaic.prepare), loaded on first use as well
+    return importlib.import_module(f'{__name__}.mosaic')
   if name in _LAZY:
     module = importlib.import_module(f'{__name__}.{_LAZY[name]}')
     value = getattr(module, name)
