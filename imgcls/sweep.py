@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from imgcls import checkpoints, config as config_lib
+from imgcls import checkpoints, config as config_lib, config_check
 
 _NAME_OK = re.compile(r'[^A-Za-z0-9_.,=+-]+')
 
@@ -80,7 +80,7 @@ def _apply(config: ml_collections.ConfigDict, key: str, value: Any) -> str | Non
       return f"unknown key '{'.'.join(parents[:i + 1])}' in override '{key}'."
     node = node[part]
   if leaf not in node and parents != ['model']:  # model.* keys are checked by validate()
-    return f"unknown key '{key}'.{config_lib._suggest(leaf, node.keys())}"  # pylint: disable=protected-access
+    return f"unknown key '{key}'.{config_check.suggest(leaf, node.keys())}"
   if isinstance(value, list):
     value = tuple(value)
   try:
