@@ -9,7 +9,7 @@ import sys
 from absl import logging
 import pytest
 
-from conftest import _tiny_config
+from helpers import make_tiny_config
 from imgcls import checkpoints, compare, run_config, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('damaged') / 'run')
-  train.train_and_evaluate(_tiny_config(data_dir, total_steps=2, eval_every_steps=2), workdir)
+  train.train_and_evaluate(make_tiny_config(data_dir, total_steps=2, eval_every_steps=2), workdir)
   return workdir
 
 

@@ -77,10 +77,10 @@ def _resumable(src, dst):
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, data_dir):
   """The undisturbed run on 8 devices: its workdir, step ids and losses."""
-  from conftest import _tiny_config  # pylint: disable=g-import-not-at-top
+  from helpers import make_tiny_config  # pylint: disable=g-import-not-at-top
   mp = pytest.MonkeyPatch()
   workdir = str(tmp_path_factory.mktemp('elastic') / 'ref')
-  ids, losses = _run(mp, _config(_tiny_config, data_dir), workdir)
+  ids, losses = _run(mp, _config(make_tiny_config, data_dir), workdir)
   assert len(ids) == STEPS and sorted(losses) == list(range(1, STEPS + 1))
   return workdir, ids, losses
 
@@ -132,12 +132,12 @@ sys.path.insert(0, {tests!r})
 from imgcls import parallel
 data_dir, workdir, port, pid, out = sys.argv[1:6]
 parallel.initialize_distributed(f'127.0.0.1:{{port}}', 2, int(pid))
-from conftest import _tiny_config
+from helpers import make_tiny_config
 import test_elastic_resume as t
 from imgcls import data, train
 ids = []
 data.train_iterator = t._record(ids)
-train.train_and_evaluate(t._config(_tiny_config, data_dir), workdir)
+train.train_and_evaluate(t._config(make_tiny_config, data_dir), workdir)
 open(out, 'w').write(json.dumps(ids))
 """
 

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from imgcls import checkpoints, compare, config as config_lib, data, train
 from imgcls.models import weights
 
-from conftest import _tiny_config
+from helpers import make_tiny_config
 
 TINY_VIT = dict(name='vit', width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4)
 FROZEN = ('^embedding/', 'posembed_input/', 'encoderblock_0/')
@@ -39,7 +39,7 @@ def _weights(workdir, step='latest'):
 @pytest.fixture(scope='module')
 def pretrained(data_dir, tmp_path_factory):
   """A tiny ViT trained on 16x16 images of 4 classes (4x4 patch grid); its workdir."""
-  config = _tiny_config(data_dir, total_steps=8, eval_every_steps=8, log_every_steps=4)
+  config = make_tiny_config(data_dir, total_steps=8, eval_every_steps=8, log_every_steps=4)
   config.model = ml_collections.ConfigDict(TINY_VIT)
   config.optimizer.name = 'adamw'
   config.lr.base = 3e-3
@@ -240,3 +240,5 @@ def test_data_efficiency_exports_subsets_runs_both_methods_and_resumes(
   with pytest.raises(de.ExperimentError, match='k=50 images per class.*only'):
     de.run_experiment(de.parse_args(['--out', str(tmp_path / 'big'), '--ks', '50', '--dataset',
                                      'fake_fashion', '--data_dir', data_dir]))
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)

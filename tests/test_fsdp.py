@@ -17,7 +17,7 @@ from imgcls.errors import ConfigError
 from imgcls.evaluators.base import make_eval_fn
 from imgcls.models import get_model
 
-from conftest import replicated_state, train_step_fn
+from helpers import replicated_state, train_step_fn
 
 A = parallel.AXIS
 IMAGE = (16, 16, 3)

@@ -9,7 +9,7 @@ from imgcls import config as config_lib, optim, parallel, step as step_lib
 from imgcls.errors import ConfigError
 from imgcls.models import resnet, vit
 
-from conftest import train_step_fn
+from helpers import train_step_fn
 
 
 def _config():

@@ -21,7 +21,7 @@ from etils import epath
 
 from imgcls import checkpoints, data, models, optim, parallel, train
 
-from conftest import NUM_TEST, _tiny_config
+from helpers import NUM_TEST, make_tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def run(data_dir, tmp_path_factory):
   the end (one checkpoint, so its eval is what `imgcls eval` gives for 'best')."""
   assert jax.device_count() == 8
   workdir = str(tmp_path_factory.mktemp('inference') / 'run')
-  result = train.train_and_evaluate(_tiny_config(data_dir, eval_every_steps=12), workdir)
+  result = train.train_and_evaluate(make_tiny_config(data_dir, eval_every_steps=12), workdir)
   return workdir, result
 
 

@@ -9,8 +9,11 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from imgcls import compare
+
+pytestmark = pytest.mark.slow  # several processes (jax.distributed on localhost)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +28,10 @@ def _write_config(path, data_dir) -> str:
   path.write_text(textwrap.dedent(f'''
       import sys
       sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
-      from conftest import _tiny_config
+      from helpers import make_tiny_config
 
       def get_config(arg=None):
-        return _tiny_config({data_dir!r}, total_steps=8, eval_every_steps=4)
+        return make_tiny_config({data_dir!r}, total_steps=8, eval_every_steps=4)
       '''))
   return str(path)
 

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from ipykernel import kernelspec
 import nbclient
 import nbformat
@@ -33,3 +35,6 @@ def test_notebook_runs(tmp_path, data_dir, tiny_config, monkeypatch):
   assert 'top-1 on these 37 images' in text
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 2  # grid, confusion matrix
   assert "Classifier(model='resnet10'" in str(nb.cells[3].outputs)
+
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)

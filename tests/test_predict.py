@@ -18,7 +18,7 @@ import imgcls
 from imgcls import predict, train
 from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
-from conftest import NUM_TEST, _tiny_config
+from helpers import NUM_TEST, make_tiny_config
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'scripts'))
 from samples import random_checkpoint as save_checkpoint  # noqa: E402
 
@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='module')
 def ema_run(data_dir, tmp_path_factory):
   """The tiny config's model with random raw weights and a different EMA, saved at step 10."""
-  config = _tiny_config(data_dir, ema_decay=0.5).to_dict()
+  config = make_tiny_config(data_dir, ema_decay=0.5).to_dict()
   config['model'] = dict(config['model'])
   workdir = tmp_path_factory.mktemp('predict') / 'run'
   save_checkpoint(workdir, config['model'], (16, 16, 1), config['pp_eval'], ema=True,

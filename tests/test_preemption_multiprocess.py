@@ -10,7 +10,11 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from imgcls import checkpoints, compare
+
+pytestmark = pytest.mark.slow  # several processes (jax.distributed on localhost)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,10 +30,10 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_and_both_exit_0(data_dir
   config.write_text(textwrap.dedent(f'''
       import sys
       sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
-      from conftest import _tiny_config
+      from helpers import make_tiny_config
 
       def get_config(arg=None):
-        return _tiny_config({data_dir!r}, total_steps=3000, eval_every_steps=3000,
+        return make_tiny_config({data_dir!r}, total_steps=3000, eval_every_steps=3000,
                             log_every_steps=5)
       '''))
   port = _free_port()

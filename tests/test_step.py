@@ -11,7 +11,7 @@ from imgcls import optim, parallel, step as step_lib
 from imgcls.evaluators.base import make_eval_fn
 from imgcls.models import resnet
 
-from conftest import replicated_state, train_step_fn
+from helpers import replicated_state, train_step_fn
 
 
 def _tiny_model():

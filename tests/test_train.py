@@ -9,7 +9,7 @@ import pytest
 from imgcls import checkpoints, compare, data, train
 from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
-from conftest import NUM_TEST
+from helpers import NUM_TEST
 
 
 class Crash(RuntimeError):

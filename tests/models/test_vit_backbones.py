@@ -21,7 +21,7 @@ from imgcls import models, optim
 from imgcls.models import vit, weights
 from imgcls.models.registry import MODELS
 
-from conftest import count_params, shapes
+from helpers import count_params, shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'timm'

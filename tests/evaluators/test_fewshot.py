@@ -17,7 +17,7 @@ from imgcls.evaluators import fewshot, ridge
 from imgcls.evaluators.checkpoint import fewshot_checkpoint
 from imgcls.evaluators.ridge import FewShotError
 
-from conftest import NUM_TEST, _tiny_config
+from helpers import NUM_TEST, make_tiny_config
 
 PP = 'decode|value_range(-1, 1)|onehot(4)'
 
@@ -115,7 +115,7 @@ def builder(data_dir):
 @pytest.fixture(scope='module')
 def tiny_state():
   """The tiny config's untrained ResNet and its train state (on one device)."""
-  config = _tiny_config('unused')
+  config = make_tiny_config('unused')
   model = models.from_config(config)
   create = functools.partial(step_lib.create_train_state, model, optax.sgd(0.1),
                              input_shape=(16, 16, 1))
@@ -145,7 +145,7 @@ def test_extract_features_every_example_once_in_file_order(builder, tiny_model):
 
 def _probe(builder, model, **options):
   """The few-shot evaluator on the synthetic dataset's train/test splits (4 classes, PP)."""
-  context = evaluators.Context(_tiny_config('unused'), model, None, builder)
+  context = evaluators.Context(make_tiny_config('unused'), model, None, builder)
   return fewshot.FewShot('fewshot', context, train_split='train', test_split='test', pp=PP,
                          num_classes=4, **options)
 

@@ -16,7 +16,7 @@ from imgcls import checkpoints
 from imgcls.errors import UserError
 from imgcls.evaluators import explain as ex
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location('explain_check', ROOT / 'scripts/explain_check.py')
 check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)

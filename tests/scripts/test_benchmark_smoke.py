@@ -1,5 +1,5 @@
 """scripts/benchmark.py --smoke runs end to end and writes every figure it promises (the figures
-themselves are machine-dependent and asserted nowhere: see the README's Speed section)."""
+themselves are machine-dependent and asserted nowhere: see docs/speed.md)."""
 
 import json
 import os
@@ -7,7 +7,9 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).parents[1]
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[2]
 
 
 def test_benchmark_smoke_writes_every_figure(tmp_path):
@@ -37,3 +39,6 @@ def test_benchmark_smoke_writes_every_figure(tmp_path):
   pipeline = report['pipeline']
   assert pipeline, 'no pipeline figures'
   assert 'MFU' in proc.stdout and 'img/s' in proc.stdout
+
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)

@@ -22,8 +22,8 @@ import pytest
 from imgcls import models
 from imgcls.models import bit, resnet, weights
 
-FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'timm'
-SCRIPT = pathlib.Path(__file__).parent.parent / 'scripts' / 'timm_fixtures.py'
+FIXTURES = pathlib.Path(__file__).parents[1] / 'fixtures' / 'timm'
+SCRIPT = pathlib.Path(__file__).parents[2] / 'scripts' / 'timm_fixtures.py'
 TIMM_PYTHON = os.environ.get('IMGCLS_TIMM_PYTHON')
 # float32 agreement is ~1e-6; 2e-5 still catches a tanh-vs-erf GELU (1e-4 to 3e-4 here).
 ATOL = 2e-5

@@ -9,7 +9,7 @@ import pytest
 from imgcls import models
 from imgcls.models import bit
 
-from conftest import count_params, shapes
+from helpers import count_params, shapes
 
 # Shapes by abstract evaluation: one unit per stage, 16 -> 512 features.
 TINY = dict(stage_sizes=(1, 1, 1, 1), width=16, num_groups=8, num_classes=7)

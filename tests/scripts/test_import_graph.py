@@ -3,7 +3,9 @@
 import importlib.util
 import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'import_graph.py'
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / 'scripts' / 'import_graph.py'
 
 
 def test_import_graph_counts_modules_and_hops():
@@ -17,3 +19,6 @@ def test_import_graph_counts_modules_and_hops():
   assert 'imgcls.train' in result['imgcls_module_names']
   assert 0 < result['imgcls_modules'] < result['total_modules']
   assert result['imgcls_functions_called'] > result['hops']
+
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)

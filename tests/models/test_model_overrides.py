@@ -8,7 +8,7 @@ import pytest
 
 from imgcls import config as config_lib, models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT = os.path.join(ROOT, 'configs', 'default.py')
 
 

@@ -10,7 +10,7 @@ import pytest
 from imgcls import checkpoints, compare, config as config_lib, evaluators, train
 from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
-from conftest import NUM_TEST
+from helpers import NUM_TEST
 
 
 def _old_style(config, **legacy):

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_device_check_smoke(tmp_path):
@@ -29,3 +31,6 @@ def test_device_check_smoke(tmp_path):
   assert parts['train_e2e']['checkpoints'] and parts['train_e2e']['final'].startswith('Final')
   for name in parts:  # the printed table has a line per part
     assert any(line.startswith(name) for line in r.stdout.splitlines())
+
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)

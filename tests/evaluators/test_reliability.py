@@ -45,9 +45,9 @@ def _assert_same(a, b):
 @pytest.fixture(scope='module')
 def reference(data_dir, tmp_path_factory):
   """An undisturbed 18-step run: the weights every recovered run must end with."""
-  from conftest import _tiny_config  # pylint: disable=g-import-not-at-top
+  from helpers import make_tiny_config  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('reliability') / 'ref')
-  result = train.train_and_evaluate(_config(_tiny_config, data_dir), workdir)
+  result = train.train_and_evaluate(_config(make_tiny_config, data_dir), workdir)
   return workdir, result
 
 

@@ -257,7 +257,7 @@ def test_resize_is_bitwise_the_uint8_resize_rounded_and_clipped():
 
 
 def test_bench_pipeline_measures_before_and_after(tmp_path):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'scripts'))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / 'scripts'))
   import bench_pipeline  # pylint: disable=g-import-not-at-top
   before = os.environ.get(FUSE_ENV)
   for fuse in (False, True):

@@ -222,7 +222,7 @@ def test_readme_command_trains_on_a_folder(tmp_path):
     for i in range(12):
       pixels = rng.integers(0, 60, (20 + i, 24, 3), dtype=np.uint8) + 80 * c
       _save(root / name / f'{i}.png', Image.fromarray(pixels.astype(np.uint8)))
-  path = pathlib.Path(__file__).parent.parent / 'configs' / 'image_folder.py'
+  path = pathlib.Path(__file__).parents[2] / 'configs' / 'image_folder.py'
   spec = importlib.util.spec_from_file_location('image_folder', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-DATA = pathlib.Path(__file__).parent.parent / 'imgcls' / 'data'
+DATA = pathlib.Path(__file__).parents[2] / 'imgcls' / 'data'
 
 _CHECK = r'''
 import json, time

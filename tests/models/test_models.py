@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from imgcls import models, optim, parallel
 from imgcls.models import resnet
 
-from conftest import count_params, replicated_state, shapes, train_step_fn
+from helpers import count_params, replicated_state, shapes, train_step_fn
 
 
 

@@ -13,7 +13,7 @@ import pytest
 from imgcls import data, inference, models
 from imgcls.data import decode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 'scripts'))
 from samples import odd_images as _odd_images  # noqa: E402
 

@@ -15,7 +15,7 @@ import imgcls
 from imgcls import cli, main, models
 from imgcls.models.registry import MODELS
 
-from conftest import count_params, shapes
+from helpers import count_params, shapes
 
 # The names issue 28 lists, with (family, resolution, normalize preset, formats).
 ISSUE_NAMES = {

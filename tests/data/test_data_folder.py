@@ -15,7 +15,7 @@ from PIL import Image
 from imgcls import config as config_lib, data
 from imgcls.data import decode, folder
 
-CONFIG = pathlib.Path(__file__).parent.parent / 'configs' / 'image_folder.py'
+CONFIG = pathlib.Path(__file__).parents[2] / 'configs' / 'image_folder.py'
 
 
 def _png(path: pathlib.Path, value: int = 100, size=(8, 6), mode='RGB') -> None:

@@ -7,7 +7,9 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).parents[1]
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[2]
 
 
 def test_memory_table_smoke(tmp_path):
@@ -32,3 +34,6 @@ def test_memory_table_smoke(tmp_path):
   for row in report['memory']:
     assert row['large']['temporaries'] >= row['small']['temporaries'] > 0
     assert row['small']['arguments'] > 0 and row['max_batch_per_device']['16'] > 0
+
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)

@@ -15,9 +15,9 @@ from imgcls import config as config_lib, models, parallel
 from imgcls.models import layers, vit
 from imgcls.step import softmax_xent
 
-from conftest import count_params, shapes
+from helpers import count_params, shapes
 
-CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'fashion_mnist_vit.py'
+CONFIG = pathlib.Path(__file__).parents[2] / 'configs' / 'fashion_mnist_vit.py'
 
 # Small-image model used where the forward pass really runs: Ti/4 cut to two blocks.
 TINY = dict(num_classes=10, variant='Ti/4', depth=2)

@@ -18,9 +18,9 @@ from imgcls import models
 from imgcls.models import weights
 from imgcls.models.registry import MODELS
 
-from conftest import count_params, shapes
+from helpers import count_params, shapes
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'timm'
 FIXTURE_NAMES = ('convnext', 'convnext_conv_mlp', 'convnextv2', 'convnextv2_conv_mlp')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

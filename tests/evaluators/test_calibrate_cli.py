@@ -24,16 +24,16 @@ from imgcls.evaluators import calibrated
 from imgcls.evaluators.checkpoint import (CalibrationError, calibrate_checkpoint,
                                           evaluate_checkpoint)
 
-from conftest import NUM_TEST, _tiny_config
+from helpers import NUM_TEST, make_tiny_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')
 def run(data_dir, tmp_path_factory):
   """The tiny config trained 12 steps (no val_split: nothing calibrated at the end)."""
   workdir = str(tmp_path_factory.mktemp('calib') / 'run')
-  train.train_and_evaluate(_tiny_config(data_dir), workdir)
+  train.train_and_evaluate(make_tiny_config(data_dir), workdir)
   return workdir
 
 
@@ -215,3 +215,5 @@ def test_set_column_names():
   assert calibrated.set_column(0.1) == 'set_90'
   assert calibrated.set_column(0.01) == 'set_99'
   assert calibrated.set_column(0.005) == 'set_99_5'
+
+pytestmark = pytest.mark.slow  # end to end in subprocesses (the CLI or a script)
