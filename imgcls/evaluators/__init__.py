@@ -4,6 +4,7 @@
   base.py            the protocol (`Evaluator`), the registry, the run's shared `Context`
   classification.py  loss, top-1/top-5 of a split (raw and EMA weights), with its reports
   reports.py         confusion matrix, per-class numbers, calibration, mistakes; PNG + JSON
+  figures.py         the reports' figures (matplotlib Agg renders)
   metrics.py         scoring a whole split exactly once into clu metrics; train metrics
   fewshot.py         the few-shot evaluator on frozen features; ridge.py: its ridge math
   checkpoint.py      `evaluate_checkpoint` (imgcls eval), `fewshot_checkpoint` (imgcls fewshot)
