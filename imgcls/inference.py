@@ -280,6 +280,10 @@ class Classifier:
     with the checkpoint's calibration applied (`self.calibration`; calibrated=False: raw)."""
     return self._run(self._scores if calibrated else self._raw_scores, inputs, batch_size)
 
+  def images(self, inputs: Any) -> list[np.ndarray]:
+    """The inputs decoded as `predict` decodes them (files, bytes or arrays), before any pp."""
+    return list(_images(inputs, self.decode_channels))
+
   def explain(self, images: Any, method: str = 'auto', target: Any = None, **kwargs) -> Any:
     """Saliency maps for `images` (evaluators.explain.explain: Grad-CAM for CNNs, attention
     for ViTs, integrated gradients for any model; higher = more important for `target`, by

@@ -49,8 +49,9 @@ _MAX_RISK = flags.DEFINE_float('max_risk', None, 'Abstain below the confidence w
                                'rate on the calibration split is at most this (e.g. 0.02).')
 _CONFORMAL = flags.DEFINE_float('conformal', None, 'Write conformal label sets covering the '
                                 'true label with probability 1 - alpha (e.g. 0.1).')
-_METHOD = flags.DEFINE_string('method', 'auto', 'Saliency method: auto, gradcam, rollout, '
-                              'attention_grad or ig.')
+_METHOD = flags.DEFINE_string('method', 'auto', 'Saliency method: auto (gradcam for CNNs, '
+                              'grad_attention for ViTs), gradcam, attention_rollout, '
+                              'grad_attention or integrated_gradients.')
 _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir although the config changes the '
     "run's math (schedule, batch, optimizer, data, pp, seed); recorded in the workdir.")
@@ -221,12 +222,13 @@ def _run(command: str, rest: list[str]) -> None:
         max_risk=_MAX_RISK.value, conformal=_CONFORMAL.value))
     return
   if command == 'explain':
+    from imgcls import inference
     from imgcls.evaluators import explain
     if not rest:
       fail(f'usage: {COMMANDS["explain"].usage}')
-    written = explain.explain_files(_require(_WORKDIR, 'workdir', command),
-                                    _require(_OUT, 'out', command), rest,
-                                    method=_METHOD.value, step=_STEP.value)
+    classifier = inference.load(_require(_WORKDIR, 'workdir', command), _STEP.value)
+    written = explain.explain_files(classifier, _require(_OUT, 'out', command), rest,
+                                    method=_METHOD.value)
     print(_explain_summary(written, _OUT.value))
     return
   if command == 'export' and not rest:

@@ -20,7 +20,7 @@ import optax
 
 from imgcls import sharding
 from imgcls.errors import ConfigError
-from imgcls.models import vit
+from imgcls.models import vit, vit_layers
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('warmup_cosine', 'warmup_linear', 'warmup_step', 'constant')
@@ -154,7 +154,7 @@ def _first(rules: list[tuple[re.Pattern, float]], path: str) -> float:
 
 def _depth(paths: list[str]) -> int:
   """The number of ViT encoder blocks among the parameter paths (0: not a ViT)."""
-  ids = [i for p in paths if (i := vit.block_index(p)) is not None]
+  ids = [i for p in paths if (i := vit_layers.block_index(p)) is not None]
   return max(ids) + 1 if ids else 0
 
 

@@ -305,9 +305,8 @@ def explain(classifier, images: Any, method: str = 'auto', target: Any = None, *
   class id or label name for all images, or one per image. baseline and steps: integrated
   gradients' ('black': a black image through the preprocessing; 'zero': the model input 0).
   """
-  from imgcls import inference  # pylint: disable=import-outside-toplevel
   method = method_for(family(classifier), method)
-  originals = list(inference._images(images, classifier.decode_channels))  # pylint: disable=protected-access
+  originals = classifier.images(images)
   if not originals:
     raise UserError('no images to explain: pass an image or a non-empty list of images.')
   x = classifier.preprocess(originals)
@@ -369,16 +368,15 @@ def _stems(files: Sequence[str]) -> list[str]:
   return out
 
 
-def explain_files(workdir: str, out_dir: str, files: Sequence[str], method: str = 'auto',
-                  step: str | int = 'best') -> list[str]:
-  """`imgcls explain`: loads the checkpoint, explains each file's predicted class, writes
-  out_dir/<stem>.png (overlay) and out_dir/<stem>.npy (the map); returns the written paths."""
-  from imgcls import inference  # pylint: disable=import-outside-toplevel
+def explain_files(classifier, out_dir: str, files: Sequence[str], method: str = 'auto'
+                  ) -> list[str]:
+  """`imgcls explain`: explains each file's predicted class with a loaded classifier
+  (imgcls.load), writes out_dir/<stem>.png (overlay) and out_dir/<stem>.npy (the map);
+  returns the written paths."""
   files = [os.fspath(f) for f in files]
   if not files:
     raise UserError('no image files given: name one or more files to explain.')
-  classifier = inference.load(workdir, step)
-  images = list(inference._images(files, classifier.decode_channels))  # pylint: disable=protected-access
+  images = classifier.images(files)
   written = []
   for image, saliency, stem in zip(images, explain(classifier, images, method), _stems(files)):
     png = save_overlay(image, saliency, os.path.join(out_dir, stem + '.png'))

@@ -42,14 +42,14 @@ from etils import epath
 
 # Each family's converters register themselves when CONVERTERS is first read.
 from imgcls.models.convert import CONVERTERS, Flat, WeightsError
-from imgcls.models import vit
+from imgcls.models import posemb as posemb_lib
 from imgcls.models.vit import POSEMB_KEY
 
 IMGCLS = 'imgcls'  # imgcls's own names (e.g. a workdir's weights): nothing to convert
 HEAD_PREFIX = 'params/head/'
-# How a position embedding is resized (vit.POSEMB_RESIZE_METHODS), or 'source': as the format's
+# How a position embedding is resized (posemb_lib.POSEMB_RESIZE_METHODS), or 'source': as the format's
 # own source does (its converter's `posemb_resize` info; bilinear for imgcls's own names).
-POSEMB_RESIZE_METHODS = (*vit.POSEMB_RESIZE_METHODS, 'source')
+POSEMB_RESIZE_METHODS = (*posemb_lib.POSEMB_RESIZE_METHODS, 'source')
 
 
 def formats() -> tuple[str, ...]:
@@ -269,16 +269,16 @@ def resize_posemb(posemb: np.ndarray, num_prefix: int, new_grid: tuple[int, int]
 
   Bilinear is what the official ViT fine-tuning code uses; 'bicubic' is offered as in timm.
   """
-  if method not in vit.POSEMB_RESIZE_METHODS:
+  if method not in posemb_lib.POSEMB_RESIZE_METHODS:
     raise WeightsError(f'Unknown position-embedding resize {method!r}: use one of '
-                       f'{", ".join(vit.POSEMB_RESIZE_METHODS)}.')
+                       f'{", ".join(posemb_lib.POSEMB_RESIZE_METHODS)}.')
   prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
   side = math.isqrt(grid.shape[0])
   if side * side != grid.shape[0]:
     raise WeightsError(f'The checkpoint position embedding has {grid.shape[0]} patch tokens, not '
                        'a square grid; it cannot be resized.')
-  if method not in ('bilinear', 'bicubic'):  # the sources' own resizes (vit.resample_grid)
-    return vit.resample_posemb(np.asarray(posemb), num_prefix, (side, side), new_grid, method)
+  if method not in ('bilinear', 'bicubic'):  # the sources' own resizes (posemb_lib.resample_grid)
+    return posemb_lib.resample_posemb(np.asarray(posemb), num_prefix, (side, side), new_grid, method)
   grid = grid.reshape(side, side, -1)
   resized = jax.image.resize(jnp.asarray(grid, jnp.float32), (*new_grid, grid.shape[-1]),
                              method=method, antialias=False)
@@ -333,7 +333,7 @@ def merge(template: Mapping[str, Any], converted: Mapping[str, np.ndarray], *,
       continue
     elif key == POSEMB_KEY and value.shape[-1] == want.shape[-1]:
       try:
-        prefix = vit.posemb_prefix(flat_template, value.shape[1], want.shape[1], grid)
+        prefix = posemb_lib.posemb_prefix(flat_template, value.shape[1], want.shape[1], grid)
       except ValueError as e:
         raise WeightsError(str(e)) from None
       new_grid = _target_grid(want.shape[1] - prefix, grid)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import imgcls
 from imgcls import checkpoints
 from imgcls.errors import UserError
 from imgcls.evaluators import explain as ex
@@ -177,7 +178,7 @@ def test_explain_files_writes_overlays_and_maps(resnet, mosaics, tmp_path):
     files.append(str(tmp_path / folder / 'item.png'))
     Image.fromarray(mosaics[2][i][..., 0]).save(files[-1])
   out = tmp_path / 'out'
-  written = ex.explain_files(str(tmp_path / 'run'), str(out), files)
+  written = ex.explain_files(imgcls.load(str(tmp_path / 'run')), str(out), files)
   assert sorted(pathlib.Path(p).name for p in written) == [
       'item-1.npy', 'item-1.png', 'item.npy', 'item.png']
   saliency = np.load(out / 'item.npy')
@@ -186,4 +187,4 @@ def test_explain_files_writes_overlays_and_maps(resnet, mosaics, tmp_path):
                              atol=1e-6)
   assert Image.open(out / 'item-1.png').size == (32, 32)
   with pytest.raises(UserError, match='no image files'):
-    ex.explain_files(str(tmp_path / 'run'), str(out), [])
+    ex.explain_files(imgcls.load(str(tmp_path / 'run')), str(out), [])

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from imgcls import config as config_lib, models, parallel
-from imgcls.models import layers, vit
+from imgcls.models import layers, posemb as posemb_lib, vit, vit_layers
 from imgcls.step import softmax_xent
 
 from helpers import count_params, shapes
@@ -155,7 +155,7 @@ def test_dropout_and_stoch_depth_act_only_in_train():
 
 def test_stoch_depth_drops_whole_examples():
   # Each branch is kept or dropped per example: where both are dropped the block is the identity.
-  block = vit.Encoder1DBlock(mlp_dim=16, num_heads=2, drop_path=0.5)
+  block = vit_layers.Encoder1DBlock(mlp_dim=16, num_heads=2, drop_path=0.5)
   x = jax.random.normal(jax.random.key(0), (64, 5, 8))
   y, _ = jax.jit(lambda x: block.init_with_output(
       {'params': jax.random.key(1), 'dropout': jax.random.key(2)}, x, deterministic=False))(x)
@@ -238,7 +238,7 @@ def test_errors(kwargs, match):
 
 
 def test_sincos_posemb():
-  pe = vit.posemb_sincos_2d(7, 5, 64)
+  pe = posemb_lib.posemb_sincos_2d(7, 5, 64)
   assert pe.shape == (1, 35, 64) and pe.dtype == np.float32
   assert np.all(np.abs(pe) <= 1)
   assert len({row.tobytes() for row in pe[0]}) == 35  # every position distinct
@@ -273,8 +273,8 @@ def test_registry_and_config():
 
 
 def test_layer_index_for_layer_decay():
-  assert vit.block_index('Transformer/encoderblock_11/LayerNorm_0/scale') == 11
-  assert vit.block_index('Transformer/encoder_norm/scale') is None
+  assert vit_layers.block_index('Transformer/encoderblock_11/LayerNorm_0/scale') == 11
+  assert vit_layers.block_index('Transformer/encoder_norm/scale') is None
   assert [vit.layer_index(p, depth=12) for p in (
       'embedding/kernel', 'cls', 'Transformer/posembed_input/pos_embedding',
       'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel',

@@ -18,7 +18,7 @@ import pytest
 
 import imgcls
 from imgcls import models, optim
-from imgcls.models import vit, weights
+from imgcls.models import posemb, vit, weights
 from imgcls.models.registry import MODELS
 
 from helpers import count_params, shapes
@@ -274,12 +274,12 @@ def test_big_vision_siglip_npz(scanned, tmp_path):
 def test_resample_weights_match_scipy_zoom_and_keep_constants():
   scipy_ndimage = pytest.importorskip('scipy.ndimage')
   grid = np.random.default_rng(0).normal(size=(5, 7, 3))
-  got = vit.resample_grid(grid, (8, 4), 'zoom_linear')
+  got = posemb.resample_grid(grid, (8, 4), 'zoom_linear')
   want = scipy_ndimage.zoom(grid, (8 / 5, 4 / 7, 1), order=1)
   np.testing.assert_allclose(got, want, atol=1e-12)
   for method in ('bicubic_timm', 'bicubic_torch', 'zoom_linear'):
     for old, new in ((4, 6), (6, 4), (37, 16), (16, 37)):
-      np.testing.assert_allclose(vit.resample_weights(old, new, method).sum(1), 1.0, atol=1e-12)
+      np.testing.assert_allclose(posemb.resample_weights(old, new, method).sum(1), 1.0, atol=1e-12)
 
 
 def test_registered_timm_names_have_timms_architecture_and_parameter_count():
