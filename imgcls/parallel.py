@@ -88,22 +88,26 @@ def cache_state() -> str:
   return path if path and jax.config.jax_enable_compilation_cache else 'off'
 
 
-def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, str]:
-  """(fn compiled ahead of time for args, seconds, 'hit' | 'miss' | 'off'): whether the
-  persistent compilation cache served it."""
-  import time  # pylint: disable=g-import-not-at-top
-  events = []
-  def listener(event, **_):
-    events.append(event)
-  jax.monitoring.register_event_listener(listener)
-  t0 = time.perf_counter()
-  try:
-    compiled = fn.lower(*args).compile()
-  finally:
-    jax.monitoring.unregister_event_listener(listener)
-  hit = ('hit' if '/jax/compilation_cache/cache_hits' in events else 'miss'
-         if '/jax/compilation_cache/compile_requests_use_cache' in events else 'off')
-  return compiled, time.perf_counter() - t0, hit
+class CacheProbe:
+  """Whether the persistent compilation cache served the compiles run inside the block:
+  `.result` is 'hit', 'miss' or 'off'."""
+
+  def __enter__(self) -> 'CacheProbe':
+    self.events: list[str] = []
+    jax.monitoring.register_event_listener(self._listen)
+    return self
+
+  def _listen(self, event: str, **_: Any) -> None:
+    self.events.append(event)
+
+  def __exit__(self, *exc: Any) -> None:
+    jax.monitoring.unregister_event_listener(self._listen)
+
+  @property
+  def result(self) -> str:
+    if '/jax/compilation_cache/cache_hits' in self.events:
+      return 'hit'
+    return 'miss' if '/jax/compilation_cache/compile_requests_use_cache' in self.events else 'off'
 
 
 def make_mesh(devices: list[Any] | None = None) -> Mesh:

@@ -6,6 +6,7 @@ checks that can fail on bad input run before anything is written to the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -322,12 +323,15 @@ def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
       for step in range(start, num_steps):
         profiler.before(step, state)
         batch = parallel.shard_batch(next(train_iter), mesh)
-        if step == start:  # compiled ahead of time: the compile time goes to the log
-          train_fn, seconds, how = parallel.compile_timed(train_fn, state, batch)
-          logging.info('first step compiled in %.1f s (compilation cache: %s, %s)', seconds,
-                       parallel.cache_state(), how)
-        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        first = step == start  # its compile (and run) time goes to the log
+        t0 = time.perf_counter()
+        with (parallel.CacheProbe() if first else contextlib.nullcontext()) as probe, \
+             jax.profiler.StepTraceAnnotation('train', step_num=step):
           state, m = train_fn(state, batch)
+        if first:
+          jax.block_until_ready(m)
+          logging.info('first step compiled and run in %.1f s (compilation cache: %s, %s)',
+                       time.perf_counter() - t0, parallel.cache_state(), probe.result)
         profiler.after(step, (state, m))
         pending.append(m)
         unchecked.append(m['finite'])

@@ -1,6 +1,7 @@
 """End to end: train over 8 simulated devices, checkpoint, crash, resume, evaluate."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -161,3 +162,14 @@ def test_model_init_loads_pretrained_weights_into_a_new_run(data_dir, tiny_confi
   np.testing.assert_array_equal(saved2['state']['params']['conv_init']['kernel'],
                                 src['params']['conv_init']['kernel'])
   ckpt2.close()
+
+
+def test_the_log_says_how_long_the_first_step_took_and_whether_the_cache_served_it(
+    tiny_config, data_dir, tmp_path, caplog):
+  caplog.set_level('INFO')
+  train.train_and_evaluate(tiny_config(data_dir, total_steps=2, eval_every_steps=2),
+                           str(tmp_path))
+  lines = [r.getMessage() for r in caplog.records
+           if 'first step compiled and run' in r.getMessage()]
+  assert len(lines) == 1 and re.search(r'in \d+\.\d s \(compilation cache: .*, (hit|miss|off)\)',
+                                       lines[0]), lines
