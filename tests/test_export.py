@@ -2,21 +2,22 @@
 ResNet, ViT and BiT checkpoints give imgcls.load's probabilities at any batch size."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 import imgcls
-from imgcls import checkpoints, export, models
+from imgcls import checkpoints, export
 from imgcls.models import layers
 
-LABELS = ['cat', 'dog', 'owl']
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'scripts'))
+from samples import LABELS, random_checkpoint as save_checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
 MODELS = {
     # The quickstart's shapes (28 -> 14 -> 7 -> 4 -> 2; im2col convs at 2x2), at width 8.
     'resnet': ({'name': 'resnet18', 'width': 8, 'stem': 'small_s2'}, (28, 28, 1),
@@ -26,33 +27,6 @@ MODELS = {
     'bit': ({'name': 'bit', 'width': 8, 'stage_sizes': [1, 1], 'num_groups': 4}, (16, 16, 3),
             'decode(3)|resize_small(16)|central_crop(16)|value_range(-1, 1)|onehot(3)'),
 }
-
-
-def save_checkpoint(workdir, model_config, image_shape, pp_eval, *, ema=False, seed=0,
-                    loss='softmax_xent', metrics=None, label_names=LABELS):
-  """A checkpoint as training writes it, from random weights (no training): params,
-  batch_stats and, with ema, a different EMA copy of both."""
-  num_classes = len(label_names)
-  config = {'model': model_config, 'dataset': {'num_classes': num_classes}, 'pp_eval': pp_eval,
-            'loss': loss}
-  model = models.from_config(config)
-  variables = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)),
-                                        train=False))
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape).astype(p.dtype),
-                        variables['params'])  # non-zero heads: distinct probabilities
-  state = {'step': np.int32(10), 'params': params,
-           'batch_stats': variables.get('batch_stats', {}), 'opt_state': np.zeros(1, np.float32),
-           'rng': np.zeros(2, np.uint32)}
-  if ema:
-    state['ema_params'] = jax.tree.map(lambda p: p + rng.normal(0, 0.2, p.shape).astype(p.dtype),
-                                       params)
-    state['ema_batch_stats'] = state['batch_stats']
-  meta = {'config': config, 'image_shape': list(image_shape), 'label_names': label_names}
-  ckpt = checkpoints.Checkpointer(str(workdir), asynchronous=False)
-  ckpt.save(10, state, meta, metrics=metrics or {'eval_top1': 0.5})
-  ckpt.close()
-  return str(workdir)
 
 
 def test_max_pool_as_slices_equals_reduce_window():
