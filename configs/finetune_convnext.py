@@ -21,7 +21,7 @@ and layer-wise lr decay 0.8 over the 12 layer groups of the official ConvNeXt fi
 their index, stage 3 in groups of three blocks, stage 4 the last group, head undecayed.
 """
 
-from imgcls.config import ConfigError, defaults, parse_arg
+from imgcls.config import ConfigError, defaults, finetune_dataset, parse_arg
 
 
 def layer_groups(depth3: int) -> list[tuple[str, int]]:
@@ -50,17 +50,7 @@ def get_config(arg=None):
     raise ConfigError('configs/finetune_convnext.py needs classes= (the number of classes).')
   c = defaults()
   n, s = arg.classes, arg.size or '{resolution}'
-  if arg.root:
-    from imgcls.data import folder  # pylint: disable=g-import-not-at-top
-    c.dataset.name = f'folder:{arg.root}'
-    c.dataset.eval_split = arg.eval_split or folder.eval_split(c.dataset.name,
-                                                               c.dataset.folder_split)
-  else:
-    c.dataset.name = arg.dataset
-    c.dataset.train_split = arg.train_split
-    c.dataset.eval_split = arg.eval_split or 'test'
-  c.dataset.num_classes = n
-  c.dataset.shuffle_buffer = 10_000
+  finetune_dataset(c, arg)
   norm = f'normalize_preset("{{normalize}}")|onehot({n})'
   c.pp_train = f'decode(3)|inception_crop({s})|flip_lr|{norm}'
   resize = round(arg.size / 0.875) if arg.size else '{resolution/0.875}'  # timm's crop_pct

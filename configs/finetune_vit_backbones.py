@@ -39,7 +39,7 @@ Published numbers, ImageNet-1k top-1 (what these recipes aim to reproduce in kin
     Language Image Pre-Training"); SigLIP 2 (Tschannen et al. 2025) reports its own table.
 """
 
-from imgcls.config import ConfigError, defaults, parse_arg
+from imgcls.config import ConfigError, defaults, finetune_dataset, parse_arg
 
 MODES = ('finetune', 'linear')
 
@@ -62,17 +62,7 @@ def get_config(arg=None):
                       f'not {arg.mode!r}.')
   c = defaults()
   n, s = arg.classes, arg.size or '{resolution}'
-  if arg.root:
-    from imgcls.data import folder  # pylint: disable=g-import-not-at-top
-    c.dataset.name = f'folder:{arg.root}'
-    c.dataset.eval_split = arg.eval_split or folder.eval_split(c.dataset.name,
-                                                               c.dataset.folder_split)
-  else:
-    c.dataset.name = arg.dataset
-    c.dataset.train_split = arg.train_split
-    c.dataset.eval_split = arg.eval_split or 'test'
-  c.dataset.num_classes = n
-  c.dataset.shuffle_buffer = 10_000
+  finetune_dataset(c, arg)
   norm = f'normalize_preset("{{normalize}}")|onehot({n})'
   c.pp_train = f'decode(3)|inception_crop({s})|flip_lr|{norm}'
   # timm's crop_pct is 1.0 for these weights: resize the short side to the size, crop the centre.

@@ -250,6 +250,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 _MODEL_FLAG = '--config.model.'
 
 
+def finetune_dataset(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict) -> None:
+  """The fine-tune recipes' data: an image folder (arg.root) or a TFDS dataset (arg.dataset,
+  train_split, eval_split), with arg.classes classes."""
+  if arg.root:
+    from imgcls.data import folder  # pylint: disable=g-import-not-at-top
+    c.dataset.name = f'folder:{arg.root}'
+    c.dataset.eval_split = arg.eval_split or folder.eval_split(c.dataset.name,
+                                                               c.dataset.folder_split)
+  else:
+    c.dataset.name = arg.dataset
+    c.dataset.train_split = arg.train_split
+    c.dataset.eval_split = arg.eval_split or 'test'
+  c.dataset.num_classes = arg.classes
+  c.dataset.shuffle_buffer = 10_000
+
+
 def split_model_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   """(argv without them, {KEY: VALUE}) for the `--config.model.KEY=VALUE` overrides whose KEY
   the config file (`--config=PATH[:ARG]` in argv) does not set.
