@@ -16,23 +16,14 @@ ConvNeXt-T reaches 82.1% ImageNet-1k top-1 at 224 px (Liu et al. 2022, "A ConvNe
 2020s", Table 1); ConvNeXt V2-T fine-tuned after FCMAE pre-training, 83.0% (Woo et al. 2023).
 
 Optimisation: AdamW, cosine decay after `warmup` steps (100), weight decay 0.05, stochastic depth 0.1
-and layer-wise lr decay 0.8 over the 12 layer groups of the official ConvNeXt fine-tuning code
-(facebookresearch/ConvNeXt, optim_factory.get_num_layer_for_convnext): stem 0, stages 1-2
-their index, stage 3 in groups of three blocks, stage 4 the last group, head undecayed.
+and layer-wise lr decay 0.8 (optimizer.layer_decay) over the 12 layer groups of the official
+ConvNeXt fine-tuning code (facebookresearch/ConvNeXt, optim_factory.get_num_layer_for_convnext):
+stem 0, stages 1-2 their index, stage 3 in groups of three blocks, stage 4 the last group, head
+undecayed. imgcls.optim groups the model's actual parameters when the optimizer state is
+created, so `--config.model.name=convnext_base` (27 blocks in stage 3) is decayed as its own.
 """
 
 from imgcls.config import ConfigError, defaults, finetune_dataset, parse_arg
-
-
-def layer_groups(depth3: int) -> list[tuple[str, int]]:
-  """(regex on parameter paths, layer id) of the official ConvNeXt layer-decay grouping, for a
-  model whose third stage has `depth3` blocks; the head (id 13) is left out."""
-  groups = [('^stem_', 0), ('^stage1_', 1), ('^stage2_', 2), ('^stage3_down_', 3),
-            ('^stage4_', 12)]
-  for start in range(0, depth3, 3):
-    blocks = '|'.join(str(b + 1) for b in range(start, min(start + 3, depth3)))
-    groups.append((f'^stage3_block({blocks})/', 3 + start // 3))
-  return groups
 
 
 def get_config(arg=None):
@@ -40,7 +31,7 @@ def get_config(arg=None):
                   classes=37, train_split='train', eval_split='', size=0, epochs=30.0,
                   batch=128, lr=1e-4, warmup=100, layer_decay=0.8,
                   stoch_depth=0.1)
-  # Imported here: the registry says which names are ConvNeXts (and their stage-3 depth).
+  # Imported here: the registry says which names are ConvNeXts.
   from imgcls.models import convnext  # noqa: F401  pylint: disable=g-import-not-at-top
   from imgcls.models.registry import MODELS  # pylint: disable=g-import-not-at-top
   if arg.model not in MODELS or MODELS.info(arg.model).get('family') != 'convnext':
@@ -67,8 +58,5 @@ def get_config(arg=None):
   c.lr.schedule = 'warmup_cosine'
   c.lr.warmup_steps = arg.warmup
   c.weight_decay = 0.05
-  if arg.layer_decay:
-    depth3 = MODELS.get(arg.model)().sizes()[0][2]  # the third stage's blocks
-    c.optimizer.lr_mults = tuple((pattern, arg.layer_decay ** (13 - layer))
-                                 for pattern, layer in layer_groups(depth3))
+  c.optimizer.layer_decay = arg.layer_decay  # imgcls.optim.convnext_layer_id's groups
   return c

@@ -20,7 +20,6 @@ import optax
 
 from imgcls import sharding
 from imgcls.errors import ConfigError
-from imgcls.models import vit, vit_layers
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('warmup_cosine', 'warmup_linear', 'warmup_step', 'constant')
@@ -99,8 +98,10 @@ class Rules:
   freeze: regexes (re.search on 'Transformer/encoderblock_0/.../kernel') of parameters that are
     not trained: they get no update and no optimizer state.
   lr_mults / wd_mults: ('regex', multiplier) pairs; the first match wins, the rest get 1.
-  layer_decay: for ViTs, block i's lr is scaled by layer_decay ** (depth - i), the embeddings by
+  layer_decay: a parameter of layer id l (layer_ids) has its lr scaled by
+    layer_decay ** (top - l). ViT: block i's by layer_decay ** (depth - i), the embeddings by
     layer_decay ** (depth + 1), what follows the encoder not at all (BEiT-style fine-tuning).
+    ConvNeXt: the official 12 groups (convnext_layer_id), the head not at all.
   """
 
   def __init__(self, opt: ml_collections.ConfigDict):
@@ -119,8 +120,9 @@ class Rules:
         if not any(pat.search(p) for p in paths):
           raise ConfigError(f'{key}: {pat.pattern!r} matches no parameter. Parameter paths look '
                             f'like {paths[0]!r} and {paths[-1]!r}.')
-    if self.layer_decay and not _depth(paths):
-      raise ConfigError('optimizer.layer_decay needs a ViT (parameters under encoderblock_i).')
+    if self.layer_decay and layer_ids(paths) is None:
+      raise ConfigError('optimizer.layer_decay needs a ViT or a ConvNeXt (parameters under '
+                        'encoderblock_i or stage{s}_block{b}); set it to 0 for this model.')
     if all(self.frozen(p) for p in paths):
       raise ConfigError('optimizer.freeze matches every parameter: nothing would train.')
 
@@ -131,12 +133,15 @@ class Rules:
     return _map_paths(lambda p: 'frozen' if self.frozen(p) else 'train', params)
 
   def lr_mults(self, params: Any) -> Any:
-    depth = _depth([param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)])
+    # Under optimizer.freeze only the trainable parameters are here (the frozen are masked).
+    found = self.layer_decay and layer_ids(
+        [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)])
+    ids, top = found or ({}, 0)
 
     def mult(path):
       m = _first(self.lr, path)
-      if self.layer_decay:
-        m *= self.layer_decay ** (depth + 1 - vit.layer_index(path, depth))
+      if path in ids:
+        m *= self.layer_decay ** (top - ids[path])
       return m
     return _map_paths(mult, params)
 
@@ -152,10 +157,43 @@ def _first(rules: list[tuple[re.Pattern, float]], path: str) -> float:
   return next((mult for pat, mult in rules if pat.search(path)), 1.0)
 
 
-def _depth(paths: list[str]) -> int:
-  """The number of ViT encoder blocks among the parameter paths (0: not a ViT)."""
-  ids = [i for p in paths if (i := vit_layers.block_index(p)) is not None]
-  return max(ids) + 1 if ids else 0
+_CONVNEXT_PATH = re.compile(r'stage(\d+)_(?:block(\d+)/|down_)')
+# Names only ConvNeXt has (ResNet's blocks are stage{s}_block{b} too, its stem conv_init).
+_CONVNEXT_ONLY = re.compile(r'stem_(conv|norm)/|stage\d+_down_|stage\d+_block\d+/conv_dw/')
+CONVNEXT_TOP = 13  # the head's id: 12 groups of layers below it
+
+
+def convnext_layer_id(path: str) -> int:
+  """The layer id of a ConvNeXt parameter path (imgcls.models.convnext's names, 1-based
+  stages and blocks) in the official fine-tuning grouping (facebookresearch/ConvNeXt,
+  optim_factory.get_num_layer_for_convnext): the stem 0; stage 1 1; stage 2 and its
+  downsample 2; stage 3's downsample 3 and its blocks 3 + (block - 1) // 3, three blocks a
+  group; stage 4 and its downsample 12; the head (head_norm, head) 13."""
+  if path.startswith('stem_'):
+    return 0
+  m = _CONVNEXT_PATH.match(path)
+  if m is None:
+    return CONVNEXT_TOP
+  stage, block = int(m[1]), m[2]
+  if stage >= 4:
+    return 12
+  if stage == 3 and block is not None:
+    return 3 + (int(block) - 1) // 3
+  return stage
+
+
+def layer_ids(paths: list[str]) -> tuple[dict[str, int], int] | None:
+  """({path: layer id}, the top id) for layer-wise lr decay, by the family the paths show;
+  None for a model without layers to decay. Parsed from the paths alone: ConvNeXt's here,
+  the ViT's by imgcls.models.vit (imported only for a ViT, so other runs never load it)."""
+  if any(_CONVNEXT_ONLY.match(p) for p in paths):
+    return {p: convnext_layer_id(p) for p in paths}, CONVNEXT_TOP
+  if not any(re.search(r'encoderblock_\d+/', p) for p in paths):
+    return None
+  from imgcls.models import vit, vit_layers  # pylint: disable=g-import-not-at-top
+  blocks = [i for p in paths if (i := vit_layers.block_index(p)) is not None]
+  depth = max(blocks) + 1
+  return {p: vit.layer_index(p, depth) for p in paths}, depth + 1
 
 
 def _map_paths(fn, tree: Any) -> Any:

@@ -246,3 +246,62 @@ def test_warmup_step_schedule_is_bit_hyperrule():
   _, sched = optim.make_optimizer(cfg, total_steps=110)
   values = [float(sched(s)) for s in (5, 10, 39, 40, 70, 100, 110)]
   np.testing.assert_allclose(values, [0.05, 0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001], rtol=1e-5)
+
+
+def _official_convnext_layer(var_name):
+  """facebookresearch/ConvNeXt's optim_factory.get_num_layer_for_convnext, on its own names."""
+  if var_name.startswith('downsample_layers'):
+    stage = int(var_name.split('.')[1])
+    return {0: 0, 1: 2, 2: 3, 3: 12}[stage]
+  if var_name.startswith('stages'):
+    stage, block = (int(x) for x in var_name.split('.')[1:3])
+    return stage + 1 if stage < 2 else 3 + block // 3 if stage == 2 else 12
+  return 13
+
+
+def _official_name(path):
+  """imgcls's ConvNeXt path as the official code names it (stem = downsample_layers.0)."""
+  head, _, _ = path.partition('/')
+  if head.startswith('stem_'):
+    return 'downsample_layers.0'
+  if '_down_' in head:
+    return f'downsample_layers.{int(head[5:head.index("_")]) - 1}'
+  if '_block' in head:
+    stage, block = head[5:].split('_block')
+    return f'stages.{int(stage) - 1}.{int(block) - 1}'
+  return 'head'
+
+
+def test_convnext_layer_decay_follows_the_official_groups_for_convnext_base():
+  """Every parameter of a convnext_base (stage 3: 27 blocks) gets the official layer id; the
+  ids come from the paths, not from a depth a recipe assumed."""
+  params = jax.eval_shape(lambda: models.get_model('convnext_base', num_classes=3).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))['params']
+  paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  ids, top = optim.layer_ids(paths)
+  assert top == 13 and sorted(ids) == sorted(paths)
+  for path in paths:
+    assert ids[path] == _official_convnext_layer(_official_name(path)), path
+  stage3 = {b: ids[f'stage3_block{b}/fc1/kernel'] for b in range(1, 28)}
+  assert stage3 == {b: 3 + (b - 1) // 3 for b in range(1, 28)}  # 3, 3, 3, 4, ..., 11, 11, 11
+  assert ids['stem_conv/kernel'] == 0 and ids['stage3_down_conv/kernel'] == 3
+  assert ids['stage4_block3/layer_scale'] == ids['stage4_down_norm/scale'] == 12
+  assert ids['head/kernel'] == ids['head_norm/scale'] == 13
+  rules = optim.Rules(ml_collections.ConfigDict({'name': 'adamw', 'layer_decay': 0.8}))
+  rules.check(params)
+  mults = rules.lr_mults(params)
+  assert mults['stage3_block27']['conv_dw']['bias'] == pytest.approx(0.8 ** 2)
+  assert mults['stem_norm']['scale'] == pytest.approx(0.8 ** 13) and mults['head']['bias'] == 1
+
+
+def test_resnet_paths_are_not_taken_for_convnext_and_optim_imports_no_model_family():
+  """ResNet's blocks are stage{s}_block{b} too: no layer ids. imgcls.optim imports no model
+  family at module level (a ResNet run must not load the ViT or ConvNeXt code)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  assert optim.layer_ids(['conv_init/kernel', 'stage1_block1/conv1/kernel', 'head/kernel']) is None
+  tree = ast.parse(pathlib.Path(optim.__file__).read_text())
+  top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+  names = [a.name for n in top for a in n.names] + [
+      n.module or '' for n in top if isinstance(n, ast.ImportFrom)]
+  assert not [n for n in names if n.startswith('imgcls.models') or n in ('vit', 'convnext')]

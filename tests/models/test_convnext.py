@@ -207,6 +207,31 @@ def test_layer_decay_groups_of_the_recipe():
   assert mults['head_norm']['scale'] == 1.0 and mults['head']['kernel'] == 1.0
 
 
+def test_recipe_with_a_model_name_override_decays_every_block():
+  """`--config.model.name=convnext_base` on the convnext_tiny recipe: all 27 third-stage blocks
+  (not the 9 the recipe's default has) are decayed in their groups, as is every other block."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from imgcls import config as config_lib, optim  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('f', ROOT / 'configs' / 'finetune_convnext.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('model=convnext_tiny,classes=5')
+  c.model.name = 'convnext_base'  # what the CLI override does
+  c = config_lib.validate(c)
+  params = shapes(models.from_config(c), (1, 32, 32, 3))[0]['params']
+  rules = optim.Rules(c.optimizer)
+  rules.check(params)
+  mults = rules.lr_mults(params)
+  blocks = {k: v for k, v in mults.items() if '_block' in k}
+  assert len(blocks) == 3 + 3 + 27 + 3
+  for name, block in blocks.items():
+    stage, index = (int(x) for x in name[len('stage'):].split('_block'))
+    layer = {1: 1, 2: 2, 3: 3 + (index - 1) // 3, 4: 12}[stage]
+    for m in jax.tree.leaves(block):
+      assert m == pytest.approx(0.8 ** (13 - layer)), name
+  assert mults['head']['kernel'] == 1.0
+
+
 def test_finetune_from_the_cli_and_load(data_dir, tmp_path):
   """`imgcls train --config.model.name=convnext_atto --config.model_init=<timm .safetensors>`
   on the synthetic dataset (4 classes: the 7-class head is re-initialised), then imgcls.load
