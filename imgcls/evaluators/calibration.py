@@ -236,3 +236,31 @@ def fit_platt_where_it_helps(logits: Any, targets: Any, folds: int = 5,
 def apply_platt(logits: Any, scaling: PlattScaling) -> Any:
   """Calibrated logits `a * logits + b` per class (numpy or jax; sigmoid them as before)."""
   return logits * scaling.a + scaling.b
+
+
+def binary_ece(probs: Any, targets: Any, num_bins: int = 15) -> np.ndarray:
+  """[C] per-class calibration error of sigmoid scores (class-wise ECE, Kull et al. 2019).
+
+  For class c: the binary ECE of its score p_c read as the probability that c is present.
+  The N scores go into `num_bins` equal-width bins (lo, hi] of [0, 1], and the error is
+  sum over bins of (count / N) * |fraction of the bin's examples with c present - mean p_c|,
+  i.e. `ece(p_c, target_c)`. 0 for a perfectly calibrated class; at most 1.
+  """
+  p = np.asarray(probs, np.float64)
+  t = _targets(targets, p.shape)
+  return np.array([ece(p[:, k], t[:, k], num_bins) for k in range(p.shape[1])])
+
+
+def platt_summary(logits: Any, targets: Any, scaling: PlattScaling,
+                  num_bins: int = 15) -> dict[str, Any]:
+  """Per-class binary ECE (`binary_ece`) and NLL (`binary_nll`, binary cross-entropy) of
+  sigmoid(logits) before and of sigmoid(a * logits + b) after, and their class means."""
+  z = _logits(logits)
+  t = _targets(targets, z.shape)
+  out: dict[str, Any] = {}
+  for when, s in (('before', z), ('after', apply_platt(z, scaling))):
+    out[f'ece_{when}_per_class'] = binary_ece(0.5 + 0.5 * np.tanh(s / 2), t, num_bins)
+    out[f'nll_{when}_per_class'] = binary_nll(s, t)
+    out[f'ece_{when}'] = float(out[f'ece_{when}_per_class'].mean())
+    out[f'nll_{when}'] = float(out[f'nll_{when}_per_class'].mean())
+  return out

@@ -6,7 +6,8 @@ macro-F1, calibration (ECE and a reliability diagram), the risk-coverage curve a
 most confidently wrong images; with a stored calibration (`imgcls eval` of a calibrated
 checkpoint) the numbers are of the calibrated model, with ECE/NLL before and after and the
 conformal sets' coverage and size; multi-label runs
-(loss='sigmoid_xent') per-class AP, mAP and F1, the threshold tuned on `val_split`.
+(loss='sigmoid_xent') per-class AP, mAP, F1, ECE and NLL, the threshold tuned on `val_split`,
+and with a stored per-class Platt scaling each class's ECE/NLL before and after it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Classification(Evaluator):
     return getattr(self.context, 'calibration', None)
 
   def __call__(self, state) -> dict[str, Any]:
-    calibration = self.calibration if not self.context.multilabel else None
+    calibration = self.calibration
     result, outputs = self._score(state, collect=self.reports or calibration is not None,
                                   keep_images=self.keep_images)
     self._report = None
@@ -85,7 +86,7 @@ class Classification(Evaluator):
       report = reports.multi_label_report(
           outputs.probs, outputs.labels, names,
           val_scores=None if val is None else val.probs,
-          val_targets=None if val is None else val.labels)
+          val_targets=None if val is None else val.labels, calibration=calibration)
     else:
       report = reports.single_label_report(
           outputs.probs, np.argmax(outputs.labels, -1), names,

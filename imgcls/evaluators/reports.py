@@ -294,8 +294,10 @@ def tune_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, floa
 def multi_label_report(scores: np.ndarray, targets: np.ndarray,
                        label_names: Sequence[str] | None = None, threshold: float = 0.5,
                        val_scores: np.ndarray | None = None,
-                       val_targets: np.ndarray | None = None) -> Report:
-  """Per-class AP, mAP, micro/macro F1 at `threshold`, and optionally a tuned threshold.
+                       val_targets: np.ndarray | None = None,
+                       calibration: dict[str, Any] | None = None,
+                       num_bins: int = 15) -> Report:
+  """Per-class AP, mAP, micro/macro F1 at `threshold`, calibration, optionally a tuned threshold.
 
   Args:
     scores: [N, C] sigmoid scores.
@@ -305,13 +307,26 @@ def multi_label_report(scores: np.ndarray, targets: np.ndarray,
     val_scores, val_targets: [M, C] validation data; when given, the global threshold
       maximising validation micro F1 is chosen, and F1 on (scores, targets) is
       reported at it too (`*_tuned`).
+    calibration: the checkpoint's stored per-class Platt scaling (evaluators.calibrated), or
+      None. When given, `scores` (and `val_scores`) are the raw sigmoid: every number is then
+      of the calibrated scores (what imgcls.load serves), and `calibration_fit` holds each
+      class's ECE and NLL before and after, and which classes kept their Platt map.
+    num_bins: equal-width score bins of the per-class calibration error.
+
+  Per class: ECE, the binary ECE of its score as the probability that the class is present
+  (calibration.binary_ece), and NLL, the binary cross-entropy; `ece`, `nll`: class means.
   """
   scores = _scores('scores', scores, 'apply sigmoid first')
   targets = _targets(targets, scores)
+  raw_logits = calibrated.logits_from_probs(scores, True)
+  if calibration is not None:
+    scores = calibrated.platt_scores(scores, calibration)
   c = scores.shape[1]
   names = _names(label_names, c)
   if not 0.0 <= threshold <= 1.0:
     raise ValueError(f'threshold is {threshold}; expected a score in [0, 1].')
+  if num_bins < 1:
+    raise ValueError(f'num_bins={num_bins}; expected >= 1.')
   if (val_scores is None) != (val_targets is None):
     raise ValueError('pass both val_scores and val_targets, or neither.')
   if val_scores is not None:
@@ -320,6 +335,8 @@ def multi_label_report(scores: np.ndarray, targets: np.ndarray,
       raise ValueError(f'val_scores has {val_scores.shape[1]} classes; expected C = {c} as in '
                        'scores.')
     val_targets = _targets(val_targets, val_scores, 'val_targets')
+    if calibration is not None:
+      val_scores = calibrated.platt_scores(val_scores, calibration)
   ap = average_precision(scores, targets)
   mean_ap = float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else math.nan
   micro, macro, per_class_f1 = f1_scores(scores >= threshold, targets)
@@ -330,6 +347,12 @@ def multi_label_report(scores: np.ndarray, targets: np.ndarray,
       'ap_classes_excluded': int(np.isnan(ap).sum()),  # no positives: AP undefined
       'per_class': {'ap': ap, 'f1': per_class_f1, 'positives': targets.sum(0)},
   }
+  more_scalars, per_class, fit = calibrated.binary_report(raw_logits, targets, calibration,
+                                                          names, num_bins)
+  scalars.update(more_scalars)
+  report_json['per_class'].update(per_class)
+  if fit is not None:  # ECE/NLL per class before and after; which classes kept Platt
+    report_json['calibration_fit'] = fit
   tuned = None
   if val_scores is not None:
     tuned, val_f1 = tune_threshold(val_scores, val_targets)

@@ -211,6 +211,63 @@ def test_multilabel_platt_is_stored_and_applied_like_the_temperature():
     calibrated.conformal_for(record, 0.1)
 
 
+@pytest.fixture(scope='module')
+def multilabel_run(data_dir, tmp_path_factory):
+  """The tiny config trained multi-label (sigmoid, one-hot as multi-hot), 12 steps."""
+  c = make_tiny_config(data_dir, loss='sigmoid_xent')
+  c.pp_train = "decode|flip_lr|value_range(-1, 1)|multihot(4, 'label')"
+  c.pp_eval = "decode|value_range(-1, 1)|multihot(4, 'label')"
+  workdir = str(tmp_path_factory.mktemp('calib_ml') / 'run')
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def test_multilabel_calibrate_cli_stores_platt_and_the_report_shows_before_and_after(
+    multilabel_run, pngs, tmp_path):
+  run = multilabel_run
+  proc = _cli('calibrate', f'--workdir={run}', '--split=test')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'kind=platt' in proc.stdout and 'ece_after=' in proc.stdout, proc.stdout
+  stored = checkpoints.find(run).calibration
+  assert stored['kind'] == 'platt' and stored['split'] == 'test'
+  assert stored['examples'] == NUM_TEST and len(stored['platt']['a']) == 4
+  summary = stored['summary']
+  assert summary['nll_after'] <= summary['nll_before'] + 1e-6  # no worse where it was fitted
+  # `imgcls eval` of the calibrated checkpoint: per-class ECE/NLL before and after
+  scored = evaluate_checkpoint(run, split='test')
+  assert scored['nll'] == pytest.approx(summary['nll_after'], abs=1e-4)
+  assert scored['nll_uncalibrated'] == pytest.approx(summary['nll_before'], abs=1e-4)
+  assert scored['ece'] == pytest.approx(summary['ece_after'], abs=1e-4)
+  assert scored['ece_uncalibrated'] == pytest.approx(summary['ece_before'], abs=1e-4)
+  report = json.loads(next(pathlib.Path(scored['reports']).glob('report_*.json')).read_text())
+  fit = report['calibration_fit']
+  assert fit['kind'] == 'platt' and fit['split'] == 'test'
+  for k in ('ece_before', 'ece_after', 'nll_before', 'nll_after', 'platt_kept'):
+    assert len(fit['per_class'][k]) == 4, k
+  assert len(fit['classes_kept']) == sum(stored['platt']['kept'])
+  assert len(fit['classes_kept']) + len(fit['classes_left_as_is']) == 4
+  # a known Platt map: imgcls.load, predict and the exported graph all apply it
+  a, b = [0.5, 2.0, 1.0, 1.5], [0.3, -0.2, 0.0, 0.1]
+  ckpt = checkpoints.find(run)
+  ckpt.write_calibration(dict(stored, platt={'a': a, 'b': b, 'kept': [1, 1, 0, 1]}))
+  clf = imgcls.load(run)
+  logits = np.asarray(clf.model.apply(clf.variables, clf.preprocess(pngs), train=False),
+                      np.float64)
+  probs = clf.probabilities(pngs)
+  np.testing.assert_allclose(probs, 1 / (1 + np.exp(-(logits * a + b))), atol=1e-5)
+  np.testing.assert_allclose(clf.probabilities(pngs, calibrated=False),
+                             1 / (1 + np.exp(-logits)), atol=1e-5)
+  out = tmp_path / 'p.csv'
+  assert 'Platt' in predict.predict(run, pngs, str(out), top_k=4, progress=None)['calibration']
+  rows = list(csv.DictReader(out.open()))
+  np.testing.assert_allclose([float(r['prob_1']) for r in rows], probs.max(-1), atol=1e-6)
+  meta = export.export_classifier(clf, 'onnx', str(tmp_path / 'm.onnx'))
+  assert meta['verification']['max_abs_diff'] <= 1e-5 and 'Platt' in meta['output']['calibration']
+  images = np.stack([np.asarray(Image.open(p))[..., None] for p in pngs])
+  session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
+  np.testing.assert_allclose(session.run(None, {'images': images})[0], probs, atol=1e-5)
+
+
 def test_set_column_names():
   assert calibrated.set_column(0.1) == 'set_90'
   assert calibrated.set_column(0.01) == 'set_99'
