@@ -16,6 +16,7 @@ This module imports nothing heavy: config validation reads names through it.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
@@ -29,55 +30,96 @@ class UnknownName(ValueError):
 
 
 class Registry(Generic[T]):
-  """Names -> objects (classes, factories), with optional per-name info flags."""
+  """Names -> objects (classes, factories), with optional per-name info flags.
 
-  def __init__(self, kind: str, plural: str | None = None):
+  Entries can be known before their module is imported, so a run imports only what it uses:
+  - `declare(name, module, **info)`: the name and its info are known at once; the first
+    `get(name)` imports `module`, which registers the real entry (with the same info).
+  - `Registry(kind, modules=(...))`: modules that register names here, imported in turn when
+    a lookup misses (a listing imports them all), for families with many names.
+  """
+
+  def __init__(self, kind: str, plural: str | None = None, modules: tuple[str, ...] = ()):
     self.kind = kind  # in messages: "unknown {kind} 'x'. ... Known {plural}: ..."
     self.plural = plural or f'{kind}s'
     self._items: dict[str, T] = {}
     self._info: dict[str, dict[str, Any]] = {}
+    self._declared: dict[str, str] = {}  # name -> the module that registers it
+    self._pending = list(modules)  # modules not imported yet that register names here
 
   def register(self, name: str, obj: T | None = None, **info: Any) -> Any:
     """`register(name, obj)` or, as a decorator, `@register(name)`; returns obj."""
     def add(item: T) -> T:
       if name in self._items:
         raise ValueError(f'{self.kind} {name!r} is already registered.')
+      if name in self._declared:
+        if info != self._info[name]:
+          raise ValueError(f'{self.kind} {name!r} registers {info}, but was declared with '
+                           f'{self._info[name]}: fix its declaration.')
+        del self._declared[name]
       self._items[name] = item
       self._info[name] = dict(info)
       return item
     return add if obj is None else add(obj)
 
+  def declare(self, name: str, module: str, **info: Any) -> None:
+    """Makes `name` (with its info) known; `module` is imported when `get` first needs it."""
+    if name not in self._items:  # else the module is already imported
+      self._declared[name] = module
+      self._info[name] = dict(info)
+
+  def _load(self, name: Any = None) -> None:
+    """Imports pending modules until `name` is known (all of them for None)."""
+    while self._pending and (name is None or name not in self._info):
+      module = self._pending.pop(0)  # first: the module may read this registry as it loads
+      try:
+        importlib.import_module(module)
+      except BaseException:
+        self._pending.insert(0, module)
+        raise
+
   def names(self, **where: Any) -> list[str]:
-    """Registered names, sorted; with keyword filters, those whose info matches."""
-    return sorted(n for n in self._items
+    """Known names, sorted; with keyword filters, those whose info matches."""
+    self._load()
+    return sorted(n for n in self._info
                   if all(self._info[n].get(k) == v for k, v in where.items()))
 
   def __contains__(self, name: object) -> bool:
-    return name in self._items
+    self._load(name)
+    return name in self._info
 
   def __iter__(self) -> Iterator[str]:
     return iter(self.names())
 
   def __len__(self) -> int:
-    return len(self._items)
+    return len(self.names())
 
   def unknown(self, name: Any) -> str:
     """The message for an unknown name: close matches first, then every known name."""
-    close = difflib.get_close_matches(str(name), list(self._items), n=3)
+    known = self.names()
+    close = difflib.get_close_matches(str(name), known, n=3)
     hint = f' Did you mean {", ".join(close)}?' if close else ''
-    return f'unknown {self.kind} {name!r}.{hint} Known {self.plural}: {", ".join(self.names())}.'
+    return f'unknown {self.kind} {name!r}.{hint} Known {self.plural}: {", ".join(known)}.'
 
   def get(self, name: str) -> T:
-    if name not in self._items:
+    if name not in self:
       raise UnknownName(self.unknown(name))
+    if name in self._declared:
+      module = self._declared[name]
+      importlib.import_module(module)  # registers the real entry, replacing the declaration
+      if name in self._declared:
+        raise ValueError(f'{module} does not register the {self.kind} {name!r}.')
     return self._items[name]
 
   def info(self, name: str) -> dict[str, Any]:
-    self.get(name)
+    """The entry's info flags; for a declared name, without importing its module."""
+    if name not in self:
+      raise UnknownName(self.unknown(name))
     return dict(self._info[name])
 
   def items(self) -> list[tuple[str, T]]:
-    return [(n, self._items[n]) for n in self.names()]
+    """(name, entry) for every name: imports every declared module."""
+    return [(n, self.get(n)) for n in self.names()]
 
 
 def lazy_import(name: str):

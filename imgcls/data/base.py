@@ -3,9 +3,9 @@ and the registry of dataset sources. It imports no other imgcls.data module.
 
 A dataset source finds (and prepares) the datasets of some names. Each source registers
 itself in SOURCES where it is defined (fashion_mnist.py, mosaic.py, folder.py,
-tfds_source.py); sources.py declares them first as `LazySource`s (names, prefix and module
-only), so every name is known without importing any source, and a source's module is
-imported when a lookup first picks it. `source_for(name)` picks the one for a dataset name:
+tfds_source.py) with what it claims as info; sources.py declares each first (its module and
+claims: Registry.declare), so every name is known without importing any source, and a
+source's module is imported when a lookup first picks it. `source_for(name)` picks the one for a dataset name:
 
   1. a source that claims the exact name (by its base name: 'fashion_mnist:3.0.1' and
      'fashion_mnist_mosaic/small' count as 'fashion_mnist' and 'fashion_mnist_mosaic'),
@@ -21,8 +21,6 @@ each source takes **options and reads the ones it uses.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import socket
 import threading
 import urllib.parse
@@ -101,61 +99,35 @@ class Source(Protocol):
     """Prepares the dataset (from manual_dir if given); returns the prepared builder."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LazySource:
-  """A source known by what it claims and by its module; the module registers the real one."""
-
-  module: str  # e.g. 'imgcls.data.folder'
-  names: tuple[str, ...] = ()
-  prefix: str = ''
-  fallback: bool = False
+# Registered with what each claims as info: `names=` (base names), `prefix=`, `fallback=`.
+# sources.py declares every source with the same info, so a lookup imports only the chosen one.
+SOURCES: Registry[Source] = Registry('dataset source')
 
 
-class SourceRegistry(Registry[Source]):
-  """The dataset sources, some declared as LazySource until a lookup first needs them."""
-
-  def register(self, name: str, obj: Any = None, **info: Any) -> Any:
-    """As Registry.register; a real source replaces its LazySource if it claims the same."""
-    def add(item: Any) -> Any:
-      lazy = self._items.get(name)
-      if isinstance(lazy, LazySource) and not isinstance(item, LazySource):
-        claims = (tuple(getattr(item, 'names', ())), getattr(item, 'prefix', ''),
-                  getattr(item, 'fallback', False))
-        if claims != (lazy.names, lazy.prefix, lazy.fallback):
-          raise ValueError(f'dataset source {name!r} claims {claims}, but was declared with '
-                           f'{(lazy.names, lazy.prefix, lazy.fallback)}: fix its declaration.')
-        del self._items[name]
-      return super(SourceRegistry, self).register(name, item, **info)
-    return add if obj is None else add(obj)
-
-  def get(self, name: str) -> Source:
-    """The source registered as `name`, its module imported first if it was only declared."""
-    item = super().get(name)
-    if isinstance(item, LazySource):
-      importlib.import_module(item.module)  # registers the real source, replacing `item`
-      item = super().get(name)
-      if isinstance(item, LazySource):
-        raise ValueError(f'{item.module} does not register the dataset source {name!r}.')
-    return item
+def register_source(name: str, source: Source) -> Source:
+  """Registers `source` under `name` with its claims (its names, prefix, fallback) as info."""
+  return SOURCES.register(name, source, **claims(source))
 
 
-SOURCES = SourceRegistry('dataset source')
+def claims(source: Any) -> dict[str, Any]:
+  """What a source claims, as the registry's info."""
+  return {'names': tuple(getattr(source, 'names', ())), 'prefix': getattr(source, 'prefix', ''),
+          'fallback': bool(getattr(source, 'fallback', False))}
 
 
 def source_for(name: str) -> Source:
   """The registered source for a dataset name (exact base name, then prefix, then fallback);
   only the chosen source's module is imported."""
-  items = SOURCES.items()
+  info = {key: SOURCES.info(key) for key in SOURCES.names()}  # imports no source
   stripped = name.strip()
-  for key, source in items:
-    if base_name(stripped) in getattr(source, 'names', ()):
+  for key, claim in info.items():
+    if base_name(stripped) in claim['names']:
       return SOURCES.get(key)
-  for key, source in items:
-    prefix = getattr(source, 'prefix', '')
-    if prefix and stripped.startswith(prefix):
+  for key, claim in info.items():
+    if claim['prefix'] and stripped.startswith(claim['prefix']):
       return SOURCES.get(key)
-  for key, source in items:
-    if getattr(source, 'fallback', False):
+  for key, claim in info.items():
+    if claim['fallback']:
       return SOURCES.get(key)
   raise DataError(f'No dataset source takes {name!r} (registered sources: '
                   f'{", ".join(SOURCES.names())}); import imgcls.data.sources to register them.')

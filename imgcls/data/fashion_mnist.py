@@ -21,7 +21,7 @@ import tempfile
 from etils import epath
 
 from imgcls.data import tfds_source
-from imgcls.data.base import (SOURCES, DataError, default_data_dir, download_hosts,
+from imgcls.data.base import (register_source, DataError, default_data_dir, download_hosts,
                               network_available)
 from imgcls.registry import lazy_import
 
@@ -153,4 +153,4 @@ class FashionMnistSource(tfds_source.TfdsSource):
     prepare(data_dir, manual_dir=manual_dir)
 
 
-SOURCES.register(NAME, FashionMnistSource())
+register_source(NAME, FashionMnistSource())

@@ -62,7 +62,7 @@ from absl import logging
 from etils import epath
 
 from imgcls.data import folder_csv, folder_layout
-from imgcls.data.base import SOURCES, DataError, default_data_dir
+from imgcls.data.base import register_source, DataError, default_data_dir
 from imgcls.data.folder_csv import parse_labels  # noqa: F401  (public)
 from imgcls.data.folder_layout import (BUILDER_NAME, CSV_NAME, DEFAULT_SPLIT,  # noqa: F401
                                        EXTENSIONS, PREFIX, SHOWN, SPLIT_FOLDERS, VERSION,
@@ -246,4 +246,4 @@ class FolderSource:
     return self.builder(name, data_dir, prepare=True, **options)
 
 
-SOURCES.register('folder', FolderSource())
+register_source('folder', FolderSource())

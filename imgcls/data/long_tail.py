@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgcls.data.base import SOURCES, DataError, default_data_dir
+from imgcls.data.base import register_source, DataError, default_data_dir
 from imgcls.registry import lazy_import
 
 long_tail_builder = lazy_import('imgcls.data.long_tail_builder')
@@ -54,4 +54,4 @@ class LongTailSource:
                                      ratio=_ratio(name, options))
 
 
-SOURCES.register(NAME, LongTailSource())
+register_source(NAME, LongTailSource())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from imgcls.data import tfds_source
-from imgcls.data.base import SOURCES
+from imgcls.data.base import register_source
 from imgcls.registry import lazy_import
 
 mosaic_builder = lazy_import('imgcls.data.mosaic_builder')
@@ -42,4 +42,4 @@ class MosaicSource(tfds_source.TfdsSource):
     prepare(data_dir, manual_dir=manual_dir, config=builder.builder_config)
 
 
-SOURCES.register(NAME, MosaicSource())
+register_source(NAME, MosaicSource())

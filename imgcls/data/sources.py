@@ -9,23 +9,26 @@ Nothing here loads TensorFlow until a dataset is really built.
 
 from __future__ import annotations
 
-from imgcls.data.base import (SOURCES, TFDS_HOST, DataError, LazySource,  # noqa: F401
+from imgcls.data.base import (SOURCES, TFDS_HOST, DataError,  # noqa: F401
                               base_name, default_data_dir, download_hosts, network_available,
                               source_for)
 from imgcls.registry import lazy_import
 
 tfds = lazy_import('tensorflow_datasets')
 
-# Each source's registered name -> what it claims (as its class says; checked when it loads).
-for _name, _source in {
-    'fashion_mnist': LazySource('imgcls.data.fashion_mnist', names=('fashion_mnist',)),
-    'fashion_mnist_lt': LazySource('imgcls.data.long_tail', names=('fashion_mnist_lt',)),
-    'fashion_mnist_mosaic': LazySource('imgcls.data.mosaic', names=('fashion_mnist_mosaic',)),
-    'folder': LazySource('imgcls.data.folder', prefix='folder:'),
-    'tfds': LazySource('imgcls.data.tfds_source', fallback=True),
-}.items():
-  if _name not in SOURCES:  # a source module imported before this one registered itself
-    SOURCES.register(_name, _source)
+
+
+def _declare(name: str, module: str, names: tuple[str, ...] = (), prefix: str = '',
+             fallback: bool = False) -> None:
+  SOURCES.declare(name, module, names=names, prefix=prefix, fallback=fallback)
+
+
+# Each source's registered name, module and claims (as its class says; checked when it loads).
+_declare('fashion_mnist', 'imgcls.data.fashion_mnist', names=('fashion_mnist',))
+_declare('fashion_mnist_lt', 'imgcls.data.long_tail', names=('fashion_mnist_lt',))
+_declare('fashion_mnist_mosaic', 'imgcls.data.mosaic', names=('fashion_mnist_mosaic',))
+_declare('folder', 'imgcls.data.folder', prefix='folder:')
+_declare('tfds', 'imgcls.data.tfds_source', fallback=True)
 
 # folder_layout.DEFAULT_SPLIT (a test keeps them equal), without importing the folder source.
 DEFAULT_FOLDER_SPLIT = 'train=0.8,validation=0.1,test=0.1'

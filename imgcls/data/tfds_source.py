@@ -12,7 +12,7 @@ from typing import Any
 
 from etils import epath
 
-from imgcls.data.base import (SOURCES, DataError, base_name, download_hosts,
+from imgcls.data.base import (register_source, DataError, base_name, download_hosts,
                               network_available)
 from imgcls.registry import lazy_import
 
@@ -103,4 +103,4 @@ class TfdsSource:
     builder.download_and_prepare(download_config=config)
 
 
-SOURCES.register('tfds', TfdsSource())
+register_source('tfds', TfdsSource())

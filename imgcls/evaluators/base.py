@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any, ClassVar
 
 from jax.sharding import PartitionSpec as P
@@ -13,41 +12,8 @@ import numpy as np
 from imgcls import data, parallel, step as step_lib
 from imgcls.registry import Registry
 
-
-
-class EvaluatorRegistry(Registry):
-  """Evaluator types by name. A type may be declared by its module first (`declare`): its
-  name is known at once, and `get` imports the module, which registers the real class."""
-
-  def declare(self, name: str, module: str) -> None:
-    """Makes `name` known; its module (e.g. 'imgcls.evaluators.fewshot') loads on `get`."""
-    if name not in self:  # else the module is already imported: its class is registered
-      self.register(name, _Declared(module))
-
-  def register(self, name: str, obj: Any = None, **info: Any) -> Any:
-    """As Registry.register; the real class replaces its declaration."""
-    def add(item: Any) -> Any:
-      if isinstance(self._items.get(name), _Declared) and not isinstance(item, _Declared):
-        del self._items[name]
-      return super(EvaluatorRegistry, self).register(name, item, **info)
-    return add if obj is None else add(obj)
-
-  def get(self, name: str) -> Any:
-    """The evaluator class of `name`, its module imported first if it was only declared."""
-    item = super().get(name)
-    if isinstance(item, _Declared):
-      importlib.import_module(item)
-      item = super().get(name)
-      if isinstance(item, _Declared):
-        raise ValueError(f'{item} does not register the evaluator {name!r}.')
-    return item
-
-
-class _Declared(str):
-  """The module of a declared, not yet imported, evaluator type."""
-
-
-EVALUATORS = EvaluatorRegistry('evaluator')
+# Evaluator types by name; each module registers its class, declared in evaluators/__init__.
+EVALUATORS = Registry('evaluator')
 
 
 def make_eval_fn(model, loss: str, mesh, tta: str = '',

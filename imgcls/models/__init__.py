@@ -1,7 +1,8 @@
 """Models by name: configs name a model and set its constructor arguments.
 
-  registry.py    MODELS, filled by each family in its own module (info: family=, generic=)
-  resnet.py, vit.py, bit.py        the families; layers.py what they share, and the
+  registry.py    MODELS, filled by each family in its own module (info: family=, generic=),
+                 which is imported when a name is first looked up
+  resnet.py, bit.py, vit.py, convnext.py   the families; layers.py what they share, and the
                                    hardware lowering each takes as its `lowering` field
   cpu_kernels.py the CPU lowering, which from_config passes on CPUs (imgcls.hardware decides)
   *_weights.py   each family's checkpoint converters, registered in convert.CONVERTERS
@@ -24,8 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgcls import hardware
-from imgcls.models import bit, resnet, vit  # noqa: F401  (each registers its models)
-from imgcls.models import convnext  # noqa: F401  (registers convnext_*, convnextv2_*)
 from imgcls.models import cpu_kernels
 from imgcls.models.layers import PLAIN, Lowering  # noqa: F401  (models.PLAIN, models.Lowering)
 from imgcls.models.registry import MODELS
@@ -68,6 +67,7 @@ def weight_formats(family: str | None) -> list[str]:
 def _repeats(model: nn.Module) -> tuple[str, tuple[int, ...]] | None:
   """(field, blocks per stage) of a model's repeated blocks: ViT's depth, ConvNeXt's depths,
   ResNet's and BiT's stage_sizes; None for a model with none of these."""
+  from imgcls.models import convnext, vit  # pylint: disable=g-import-not-at-top  (listing only)
   if isinstance(model, vit.ViT):
     return 'depth', (model.dims()['depth'],)
   if isinstance(model, convnext.ConvNeXt):

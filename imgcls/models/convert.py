@@ -13,7 +13,6 @@ listing weights), so building and training a model loads none of them.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
@@ -44,48 +43,11 @@ class Converter:
   from_imgcls: Callable[[Mapping[str, np.ndarray]], Flat]
 
 
-# The modules that define and register the converters (imgcls.models.*).
+# The modules that define and register the converters (imgcls.models.*), imported on the
+# first read of CONVERTERS.
 CONVERTER_MODULES = ('bit_weights', 'convnext_weights', 'resnet_weights', 'vit_weights')
-
-
-class ConverterRegistry(Registry[Converter]):
-  """A Registry that imports every family's converter module before its first read."""
-
-  _loaded = False
-
-  def _load(self) -> None:
-    if self._loaded:
-      return
-    self._loaded = True  # first: each module registers into this registry while it loads
-    try:
-      for module in CONVERTER_MODULES:
-        importlib.import_module(f'imgcls.models.{module}')
-    except BaseException:
-      self._loaded = False
-      raise
-
-  def names(self, **where) -> list[str]:
-    self._load()
-    return super().names(**where)
-
-  def __contains__(self, name: object) -> bool:
-    self._load()
-    return super().__contains__(name)
-
-  def __len__(self) -> int:
-    self._load()
-    return super().__len__()
-
-  def unknown(self, name) -> str:
-    self._load()
-    return super().unknown(name)
-
-  def get(self, name: str) -> Converter:
-    self._load()
-    return super().get(name)
-
-
-CONVERTERS = ConverterRegistry('weights format')
+CONVERTERS: Registry[Converter] = Registry(
+    'weights format', modules=tuple(f'imgcls.models.{m}' for m in CONVERTER_MODULES))
 
 
 # Layout helpers: torch stores convs OIHW and linear layers [out, in]; Flax HWIO and [in, out].

@@ -1,5 +1,5 @@
 """imgcls.data's structure: checking a pp string or finding a source loads no TensorFlow, the
-modules import one another without loops (imports inside functions, lazy_import and LazySource
+modules import one another without loops (imports inside functions, lazy_import and registry
 declarations count), the bottom module imports no other data module, and no module outgrows a
 screenful of screens."""
 
@@ -72,10 +72,11 @@ def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module:
       names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
-    elif (isinstance(node, ast.Call) and
-          getattr(node.func, 'id', '') in ('lazy_import', 'LazySource') and
-          node.args and isinstance(node.args[0], ast.Constant)):
-      names = [node.args[0].value]
+    elif (isinstance(node, ast.Call) and  # lazy_import('m'), _declare(name, 'm'), .declare(...)
+          (getattr(node.func, 'id', '') or getattr(node.func, 'attr', '')).lstrip('_') in (
+              'lazy_import', 'declare')):
+      names = [a.value for a in node.args
+               if isinstance(a, ast.Constant) and isinstance(a.value, str)]
     for name in names:
       if name.startswith('imgcls.data.') and name.split('.')[2] in modules:
         found.add(name.split('.')[2])
@@ -119,8 +120,10 @@ def test_lazy_sources_match_their_declarations():
   from imgcls.data import base, folder_layout, sources  # pylint: disable=g-import-not-at-top
   assert sources.DEFAULT_FOLDER_SPLIT == folder_layout.DEFAULT_SPLIT
   for name in sources.SOURCES.names():  # loading each checks its claims against the table
-    assert not isinstance(sources.SOURCES.get(name), base.LazySource)
-  registry = base.SourceRegistry('dataset source')
-  registry.register('x', base.LazySource('imgcls.data.folder', names=('x',)))
+    source = sources.SOURCES.get(name)
+    assert base.claims(source) == sources.SOURCES.info(name)
+  registry = type(sources.SOURCES)('dataset source')
+  registry.declare('x', 'imgcls.data.folder', names=('x',), prefix='', fallback=False)
   with pytest.raises(ValueError, match='declared with'):
-    registry.register('x', sources.SOURCES.get('folder'))
+    registry.register('x', sources.SOURCES.get('folder'), **base.claims(
+        sources.SOURCES.get('folder')))
