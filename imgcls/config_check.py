@@ -144,7 +144,7 @@ def _check_model(cfg, errors: list[str]) -> None:
   """The model name and its arguments, from the model registry (imports JAX and Flax)."""
   from imgcls import models  # pylint: disable=g-import-not-at-top  (JAX: after the cheap checks)
   name = cfg.model.get('name')
-  if name not in models.list_models():
+  if name not in models.MODELS:  # loads families only until the name is found
     errors.append(
         f"unknown model.name {name!r}.{suggest(str(name), models.list_models())}"
         f" Known models: {', '.join(models.list_models())}.")
@@ -180,17 +180,18 @@ def _check_names(cfg, errors: list[str]) -> None:
   evaluators (these imports load optax, Orbax, clu and matplotlib, never TensorFlow)."""
   # pylint: disable=g-import-not-at-top
   from imgcls import evaluators, optim, sharding, step
-  from imgcls.models import weights
   # pylint: enable=g-import-not-at-top
   _one_of(errors, 'optimizer.name', cfg.optimizer.name, optim.OPTIMIZERS)
   _one_of(errors, 'lr.schedule', cfg.lr.schedule, optim.SCHEDULES)
   _one_of(errors, 'weight_decay_mask', cfg.weight_decay_mask, optim.DECAY_MASKS)
   _one_of(errors, 'loss', cfg.loss, step.LOSSES)
   _one_of(errors, 'sharding', cfg.sharding, sharding.STRATEGIES)
-  if cfg.model_load.format:
-    _one_of(errors, 'model_load.format', cfg.model_load.format, weights.FORMATS)
-  _one_of(errors, 'model_load.posemb_resize', cfg.model_load.posemb_resize,
-          weights.POSEMB_RESIZE_METHODS)
+  if cfg.model_init:  # model_load configures model_init; the weights code loads only for it
+    from imgcls.models import weights  # pylint: disable=g-import-not-at-top
+    if cfg.model_load.format:
+      _one_of(errors, 'model_load.format', cfg.model_load.format, weights.FORMATS)
+    _one_of(errors, 'model_load.posemb_resize', cfg.model_load.posemb_resize,
+            weights.POSEMB_RESIZE_METHODS)
   errors.extend(evaluators.check(cfg))
 
 
@@ -212,7 +213,7 @@ def _fill_pp_placeholders(cfg, errors: list[str]) -> None:
     return
   from imgcls import models  # pylint: disable=g-import-not-at-top  (JAX: only when needed)
   name = cfg.model.get('name')
-  if name not in models.list_models():
+  if name not in models.MODELS:  # loads families only until the name is found
     _check_model(cfg, errors)  # the unknown name, with suggestions
     return
   for node, key in todo:

@@ -25,7 +25,6 @@ from imgcls import step as step_lib, writers
 from imgcls.errors import UserError
 from imgcls.evaluators import metrics as metrics_lib
 from imgcls.lock import WorkdirLock
-from imgcls.models import weights
 
 
 def init_state(model, tx, seed: int, image_shape: tuple[int, ...], mesh, ema: bool = False,
@@ -117,12 +116,18 @@ def total_steps(config: ml_collections.ConfigDict, builder) -> tuple[int, int]:
 def _pretrained(source: str, template: dict[str, Any], load: ml_collections.ConfigDict):
   """(variables, report) of config.model_init merged onto the template: an imgcls workdir
   or checkpoint folder (its best step, EMA weights when kept), or a weights file."""
+  from imgcls.models import weights  # pylint: disable=g-import-not-at-top  (only for model_init)
   ckpt = checkpoints.find(source, 'best') if checkpoints.absolute(source).is_dir() else None
-  variables, report = weights.load_pretrained(
-      ckpt.weights('auto') if ckpt else source, template,
-      fmt=weights.IMGCLS if ckpt else load.format or None,  # a workdir holds imgcls names
-      strict=load.strict, ignore=[p for p in load.ignore.split(',') if p],
-      posemb_resize=load.posemb_resize)
+  try:
+    variables, report = weights.load_pretrained(
+        ckpt.weights('auto') if ckpt else source, template,
+        fmt=weights.IMGCLS if ckpt else load.format or None,  # a workdir holds imgcls names
+        strict=load.strict, ignore=[p for p in load.ignore.split(',') if p],
+        posemb_resize=load.posemb_resize)
+  except weights.WeightsError as e:
+    raise checkpoints.CheckpointError(
+        f'model_init {source}: {e}\nSet model_load.ignore / model_load.strict in '
+        'the config to adapt.') from e
   if ckpt:
     report.source = str(ckpt.path)
   return variables, report
@@ -137,13 +142,8 @@ def load_model_init(config: ml_collections.ConfigDict, state, mesh):
   template = {'params': state.params}
   if state.batch_stats:
     template['batch_stats'] = state.batch_stats
-  try:
-    variables, report = _pretrained(config.model_init, parallel.to_host(template),
-                                    config.model_load)
-  except weights.WeightsError as e:
-    raise checkpoints.CheckpointError(
-        f'model_init {config.model_init}: {e}\nSet model_load.ignore / model_load.strict in '
-        'the config to adapt.') from e
+  variables, report = _pretrained(config.model_init, parallel.to_host(template),
+                                  config.model_load)
   logging.info('model_init: %s', report)
   # Placed as the state's arrays are: replicated, or config.sharding='fsdp' shards.
   shardings = jax.tree.map(lambda x: x.sharding, template)
@@ -221,170 +221,165 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
   if lock:
     lock.check_free()
-  try:
-    return _train(config, cfg, workdir, mesh, changes, lock)
-  finally:
+  with contextlib.ExitStack() as held:  # the lock, once taken below, is released on any exit
     if lock:
-      lock.release()
+      held.callback(lock.release)
 
+    # ------------------------------------------------------------------ input
+    ds = config.dataset
+    builder = data.builder_for(ds)
+    steps_per_epoch, num_steps = total_steps(config, builder)
+    eval_every = config.eval_every_steps or steps_per_epoch
 
-def _train(config, cfg, workdir, mesh, changes, lock) -> dict[str, Any]:
-  """train_and_evaluate after the checks that need nothing but the config and workdir."""
+    # ------------------------------------------------- model and evaluators
+    model = models.from_config(config)
+    context, evals = evaluators.from_config(config, model, mesh, builder)
+    image_shape = context.image_shape()
+    logging.info('data: %s %s (%d steps/epoch), image %s; %d steps in all; evaluators: %s',
+                 ds.name, ds.train_split, steps_per_epoch, image_shape, num_steps,
+                 ', '.join(f'{e.name} ({type(e).__name__})' for e in evals))
 
-  # ------------------------------------------------------------------ input
-  ds = config.dataset
-  builder = data.builder_for(ds)
-  steps_per_epoch, num_steps = total_steps(config, builder)
-  eval_every = config.eval_every_steps or steps_per_epoch
+    # -------------------------------------------------------------- optimizer
+    tx, schedule = optim.make_optimizer(config, num_steps)
+    state = init_state(model, tx, config.seed, image_shape, mesh, ema=config.ema_decay > 0,
+                       strategy=config.sharding, min_bytes=config.sharding_min_bytes)
+    rules = optim.Rules(config.optimizer)
+    rules.check(state.params)  # a typo'd rule fails here, before anything is written
+    if rules.freeze:
+      frozen = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+                   if rules.frozen(optim.param_path(p)))
+      logging.info('optimizer.freeze: %d of %d parameters frozen', frozen,
+                   sum(x.size for x in jax.tree.leaves(state.params)))
+    init_report = None
+    if config.model_init and not checkpoints.has_checkpoints(workdir):  # before any write
+      state, init_report = load_model_init(config, state, mesh)
+      state = state.with_ema_reset()
+    # Statistics read whole arrays: not of the shards other processes hold.
+    parameter_overview.log_parameter_overview(
+        state.params, include_stats=jax.process_count() == 1 or config.sharding == 'replicated')
+    if lock:
+      lock.acquire()  # nothing was written before this line
 
-  # ------------------------------------------------- model and evaluators
-  model = models.from_config(config)
-  context, evals = evaluators.from_config(config, model, mesh, builder)
-  image_shape = context.image_shape()
-  logging.info('data: %s %s (%d steps/epoch), image %s; %d steps in all; evaluators: %s',
-               ds.name, ds.train_split, steps_per_epoch, image_shape, num_steps,
-               ', '.join(f'{e.name} ({type(e).__name__})' for e in evals))
+    # ------------------------------------------------------------- checkpoint
+    ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,
+                                    best_metric=config.best_metric, keep=config.keep_checkpoints)
+    start, restored = ckpt.restore_newest(state)
+    if start:
+      state = restored
+      logging.info('resumed from the checkpoint at step %d', start)
+    elif config.model_init and init_report is None:  # every saved step was damaged
+      state, init_report = load_model_init(config, state, mesh)
+      state = state.with_ema_reset()
+    if jax.process_index() == 0:
+      run_config.write(workdir, cfg)
+      if changes:
+        run_config.record_changes(workdir, start, changes)
+        logging.warning('resuming at step %d with a changed config (--allow_config_change): %s',
+                        start, '; '.join(changes))
+    if not start and init_report is not None and jax.process_index() == 0:
+      (checkpoints.absolute(workdir) / 'model_init_report.json').write_text(
+          json.dumps(init_report.to_dict(), indent=2))
+    meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': context.label_names}
+    writer, jsonl = writers.create(workdir)
+    if jsonl is not None:
+      jsonl.truncate_after(start)
+    if start == 0:
+      writer.write_hparams({k: v for k, v in config_lib.flatten_dict(cfg).items()
+                           if v is not None})
 
-  # -------------------------------------------------------------- optimizer
-  tx, schedule = optim.make_optimizer(config, num_steps)
-  state = init_state(model, tx, config.seed, image_shape, mesh, ema=config.ema_decay > 0,
-                     strategy=config.sharding, min_bytes=config.sharding_min_bytes)
-  rules = optim.Rules(config.optimizer)
-  rules.check(state.params)  # a typo'd rule fails here, before anything is written
-  if rules.freeze:
-    frozen = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(state.params)
-                 if rules.frozen(optim.param_path(p)))
-    logging.info('optimizer.freeze: %d of %d parameters frozen', frozen,
-                 sum(x.size for x in jax.tree.leaves(state.params)))
-  init_report = None
-  if config.model_init and not checkpoints.has_checkpoints(workdir):  # before any write
-    state, init_report = load_model_init(config, state, mesh)
-    state = state.with_ema_reset()
-  # Statistics read whole arrays: not of the shards other processes hold.
-  parameter_overview.log_parameter_overview(
-      state.params, include_stats=jax.process_count() == 1 or config.sharding == 'replicated')
-  if lock:
-    lock.acquire()  # nothing was written before this line
+    # ------------------------------------------------------------------- loop
+    train_iter = data.train_iterator(
+        builder, split=ds.train_split, pp=config.pp_train,
+        global_batch_size=config.batch_size, seed=config.seed, start_step=start,
+        shuffle_buffer=ds.shuffle_buffer, cache=ds.cache,
+        value_range_on_device=config.value_range_on_device,
+        sampling=ds.get('sampling', 'uniform'))
+    class_counts = None
+    if needs_class_counts(config):  # counted once, kept in WORKDIR/class_counts.json
+      from imgcls.data import label_counts  # pylint: disable=g-import-not-at-top
+      class_counts = label_counts.cached_label_counts(
+          builder, ds.train_split, workdir if jax.process_index() == 0 else None)
+      logging.info('class counts of %s: %s', ds.train_split, class_counts.tolist())
+      meta['class_counts'] = class_counts.tolist()  # with each checkpoint: imgcls.load's prior
+    train_fn = make_train_fn(config, model, tx, mesh, value_range=train_iter.value_range,
+                             class_counts=class_counts)
+    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)
+    pending: list[dict[str, Any]] = []  # metrics since the last log
+    unchecked: list[Any] = []  # finite flags not yet read on the host (no sync per step)
+    last_eval: dict[str, Any] | None = None
+    t0, steps_timed = time.perf_counter(), 0
+    # With several processes JAX's preemption service catches SIGTERM and Orbax's
+    # reached_preemption names one step for all; a single process catches the signals itself.
+    stop = preemption.StopSignals(enabled=jax.process_count() == 1)
+    profiler = StepProfiler(workdir, profile_window(start, num_steps, config.profile_steps))
+    with stop:
+      try:
+        for step in range(start, num_steps):
+          profiler.before(step, state)
+          batch = parallel.shard_batch(next(train_iter), mesh)
+          first = step == start  # its compile (and run) time goes to the log
+          t0 = time.perf_counter()
+          with (parallel.CacheProbe() if first else contextlib.nullcontext()) as probe, \
+               jax.profiler.StepTraceAnnotation('train', step_num=step):
+            state, m = train_fn(state, batch)
+          if first:
+            jax.block_until_ready(m)
+            logging.info('first step compiled and run in %.1f s (compilation cache: %s, %s)',
+                         time.perf_counter() - t0, parallel.cache_state(), probe.result)
+          profiler.after(step, (state, m))
+          pending.append(m)
+          unchecked.append(m['finite'])
+          steps_timed += 1
+          done = step + 1
+          progress(done)
+          is_log = done % config.log_every_steps == 0 or done == num_steps
+          is_eval = done % eval_every == 0 or done == num_steps
+          is_save = bool(config.checkpoint_every_steps) and (
+              done % config.checkpoint_every_steps == 0)
+          preempted = stop.requested or ckpt.manager.reached_preemption(done)
+          if is_log or is_eval or is_save or preempted:  # never log, score or save a NaN state
+            _check_finite(unchecked, done, ckpt)
+            unchecked = []
 
-  # ------------------------------------------------------------- checkpoint
-  ckpt = checkpoints.Checkpointer(workdir, asynchronous=config.async_checkpoints,
-                                  best_metric=config.best_metric, keep=config.keep_checkpoints)
-  start, restored = ckpt.restore_newest(state)
-  if start:
-    state = restored
-    logging.info('resumed from the checkpoint at step %d', start)
-  elif config.model_init and init_report is None:  # every saved step was damaged
-    state, init_report = load_model_init(config, state, mesh)
-    state = state.with_ema_reset()
-  if jax.process_index() == 0:
-    run_config.write(workdir, cfg)
-    if changes:
-      run_config.record_changes(workdir, start, changes)
-      logging.warning('resuming at step %d with a changed config (--allow_config_change): %s',
-                      start, '; '.join(changes))
-  if not start and init_report is not None and jax.process_index() == 0:
-    (checkpoints.absolute(workdir) / 'model_init_report.json').write_text(
-        json.dumps(init_report.to_dict(), indent=2))
-  meta = {'config': cfg, 'image_shape': list(image_shape), 'label_names': context.label_names}
-  writer, jsonl = writers.create(workdir)
-  if jsonl is not None:
-    jsonl.truncate_after(start)
-  if start == 0:
-    writer.write_hparams({k: v for k, v in config_lib.flatten_dict(cfg).items()
-                         if v is not None})
+          if is_log:
+            summary = _train_summary(pending)
+            dt = time.perf_counter() - t0
+            rate = steps_timed / dt if dt > 0 else float('nan')
+            summary.update(learning_rate=float(schedule(done - 1)), steps_per_sec=rate,
+                           eta_min=(num_steps - done) / rate / 60 if rate else float('nan'))
+            writer.write_scalars(done, summary)
+            pending = []
 
-  # ------------------------------------------------------------------- loop
-  train_iter = data.train_iterator(
-      builder, split=ds.train_split, pp=config.pp_train,
-      global_batch_size=config.batch_size, seed=config.seed, start_step=start,
-      shuffle_buffer=ds.shuffle_buffer, cache=ds.cache,
-      value_range_on_device=config.value_range_on_device,
-      sampling=ds.get('sampling', 'uniform'))
-  class_counts = None
-  if needs_class_counts(config):  # counted once, kept in WORKDIR/class_counts.json
-    from imgcls.data import label_counts  # pylint: disable=g-import-not-at-top
-    class_counts = label_counts.cached_label_counts(
-        builder, ds.train_split, workdir if jax.process_index() == 0 else None)
-    logging.info('class counts of %s: %s', ds.train_split, class_counts.tolist())
-    meta['class_counts'] = class_counts.tolist()  # with each checkpoint: imgcls.load's prior
-  train_fn = make_train_fn(config, model, tx, mesh, value_range=train_iter.value_range,
-                           class_counts=class_counts)
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, every_secs=30)
-  pending: list[dict[str, Any]] = []  # metrics since the last log
-  unchecked: list[Any] = []  # finite flags not yet read on the host (no sync per step)
-  last_eval: dict[str, Any] | None = None
-  t0, steps_timed = time.perf_counter(), 0
-  # With several processes JAX's preemption service catches SIGTERM and Orbax's
-  # reached_preemption names one step for all; a single process catches the signals itself.
-  stop = preemption.StopSignals(enabled=jax.process_count() == 1)
-  profiler = StepProfiler(workdir, profile_window(start, num_steps, config.profile_steps))
-  with stop:
-    try:
-      for step in range(start, num_steps):
-        profiler.before(step, state)
-        batch = parallel.shard_batch(next(train_iter), mesh)
-        first = step == start  # its compile (and run) time goes to the log
-        t0 = time.perf_counter()
-        with (parallel.CacheProbe() if first else contextlib.nullcontext()) as probe, \
-             jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, m = train_fn(state, batch)
-        if first:
-          jax.block_until_ready(m)
-          logging.info('first step compiled and run in %.1f s (compilation cache: %s, %s)',
-                       time.perf_counter() - t0, parallel.cache_state(), probe.result)
-        profiler.after(step, (state, m))
-        pending.append(m)
-        unchecked.append(m['finite'])
-        steps_timed += 1
-        done = step + 1
-        progress(done)
-        is_log = done % config.log_every_steps == 0 or done == num_steps
-        is_eval = done % eval_every == 0 or done == num_steps
-        is_save = bool(config.checkpoint_every_steps) and (
-            done % config.checkpoint_every_steps == 0)
-        preempted = stop.requested or ckpt.manager.reached_preemption(done)
-        if is_log or is_eval or is_save or preempted:  # never log, score or save a NaN state
-          _check_finite(unchecked, done, ckpt)
-          unchecked = []
+          if is_eval:
+            last_eval = evaluators.run(evals, state)
+            evaluators.write(evals, workdir, done, writer)
+            writer.write_scalars(done, last_eval)
+            ckpt.save(done, state, meta, metrics=last_eval)
+            t0, steps_timed = time.perf_counter(), 0
+          elif is_save or preempted:
+            ckpt.save(done, state, meta)
+          if preempted:
+            ckpt.wait()  # the asynchronous save is complete on disk
+            writer.flush()
+            logging.warning('%s: saved the checkpoint of step %d of %d%s; rerun the same command '
+                            'to resume from it.', stop.signal_name or 'preempted', done,
+                            num_steps, stop.since())
+            return {'preempted': True, 'step': done}
+      finally:
+        profiler.stop()  # a run stopped inside the window keeps the trace of its steps
+        ckpt.close()  # a diverged or crashed run still finishes the saves it started
 
-        if is_log:
-          summary = _train_summary(pending)
-          dt = time.perf_counter() - t0
-          rate = steps_timed / dt if dt > 0 else float('nan')
-          summary.update(learning_rate=float(schedule(done - 1)), steps_per_sec=rate,
-                         eta_min=(num_steps - done) / rate / 60 if rate else float('nan'))
-          writer.write_scalars(done, summary)
-          pending = []
-
-        if is_eval:
-          last_eval = evaluators.run(evals, state)
-          evaluators.write(evals, workdir, done, writer)
-          writer.write_scalars(done, last_eval)
-          ckpt.save(done, state, meta, metrics=last_eval)
-          t0, steps_timed = time.perf_counter(), 0
-        elif is_save or preempted:
-          ckpt.save(done, state, meta)
-        if preempted:
-          ckpt.wait()  # the asynchronous save is complete on disk
-          writer.flush()
-          logging.warning('%s: saved the checkpoint of step %d of %d%s; rerun the same command '
-                          'to resume from it.', stop.signal_name or 'preempted', done,
-                          num_steps, stop.since())
-          return {'preempted': True, 'step': done}
-    finally:
-      profiler.stop()  # a run stopped inside the window keeps the trace of its steps
-      ckpt.close()  # a diverged or crashed run still finishes the saves it started
-
-  if last_eval is None:  # the run had already finished: score it again
-    last_eval = evaluators.run(evals, state)
-  writer.flush()
-  result = evaluators.as_result(last_eval)
-  logging.info('final eval at step %d: %s', num_steps, result)
-  from imgcls.evaluators import checkpoint as eval_checkpoint  # pylint: disable=g-import-not-at-top
-  eval_checkpoint.calibrate_after_training(config, workdir)  # on val_split, never train data
-  if jax.process_index() == 0:
-    print(_final_line(config, result, num_steps), flush=True)
-  return result
+    if last_eval is None:  # the run had already finished: score it again
+      last_eval = evaluators.run(evals, state)
+    writer.flush()
+    result = evaluators.as_result(last_eval)
+    logging.info('final eval at step %d: %s', num_steps, result)
+    # pylint: disable-next=g-import-not-at-top
+    from imgcls.evaluators import checkpoint as eval_checkpoint
+    eval_checkpoint.calibrate_after_training(config, workdir)  # on val_split, never train data
+    if jax.process_index() == 0:
+      print(_final_line(config, result, num_steps), flush=True)
+    return result
 
 
 class DivergedError(UserError, FloatingPointError):
