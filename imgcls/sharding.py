@@ -5,9 +5,11 @@ count divides, as big_vision's `fsdp` rule does; smaller arrays stay replicated.
 only shapes, so a parameter, its gradient, its Adam moments and its EMA copy are split alike,
 and a checkpoint restores onto any mesh given the new run's target shardings.
 
-The step stays per-device code under `jax.shard_map` (parallel.data_parallel): it gathers the
-parameters (`gather`) inside the differentiated function, so autodiff's transpose of that
-all-gather reduce-scatters the gradients onto the shards, and optax updates the shards.
+The step stays per-device code under `jax.shard_map` (parallel.data_parallel): each sharded
+parameter is all-gathered where a module reads it (`gather_on_read`), inside its
+rematerialised or scanned block, so the backward pass gathers a block's parameters again
+instead of keeping every whole parameter alive, and the all-gather's transpose reduce-scatters
+each gradient onto its shard as soon as it is computed; optax updates the shards.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from flax import struct
+from flax.core import meta
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -82,17 +86,54 @@ def _sharded_dim(spec: P) -> int | None:
 
 
 # shard_map FSDP rather than jit with in/out shardings: step.train_step stays per-device code
-# (a gather inside its loss, a norm and a clip that read shards), its replicated path unchanged.
+# (gathers inside its loss, a norm and a clip that read shards), its replicated path unchanged.
 def gather(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:
   """Per-device code: this device's shards -> whole arrays (replicated leaves, or every leaf
-  when specs is None, as they are). Differentiating through it reduce-scatters the gradients
-  (all_gather's transpose)."""
+  when specs is None, as they are), all at once (the BatchNorm statistics, read and written
+  whole). Differentiating through it reduce-scatters the gradients (all_gather's transpose)."""
   if specs is None:
     return tree
   def one(x, spec):
     dim = _sharded_dim(spec)
     return x if dim is None else lax.all_gather(x, axis_name, axis=dim, tiled=True)
   return jax.tree.map(one, tree, specs)
+
+
+# A Flax metadata box rather than a gather written into each model: every family gathers
+# where it reads (a ViT block inside its remat and scan, a ResNet block inside its remat).
+class Shard(struct.PyTreeNode, meta.AxisMetadata):
+  """A parameter as this device's shard, split along `dim` (counted from the end, so that the
+  leading layer axis nn.scan stacks and slices leaves it as it is). Flax unboxes a parameter
+  where a module reads it (`self.param`), and unboxing a Shard all-gathers the whole array."""
+  value: Any
+  dim: int = struct.field(pytree_node=False)
+  axis_name: str = struct.field(pytree_node=False)
+
+  def unbox(self) -> jax.Array:
+    return lax.all_gather(self.value, self.axis_name, axis=self.value.ndim + self.dim,
+                          tiled=True)
+
+  def replace_boxed(self, val: Any) -> 'Shard':
+    return self.replace(value=val)
+
+  def add_axis(self, index: int, params: dict[Any, Any]) -> 'Shard':
+    return self
+
+  def remove_axis(self, index: int, params: dict[Any, Any]) -> 'Shard':
+    return self
+
+
+def gather_on_read(params: Any, specs: Any, axis_name: str = AXIS) -> Any:
+  """Per-device code: this device's shards of a model's parameters, each sharded one boxed as
+  a `Shard`, for `model.apply`: every module gathers its own parameters where it reads them
+  (a ViT block inside its remat and scan), and the gradients come back reduce-scattered onto
+  the shards. Replicated leaves, or all of them when specs is None, stay as they are."""
+  if specs is None:
+    return params
+  def one(x, spec):
+    dim = _sharded_dim(spec)
+    return x if dim is None else Shard(x, dim - jnp.ndim(x), axis_name)
+  return jax.tree.map(one, params, specs)
 
 
 def shard(tree: Any, specs: Any, axis_name: str = AXIS) -> Any:

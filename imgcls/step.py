@@ -175,7 +175,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   """One SGD step on this device's shard; gradients are the global-batch mean.
 
   specs: the state's PartitionSpecs under config.sharding='fsdp' (imgcls.sharding), the state
-  arriving as this device's shards; None: replicated.
+  arriving as this device's shards, each parameter all-gathered where the model reads it
+  (sharding.gather_on_read: a block's inside its remat / scan); None: replicated.
 
   value_range: the train input's `value_range` (data.TrainBatches), applied here to the
   (uint8) batch with the same float32 arithmetic as the pp op.
@@ -201,7 +202,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   def loss_and_grad(params, batch_stats, images, labels, rng):
     def loss_fn(params):
       logits, updates = model.apply(
-          {'params': sharding.gather(params, p_specs, axis_name),
+          {'params': sharding.gather_on_read(params, p_specs, axis_name),
            'batch_stats': sharding.gather(batch_stats, s_specs, axis_name)}, images,
           train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       local = jnp.mean(per_example_loss(logits, labels, label_smoothing))
