@@ -3,9 +3,10 @@ the raw weights and (when the run keeps one) the EMA, with the reports of `repor
 
 Single-label runs get the confusion matrix, per-class accuracy and recall, balanced accuracy,
 macro-F1, calibration (ECE and a reliability diagram), the risk-coverage curve and AURC, and the
-most confidently wrong images; with a stored calibration (`imgcls eval` of a calibrated
-checkpoint) the numbers are of the calibrated model, with ECE/NLL before and after and the
-conformal sets' coverage and size; multi-label runs
+most confidently wrong images, with the saliency of their predicted class drawn over them
+(the model family's default method, evaluators/explain.py); with a stored calibration
+(`imgcls eval` of a calibrated checkpoint) the numbers are of the calibrated model, with
+ECE/NLL before and after and the conformal sets' coverage and size; multi-label runs
 (loss='sigmoid_xent') per-class AP, mAP, F1, ECE and NLL, the threshold tuned on `val_split`,
 and with a stored per-class Platt scaling each class's ECE/NLL before and after it.
 """
@@ -88,15 +89,31 @@ class Classification(Evaluator):
           val_scores=None if val is None else val.probs,
           val_targets=None if val is None else val.labels, calibration=calibration)
     else:
+      images = {index: image for _, index, image in outputs.mistakes}
       report = reports.single_label_report(
-          outputs.probs, np.argmax(outputs.labels, -1), names,
-          images={index: image for _, index, image in outputs.mistakes},
-          calibration=calibration)
+          outputs.probs, np.argmax(outputs.labels, -1), names, images=images,
+          calibration=calibration, saliency=self._saliency(state, images, outputs.probs))
     result.update({k: v for k, v in report.scalars.items() if k not in result})
     if calibration is not None:  # the numbers of the calibrated model imgcls.load serves
       result.update({k: report.scalars[k] for k in ('ece', 'nll') if k in report.scalars})
     self._report = report
     return result
+
+  def _saliency(self, state, images: dict[int, np.ndarray], probs: np.ndarray):
+    """{index: map of the predicted class} for the confident-error grid's few images, by the
+    model family's default method (evaluators.explain), or None."""
+    if not images:
+      return None
+    from imgcls.evaluators import explain  # pylint: disable=import-outside-toplevel
+    index = sorted(images)
+    value_range = self.data.value_range
+    x = step.device_value_range(np.stack([images[i] for i in index]), value_range)
+    black = (None if value_range is None else
+             step.device_value_range(np.zeros_like(images[index[0]]), value_range))
+    maps = explain.grid_maps(self.context.model, self.context.config.model.name,
+                             {'params': state.params, 'batch_stats': state.batch_stats}, x,
+                             probs[index].argmax(-1), black=black, pad_to=self.keep_images)
+    return None if maps is None else dict(zip(index, maps))
 
   def write(self, workdir: str, step: int, writer: Any) -> None:
     """WORKDIR/reports/ (the `eval` evaluator) or WORKDIR/reports/PREFIX/: PNG + JSON, and

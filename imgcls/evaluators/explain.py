@@ -215,8 +215,13 @@ def integrated_gradients(model, variables, x, targets, baseline, steps: int = 64
 
 def family(classifier) -> str:
   """The model family of a loaded classifier (the registry's family= of its model name)."""
+  return family_of(classifier.name)
+
+
+def family_of(model_name: str) -> str:
+  """The registry's family= of a model name ('' when it has none)."""
   from imgcls.models.registry import MODELS  # pylint: disable=import-outside-toplevel
-  return MODELS.info(classifier.name).get('family', '')
+  return MODELS.info(model_name).get('family', '')
 
 
 def method_for(family_name: str, method: str = 'auto') -> str:
@@ -253,6 +258,26 @@ def maps(model, variables, x, targets, method: str, *, baseline: str = 'black',
     base = baseline_for(baseline, x) if isinstance(baseline, str) else jnp.asarray(baseline)
     out = jnp.sum(integrated_gradients(model, variables, x, targets, base, steps), axis=-1)
   return np.asarray(out, np.float32)
+
+
+def grid_maps(model, model_name: str, variables, x, targets, *, black: Any = None,
+              pad_to: int = 0, steps: int = 16) -> list[np.ndarray] | None:
+  """[H, W] maps of the family's default method for a few model inputs x [N, H, W, C] (the
+  eval report's confident-error grid), padded to `pad_to` images so that every eval reuses one
+  compiled function; None where the method cannot run on this model."""
+  method = method_for(family_of(model_name))
+  n = len(x)
+  x = jnp.asarray(x, jnp.float32)
+  targets = np.asarray(targets, np.int32)
+  if pad_to > n:
+    x = jnp.concatenate([x, jnp.zeros((pad_to - n, *x.shape[1:]), x.dtype)])
+    targets = np.concatenate([targets, np.zeros(pad_to - n, np.int32)])
+  base = baseline_for('black', x, black) if method == 'integrated_gradients' else 'black'
+  try:
+    raw = maps(model, variables, x, targets, method, baseline=base, steps=steps)[:n]
+  except UserError:  # e.g. a CNN family member without stage blocks for Grad-CAM
+    return None
+  return [upsample(m, *x.shape[1:3]) for m in raw]
 
 
 def baseline_for(baseline: str, x: jax.Array, black: Any = None) -> jax.Array:

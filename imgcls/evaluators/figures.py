@@ -1,5 +1,6 @@
 """The figures of an evaluation report (imgcls.evaluators.reports computes their numbers):
-confusion matrix, reliability diagram, risk-coverage curve, confidently wrong examples, and for
+confusion matrix, reliability diagram, risk-coverage curve, confidently wrong examples (saliency
+overlaid when given), and for
 multi-label AP per class and F1 against the threshold. Each returns a uint8 RGB [H, W, 3]
 render; matplotlib's Agg canvas, no pyplot state, so it runs in any thread or process.
 """
@@ -88,23 +89,31 @@ def reliability_figure(bins: dict[str, np.ndarray], ece: float) -> np.ndarray:
 
 
 def errors_figure(images: np.ndarray, idx: np.ndarray, labels: np.ndarray, pred: np.ndarray,
-                   confidence: np.ndarray, names: list[str]) -> np.ndarray:
-  """A grid of the images at `idx` (the most confidently wrong), titled true / predicted."""
+                   confidence: np.ndarray, names: list[str],
+                   saliency: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+  """A grid of the images at `idx` (the most confidently wrong), titled true / predicted.
+  saliency: one [H, W] map (or None) per shown image, drawn over it in 'jet' with opacity
+  rising with the map (0 where the map is at its minimum, so the image shows through)."""
   cols = math.ceil(math.sqrt(len(idx)))
   rows = math.ceil(len(idx) / cols)
   fig = _figure(2.2 * cols, 2.3 * rows)
   axes = fig.subplots(rows, cols, squeeze=False).ravel()
   for ax in axes[len(idx):]:
     ax.axis('off')
-  for ax, i in zip(axes, idx):
+  maps = list(saliency) if saliency is not None else [None] * len(idx)
+  for ax, i, s in zip(axes, idx, maps):
     ax.set(xticks=[], yticks=[])
     x = images[i]
     span = x.max() - x.min()  # per-image rescale: inputs come in any range
     x = (x - x.min()) / span if span > 0 else np.zeros_like(x)
     ax.imshow(x[..., 0] if x.shape[-1] == 1 else x, cmap='gray', vmin=0, vmax=1)
+    if s is not None and np.ptp(s) > 0:
+      s = (np.asarray(s, np.float64) - np.min(s)) / np.ptp(s)
+      ax.imshow(s, cmap='jet', vmin=0, vmax=1, alpha=0.6 * s)
     ax.set_title(f'true: {names[labels[i]]} / pred: {names[pred[i]]} (p={confidence[i]:.2f})',
                  fontsize=7, wrap=True)
-  fig.suptitle('most confidently wrong')
+  fig.suptitle('most confidently wrong' + ('' if saliency is None else
+                                           ' (overlay: saliency of the predicted class)'))
   return _render(fig)
 
 

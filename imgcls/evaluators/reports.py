@@ -94,7 +94,8 @@ def single_label_report(probs: np.ndarray, labels: np.ndarray,
                         images: np.ndarray | None = None,
                         num_bins: int = 15, grid_size: int = 16,
                         calibration: dict[str, Any] | None = None,
-                        conformal_alphas: Sequence[float] = (0.1, 0.01)) -> Report:
+                        conformal_alphas: Sequence[float] = (0.1, 0.01),
+                        saliency: Mapping[int, np.ndarray] | None = None) -> Report:
   """Accuracy, per-class accuracy, confusion matrix, calibration and worst errors.
 
   Args:
@@ -111,6 +112,8 @@ def single_label_report(probs: np.ndarray, labels: np.ndarray,
       given, `probs` are the raw softmax: every number is then of the calibrated
       probabilities (what imgcls.load serves), with NLL and ECE before and after, and the
       conformal sets' coverage and size at each of `conformal_alphas`.
+    saliency: {example index: [H, W] map} (evaluators.explain.grid_maps), drawn over those
+      images of the grid.
   """
   probs = _scores('probs', probs, 'apply softmax first')
   raw_probs = probs
@@ -181,8 +184,9 @@ def single_label_report(probs: np.ndarray, labels: np.ndarray,
                      conformal_alphas)
   shown = worst if not isinstance(images, dict) else [i for i in worst if i in images]
   if images is not None and len(shown):
-    rendered['confident_errors'] = figures.errors_figure(images, np.asarray(shown), labels,
-                                                         pred, confidence, names)
+    rendered['confident_errors'] = figures.errors_figure(
+        images, np.asarray(shown), labels, pred, confidence, names,
+        saliency=None if saliency is None else [saliency.get(int(i)) for i in shown])
   return Report(scalars, _plain(report_json), rendered)
 
 

@@ -161,6 +161,36 @@ def test_method_errors(resnet, vit, mosaics):
     ex.explain(resnet, image, target=[0, 1])
 
 
+def test_eval_reports_confident_error_grid_gets_overlays(data_dir, tiny_config, tmp_path):
+  """The classification evaluator explains the predicted class of the grid's images only (the
+  family's default method, Grad-CAM here) and draws it over them; uint8 batches as in a run."""
+  from imgcls import data, evaluators, models, optim, parallel, train  # noqa: PLC0415
+  c = tiny_config(data_dir, value_range_on_device=True)
+  c.evals.eval = dict(type='classification', reports=True, keep_images=4)
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  model = models.from_config(c)
+  context, (ev,) = evaluators.from_config(c, model, mesh, data.builder_for(c.dataset))
+  tx, _ = optim.make_optimizer(c, 10)
+  state = train.init_state(model, tx, 0, context.image_shape(), mesh)
+  noise = jax.tree.map(lambda p: 0.1 * np.random.default_rng(0).normal(size=p.shape), state.params)
+  state = state.replace(params=jax.tree.map(lambda p, n: p + n.astype(p.dtype), state.params,
+                                            noise))  # a zero-initialised head has no gradient
+  calls = []
+  original = ex.grid_maps
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ex, 'grid_maps', lambda *a, **k: calls.append(a[3].shape) or original(*a, **k))
+    ev(state)
+  assert calls == [(4, 16, 16, 1)]  # the grid's 4 images, nothing else
+  with_maps = ev._report.images['confident_errors']
+  ev.write(str(tmp_path), 1, None)
+  assert Image.open(tmp_path / 'confident_errors_1.png').size == with_maps.shape[1::-1]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ex, 'grid_maps', lambda *a, **k: [np.zeros(a[3].shape[1:3])] * len(a[3]))
+    ev(state)  # maps that draw nothing: the plain images under the same title
+  plain = ev._report.images['confident_errors']
+  assert with_maps.shape == plain.shape and np.mean(np.any(with_maps != plain, -1)) > 0.01
+
+
 def test_explain_files_writes_overlays_and_maps(resnet, mosaics, tmp_path):
   """What `imgcls explain` writes: <stem>.png overlays and <stem>.npy maps at the image size."""
   variables = jax.device_get(resnet.variables)

@@ -119,6 +119,34 @@ def test_most_confidently_wrong_order_and_grid():
   assert 'confident_errors' not in reports.single_label_report(probs, labels).images
 
 
+def test_confident_error_grid_with_saliency_overlays(tmp_path):
+  """A map is drawn over its image where it is above its minimum, and nowhere else; a
+  constant map draws nothing (explain.grid_maps gives the maps in a run)."""
+  labels, probs = np.array([0, 1]), np.array([[.2, .8], [.9, .1]])  # both wrong
+  images = np.random.default_rng(0).random((2, 16, 16, 1))
+  right = np.zeros((16, 16))
+  right[:, 8:] = 1.0  # the right half of each image only
+  full = np.ones((16, 16))
+  full[0, 0] = 0.0
+
+  def grid(saliency):
+    r = reports.single_label_report(probs, labels, images=images, saliency=saliency)
+    return r, r.images['confident_errors'].astype(int)
+  _, flat = grid({0: np.zeros((16, 16)), 1: np.full((16, 16), 3.0)})
+  report, half = grid({0: right, 1: right})
+  _, whole = grid({0: full, 1: full})
+  plain = reports.single_label_report(probs, labels, images=images).images['confident_errors']
+  assert plain.shape == flat.shape and flat.std() > 0
+  cols = np.flatnonzero(np.any(whole != flat, axis=(0, 2)))  # the two images' columns
+  changed = np.flatnonzero(np.any(half != flat, axis=(0, 2)))
+  gap = np.argmax(np.diff(cols))  # the images stand side by side
+  for panel in (cols[:gap + 1], cols[gap + 1:]):
+    inside = changed[(changed >= panel.min()) & (changed <= panel.max())]
+    assert len(inside) and inside.min() >= (panel.min() + panel.max()) / 2 - 1
+  path = reports.write_report(report, tmp_path / 'eval', step=1)['confident_errors']
+  _check_png(path)
+
+
 def test_many_classes_still_render():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(300, 120))
