@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 from absl import app, flags
@@ -36,29 +35,15 @@ _OUT = flags.DEFINE_string('out', '/tmp/fault_drill', 'Folder for the runs and t
 _STEPS = flags.DEFINE_integer('steps', 300, 'Steps of the tiny run.')
 
 CONFIG = '''
-from imgcls import config as config_lib
+import sys
+sys.path.insert(0, {scripts!r})
+import samples
 
 def get_config(arg=None):
-  c = config_lib.defaults()
-  c.dataset.name = 'synthetic_shapes'
-  c.dataset.data_dir = {data_dir!r}
-  c.dataset.num_classes = 4
-  c.dataset.shuffle_buffer = 1000
-  c.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(4)'
-  c.pp_eval = 'decode|value_range(-1, 1)|onehot(4)'
-  c.model.name = 'resnet10'
-  c.model.width = 8
-  c.model.stem = 'small'
-  c.batch_size = 16
-  c.eval_batch_size = 16
-  c.total_steps = {steps}
-  c.eval_every_steps = {steps} // 3
-  c.log_every_steps = 10
-  c.keep_checkpoints = 2
-  c.evals.eval.reports = False
-  c.lr.base = 0.05
-  c.lr.warmup_steps = 10
-  return c
+  return samples.tiny_config({data_dir!r}, {{
+      'total_steps': {steps}, 'eval_every_steps': {steps} // 3, 'log_every_steps': 10,
+      'keep_checkpoints': 2, 'evals.eval.reports': False, 'lr.base': 0.05,
+      'lr.warmup_steps': 10}})
 '''
 
 
@@ -72,7 +57,8 @@ class Drill:
                                 channels=1, num_classes=4)
     self.config = os.path.join(out, 'drill_config.py')
     with open(self.config, 'w') as f:
-      f.write(CONFIG.format(data_dir=data_dir, steps=steps))
+      f.write(CONFIG.format(scripts=os.path.join(ROOT, 'scripts'), data_dir=data_dir,
+                            steps=steps))
     self.env = dict(os.environ, PYTHONPATH=ROOT,
                     JAX_COMPILATION_CACHE_DIR=os.path.join(out, 'xla_cache'),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.3')

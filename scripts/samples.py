@@ -1,5 +1,5 @@
-"""Sample inputs for checks of the serving path: the odd image files users have, and a
-checkpoint as training writes it from random weights (no training), for any model config."""
+"""Samples for checks and tests: the tiny synthetic training config, the odd image files users
+have, and a checkpoint as training writes it from random weights (no training)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ import numpy as np
 from PIL import Image
 
 LABELS = ['cat', 'dog', 'owl']
+
+# A run that trains in seconds: a ResNet-10 of width 8 on data.make_synthetic_dataset's images
+# (4 classes), as dotted overrides of config.defaults(). Tests, the fault drill and
+# import_graph.py all start from it.
+TINY = {'dataset.name': 'synthetic_shapes', 'dataset.num_classes': 4,
+        'dataset.shuffle_buffer': 1000,
+        'pp_train': 'decode|flip_lr|value_range(-1, 1)|onehot(4)',
+        'pp_eval': 'decode|value_range(-1, 1)|onehot(4)', 'model.name': 'resnet10',
+        'model.width': 8, 'model.stem': 'small', 'batch_size': 16, 'eval_batch_size': 16}
+
+
+def tiny_config(data_dir: str, overrides: dict | None = None):
+  """config.defaults() with TINY, the data_dir and the dotted `overrides` ({'lr.base': 0.1})."""
+  from imgcls import config as config_lib, sweep  # pylint: disable=g-import-not-at-top
+  return sweep.apply_overrides(config_lib.defaults(), {
+      **TINY, 'dataset.data_dir': data_dir, **(overrides or {})})
 
 
 def gradient(w: int, h: int, channels: int = 3, seed: int = 0) -> np.ndarray:

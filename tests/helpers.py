@@ -2,34 +2,26 @@
 the data-parallel train step as imgcls train maps it. Fixtures stay in conftest.py."""
 
 import functools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from imgcls import config as config_lib, parallel, step
+from imgcls import parallel, step
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'scripts'))
+import samples  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_TEST = 37  # not divisible by the eval batch: the last batch is padded and masked
 
 
 def make_tiny_config(data_dir, **overrides):
   """A config that trains a tiny ResNet on the synthetic dataset in seconds."""
-  c = config_lib.defaults()
-  c.dataset.name = 'synthetic_shapes'
-  c.dataset.data_dir = data_dir
-  c.dataset.num_classes = 4
-  c.dataset.shuffle_buffer = 1000
-  c.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(4)'
-  c.pp_eval = 'decode|value_range(-1, 1)|onehot(4)'
-  c.model.name = 'resnet10'
-  c.model.width = 8
-  c.model.stem = 'small'
-  c.batch_size = 16
-  c.eval_batch_size = 16
-  c.total_steps = 12
-  c.eval_every_steps = 6
-  c.log_every_steps = 3
+  c = samples.tiny_config(data_dir, {'total_steps': 12, 'eval_every_steps': 6,
+                                     'log_every_steps': 3})
   c.lr.base = 0.05
   c.lr.warmup_steps = 2
   c.async_checkpoints = False

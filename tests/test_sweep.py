@@ -3,9 +3,9 @@
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -13,29 +13,16 @@ from imgcls import compare, config as config_lib, sweep
 
 SWEEP_CONFIG = '''
 import os
-from imgcls import config as config_lib
+import sys
+sys.path.insert(0, os.environ['IMGCLS_SCRIPTS'])
+import samples
 
 
 def get_config(arg=None):
-  c = config_lib.defaults()
-  c.dataset.name = 'synthetic_shapes'
-  c.dataset.data_dir = os.environ['IMGCLS_TEST_DATA_DIR']
-  c.dataset.num_classes = 4
-  c.dataset.shuffle_buffer = 100
-  c.pp_train = 'decode|value_range(-1, 1)|onehot(4)'
-  c.pp_eval = 'decode|value_range(-1, 1)|onehot(4)'
-  c.model.name = 'resnet10'
-  c.model.width = 4
-  c.model.stem = 'small'
-  c.batch_size = 16
-  c.eval_batch_size = 16
-  c.total_steps = 3
-  c.eval_every_steps = 3
-  c.log_every_steps = 1
-  c.lr.warmup_steps = 1
-  c.async_checkpoints = False
-  c.evals.eval.reports = False
-  return c
+  return samples.tiny_config(os.environ['IMGCLS_TEST_DATA_DIR'], {
+      'dataset.shuffle_buffer': 100, 'pp_train': 'decode|value_range(-1, 1)|onehot(4)',
+      'model.width': 4, 'total_steps': 3, 'eval_every_steps': 3, 'log_every_steps': 1,
+      'lr.warmup_steps': 1, 'async_checkpoints': False, 'evals.eval.reports': False})
 
 
 def get_sweep(arg=None):
@@ -54,6 +41,8 @@ def _write(tmp_path, sweep_list=GOOD, body=SWEEP_CONFIG):
 @pytest.fixture
 def env_data(data_dir, monkeypatch):
   monkeypatch.setenv('IMGCLS_TEST_DATA_DIR', data_dir)
+  monkeypatch.setenv('IMGCLS_SCRIPTS', str(pathlib.Path(__file__).resolve().parents[1] /
+                                           'scripts'))
   return data_dir
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
-import re
 from collections.abc import Mapping
 from typing import Any
 
