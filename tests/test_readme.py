@@ -76,7 +76,7 @@ def _script_flags(path: pathlib.Path) -> set[str]:
 
 def test_readme_is_short():
   n = len(README.splitlines())
-  assert n <= 420, f'README.md has {n} lines; move detail to docs/ (at most 420)'
+  assert n <= 400, f'README.md has {n} lines; move detail to docs/ (at most 400)'
 
 
 def test_the_two_commands_are_kept():
