@@ -90,14 +90,9 @@ def fit(logits: Any, labels: Any, *, multilabel: bool, split: str, step: int,
     t = np.asarray(labels)
     scaling = cal.fit_platt_where_it_helps(z, t)
     summary = cal.platt_summary(z, t, scaling)  # class means of the binary ECE and NLL
-    from imgcls.evaluators import reports  # pylint: disable=import-outside-toplevel  # (a cycle)
-    # The run's tuned threshold was chosen on raw scores; this one on the calibrated ones.
-    scores = 0.5 + 0.5 * np.tanh(cal.apply_platt(z, scaling) / 2)  # sigmoid
-    threshold, _ = reports.tune_threshold(scores, t.astype(bool))
     record.update(kind='platt', platt=scaling.to_dict(),
                   summary={**{k: v for k, v in summary.items() if not k.endswith('_class')},
-                           'classes_kept': int(scaling.kept.sum()),
-                           'threshold_tuned': threshold})
+                           'classes_kept': int(scaling.kept.sum())})
     return record
   y = np.asarray(labels)
   temperature = cal.fit_temperature(z, y)

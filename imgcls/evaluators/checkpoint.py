@@ -17,7 +17,7 @@ import numpy as np
 from imgcls import checkpoints, config as config_lib, data, models, parallel, step as step_lib
 from imgcls import evaluators
 from imgcls.errors import UserError
-from imgcls.evaluators import calibrated, metrics
+from imgcls.evaluators import calibrated, metrics, reports
 from imgcls.evaluators.fewshot import FewShot
 from imgcls.evaluators.ridge import (DEFAULT_L2_REGS, DEFAULT_SEEDS, DEFAULT_SHOTS,
                                      DEFAULT_VAL_PER_CLASS, FewShotError)
@@ -126,6 +126,9 @@ def calibrate_checkpoint(workdir: str, which: str = 'best', split: str | None = 
   labels = outputs.labels if multilabel else np.argmax(outputs.labels, -1)
   record = calibrated.fit(calibrated.logits_from_probs(outputs.probs, multilabel), labels,
                           multilabel=multilabel, split=split, step=ckpt.step, weights=used)
+  if multilabel:  # the run's tuned threshold was chosen on raw scores; this on calibrated ones
+    record['summary']['threshold_tuned'] = reports.tune_threshold(
+        calibrated.platt_scores(outputs.probs, record), labels.astype(bool))[0]
   result = {'step': ckpt.step, 'split': split, 'examples': record['examples'], 'weights': used,
             'kind': record['kind'], **record['summary']}
   if jax.process_index() == 0:

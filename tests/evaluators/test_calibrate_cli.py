@@ -233,6 +233,7 @@ def test_multilabel_calibrate_cli_stores_platt_and_the_report_shows_before_and_a
   assert stored['examples'] == NUM_TEST and len(stored['platt']['a']) == 4
   summary = stored['summary']
   assert summary['nll_after'] <= summary['nll_before'] + 1e-6  # no worse where it was fitted
+  assert 0 <= summary['threshold_tuned'] <= 1  # micro-F1 threshold of the calibrated scores
   # `imgcls eval` of the calibrated checkpoint: per-class ECE/NLL before and after
   scored = evaluate_checkpoint(run, split='test')
   assert scored['nll'] == pytest.approx(summary['nll_after'], abs=1e-4)

@@ -46,10 +46,6 @@ def test_platt_lowers_per_class_ece_and_nll_on_held_out_data_and_the_report_show
   assert all(record['platt']['kept'])
   summary = record['summary']
   assert summary['ece_after'] < summary['ece_before'] and summary['nll_after'] < summary['nll_before']
-  # the micro-F1 threshold tuned on the calibrated scores of the calibration split
-  calibrated_fit = calibrated.platt_scores(_sigmoid(logits[fit]), record)
-  assert summary['threshold_tuned'] == pytest.approx(
-      reports.tune_threshold(calibrated_fit, t[fit].astype(bool))[0], abs=1e-6)
   r = reports.multi_label_report(_sigmoid(logits[test]), t[test], ['a', 'b', 'c'],
                                  calibration=record)
   fitted = r.json['calibration_fit']
