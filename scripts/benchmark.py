@@ -92,6 +92,8 @@ _MEM_REMAT = flags.DEFINE_list('memory_remat', ['', 'nothing_saveable'],
                                '--memory: model.remat policies (empty string: off).')
 _MEM_SHARDING = flags.DEFINE_list('memory_sharding', ['replicated', 'fsdp'],
                                   '--memory: config.sharding values.')
+_MEM_SCAN = flags.DEFINE_bool('memory_scan', False, '--memory: model.scan=True (the ViT blocks '
+                              'as one scanned block; the remat column then says "+ scan").')
 _MEM_GIB = flags.DEFINE_list('memory_gib', ['16', '32', '40', '80'],
                              '--memory: per-device memory sizes for the largest-batch columns.')
 _MEM_BUDGET = flags.DEFINE_float('memory_budget_s', 0.0, '--memory: start no new compile after '
@@ -493,8 +495,9 @@ def memory_mode(mesh) -> list[dict]:
     for size in map(int, _MEM_SIZES.value):
       for strategy in _MEM_SHARDING.value:
         for remat in _MEM_REMAT.value:
+          label = (remat or 'off') + (' + scan' if _MEM_SCAN.value else '')
           if _MEM_BUDGET.value and time.perf_counter() - t_start > _MEM_BUDGET.value:
-            print(f'| {name} | {size} | {strategy} | {remat or "off"} | (not measured: '
+            print(f'| {name} | {size} | {strategy} | {label} | (not measured: '
                   '--memory_budget_s spent) |', flush=True)
             continue
           spec = Spec(name, size, b * mesh.size, 'adamw')
@@ -502,17 +505,18 @@ def memory_mode(mesh) -> list[dict]:
           c.sharding = strategy
           if remat:
             c.model.remat = remat
+          c.model.scan = _MEM_SCAN.value
           c = config_lib.validate(c)
           small = compiled_memory(c, mesh, b, size)
           mid = compiled_memory(c, mesh, b2, size)
           large = compiled_memory(c, mesh, b3, size)
           fits = [max_batch(mid, large, b2, b3, g) for g in gibs]
           row = {'model': name, 'image_size': size, 'sharding': strategy,
-                 'remat': remat or 'off', 'per_device_batch': b, 'small': small,
+                 'remat': remat or 'off', 'scan': _MEM_SCAN.value, 'per_device_batch': b, 'small': small,
                  'mid': mid, 'large': large, 'batches': (b, b2, b3), 'max_batch_per_device': dict(zip(_MEM_GIB.value, fits))}
           rows.append(row)
           gib = lambda x: f'{x / 2**30:.2f}'  # noqa: E731
-          print(f'| {name} | {size} | {strategy} | {remat or "off"} | '
+          print(f'| {name} | {size} | {strategy} | {label} | '
                 f'{small["params"] / 1e6:.1f} | {gib(small["arguments"])} | '
                 f'{gib(small["temporaries"])} | {gib(large["temporaries"])} | ' +
                 ' | '.join(map(str, fits)) +
