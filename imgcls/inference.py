@@ -261,8 +261,14 @@ class Classifier:
   # ------------------------------------------------------------ inference
 
   def decision_threshold(self) -> tuple[float, str]:
-    """(threshold, where it comes from) for a multi-label model's labels: the threshold the
-    eval reports tuned on the run's val_split when the checkpoint saved one, else 0.5."""
+    """(threshold, where it comes from) for a multi-label model's labels: with a stored
+    calibration, the threshold tuned on its calibrated held-out scores (the probabilities are
+    served calibrated); else the one the eval reports tuned on the run's val_split when the
+    checkpoint saved one; else 0.5."""
+    summary = (self.calibration or {}).get('summary', {})
+    if summary.get('threshold_tuned') is not None:
+      return (float(summary['threshold_tuned']),
+              f"the calibration's (step {self.step}, split {self.calibration.get('split')})")
     tuned = sorted(k for k in self.metrics if k.endswith('threshold_tuned'))
     if tuned:
       key = 'eval_threshold_tuned' if 'eval_threshold_tuned' in tuned else tuned[0]

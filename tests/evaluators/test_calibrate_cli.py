@@ -247,6 +247,9 @@ def test_multilabel_calibrate_cli_stores_platt_and_the_report_shows_before_and_a
     assert len(fit['per_class'][k]) == 4, k
   assert len(fit['classes_kept']) == sum(stored['platt']['kept'])
   assert len(fit['classes_kept']) + len(fit['classes_left_as_is']) == 4
+  # labels are cut at the threshold tuned on the calibrated scores, which are what is served
+  threshold, source = imgcls.load(run).decision_threshold()
+  assert threshold == summary['threshold_tuned'] and "calibration's" in source, source
   # a known Platt map: imgcls.load, predict and the exported graph all apply it
   a, b = [0.5, 2.0, 1.0, 1.5], [0.3, -0.2, 0.0, 0.1]
   ckpt = checkpoints.find(run)
