@@ -1,19 +1,16 @@
 """ConvNeXt v1/v2 against timm: logits on random-init fixtures at two resolutions, parameter
-counts of every registered size, export back bit for bit, and a fine-tune from the CLI."""
+counts of every registered size, export back bit for bit, the recipe's layer decay. The
+fine-tunes from the CLI of every fixture: tests/models/test_fixture_finetunes.py."""
 
 import hashlib
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import imgcls
 from imgcls import models
 from imgcls.models import weights
 from imgcls.models.registry import MODELS
@@ -230,39 +227,6 @@ def test_recipe_with_a_model_name_override_decays_every_block():
     for m in jax.tree.leaves(block):
       assert m == pytest.approx(0.8 ** (13 - layer)), name
   assert mults['head']['kernel'] == 1.0
-
-
-def test_finetune_from_the_cli_and_load(data_dir, tmp_path):
-  """`imgcls train --config.model.name=convnext_atto --config.model_init=<timm .safetensors>`
-  on the synthetic dataset (4 classes: the 7-class head is re-initialised), then imgcls.load
-  predicts from the workdir."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  sd, config, _ = _fixture('convnext_conv_mlp')
-  init = tmp_path / 'model.safetensors'
-  save_file(sd, str(init))
-  workdir = tmp_path / 'w'
-  kw = config['kwargs']
-  args = ['train', f'--config={ROOT}/configs/finetune_convnext.py:model=convnext_atto,'
-          f'dataset=synthetic_shapes,classes=4,size=32,batch=16,layer_decay=0,warmup=0',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
-          '--config.model.name=convnext_atto', f'--config.model_init={init}',
-          f'--config.model.depths={tuple(kw["depths"])}',
-          f'--config.model.dims={tuple(kw["dims"])}',
-          '--config.total_steps=4', '--config.eval_every_steps=4', '--config.log_every_steps=2',
-          '--config.async_checkpoints=False']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  proc = subprocess.run([sys.executable, '-m', 'imgcls.main', *args], capture_output=True,
-                        text=True, timeout=600, cwd=ROOT, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'reinitialised' in proc.stderr + proc.stdout  # the merge report: the head only
-
-  clf = imgcls.load(workdir)
-  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
-  pred = clf.predict(images, top_k=2)
-  assert len(pred) == 3 and all(len(p) == 2 for p in pred)
-  probs = clf.probabilities(images)
-  assert probs.shape == (3, 4) and np.isfinite(probs).all()
-  assert clf.features(images).shape == (3, kw['dims'][-1])
 
 
 def test_cpu_lowering_gives_the_same_logits():

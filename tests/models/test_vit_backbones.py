@@ -1,14 +1,14 @@
 """DINOv2, SigLIP and CLIP backbones against timm: logits of random-init fixtures at two
 resolutions (position embeddings resized on load and at run time as timm does), architecture and
 parameter count of every registered timm name, export back bit for bit, big_vision's SigLIP .npz
-(unscanned and scanned), features for every pooling kind, and a fine-tune from the CLI."""
+(unscanned and scanned) and features for every pooling kind. The fine-tunes from the CLI of
+every fixture: tests/models/test_fixture_finetunes.py."""
 
 import hashlib
 import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-import imgcls
 from imgcls import models, optim
 from imgcls.models import posemb, vit, weights
 from imgcls.models.registry import MODELS
@@ -391,37 +390,3 @@ def test_recipe_fine_tunes_with_layer_decay_and_probes_linearly():
   assert c.optimizer.name == 'sgd' and c.optimizer.layer_decay == 0.0
   with pytest.raises(config_lib.ConfigError, match='timm DINOv2'):
     _recipe('model=vit_b16,classes=5')
-
-
-def test_finetune_from_the_cli_and_load(data_dir, tmp_path):
-  """`imgcls train --config.model.name=vit_small_patch14_reg4_dinov2 --config.model_init=<timm
-  .safetensors>` on the synthetic dataset (4 classes: the 7-class head is re-initialised, the
-  4x4 position grid resized to 2x2 as timm does), then imgcls.load predicts from the workdir."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  sd, config, _ = _fixture('dinov2_reg4')
-  init = tmp_path / 'model.safetensors'
-  save_file(sd, str(init))
-  workdir = tmp_path / 'w'
-  a = config['arch']
-  args = ['train', f'--config={ROOT}/configs/finetune_vit_backbones.py:'
-          'model=vit_small_patch14_reg4_dinov2,dataset=synthetic_shapes,classes=4,size=28,'
-          'batch=16,warmup=0',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
-          f'--config.model_init={init}', f'--config.model.width={a["embed_dim"]}',
-          f'--config.model.depth={a["depth"]}', f'--config.model.num_heads={a["num_heads"]}',
-          f'--config.model.mlp_dim={a["mlp_hidden"]}',
-          '--config.total_steps=4', '--config.eval_every_steps=4', '--config.log_every_steps=2',
-          '--config.async_checkpoints=False']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  proc = subprocess.run([sys.executable, '-m', 'imgcls.main', *args], capture_output=True,
-                        text=True, timeout=600, cwd=ROOT, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stderr + proc.stdout
-  assert 'reinitialised' in out and 'bicubic_timm' in out  # the merge report
-
-  clf = imgcls.load(workdir)
-  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
-  pred = clf.predict(images, top_k=2)
-  assert len(pred) == 3 and all(len(p) == 2 for p in pred)
-  assert clf.probabilities(images).shape == (3, 4)
-  assert clf.features(images).shape == (3, a['embed_dim'])
