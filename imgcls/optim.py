@@ -158,8 +158,10 @@ def _first(rules: list[tuple[re.Pattern, float]], path: str) -> float:
 
 
 _CONVNEXT_PATH = re.compile(r'stage(\d+)_(?:block(\d+)/|down_)')
-# Names only ConvNeXt has (ResNet's blocks are stage{s}_block{b} too, its stem conv_init).
-_CONVNEXT_ONLY = re.compile(r'stem_(conv|norm)/|stage\d+_down_|stage\d+_block\d+/conv_dw/')
+# Names only ConvNeXt has (ResNet's blocks are stage{s}_block{b} too, with conv1, bn1, ...),
+# any one of which is enough: under optimizer.freeze only the trainable ones are seen.
+_CONVNEXT_ONLY = re.compile(r'stem_(conv|norm)/|stage\d+_down_|'
+                            r'stage\d+_block\d+/((conv_dw|norm|fc1|grn|fc2)/|layer_scale$)')
 CONVNEXT_TOP = 13  # the head's id: 12 groups of layers below it
 
 
