@@ -88,7 +88,8 @@ def defaults() -> ml_collections.ConfigDict:
   # Fine-tuning rules on parameter paths ('Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel',
   # 'stage1_block1/conv1/kernel'; regexes use re.search): frozen parameters get no update and no
   # optimizer state; ('regex', multiplier) pairs scale the lr or weight decay, first match wins;
-  # layer_decay (ViT, e.g. 0.75) scales block i's lr by layer_decay ** (depth - i).
+  # layer_decay (e.g. 0.75) scales a ViT block i's lr by layer_decay ** (depth - i); ConvNeXt's
+  # by its group of the official 12 (optim.convnext_layer_id).
   c.optimizer.freeze = ()
   c.optimizer.lr_mults = ()
   c.optimizer.wd_mults = ()
