@@ -86,7 +86,8 @@ _MEMORY = flags.DEFINE_bool('memory', False, 'Print XLA\'s per-device argument a
                             'per-device batch that fits each of --memory_gib.')
 _MEM_MODELS = flags.DEFINE_list('memory_models', ['vit_b16', 'vit_l16', 'vit_h14', 'vit_g14'],
                                 '--memory: registered model names.')
-_MEM_SIZES = flags.DEFINE_list('memory_sizes', ['224', '384'], '--memory: image sizes.')
+_MEM_SIZES = flags.DEFINE_list('memory_sizes', ['224', '384'], '--memory: image sizes, rounded '
+                               'down to whole patches (384 -> 378 for a /14 ViT).')
 _MEM_BATCH = flags.DEFINE_integer('memory_batch', 8, '--memory: images per device.')
 _MEM_REMAT = flags.DEFINE_list('memory_remat', ['', 'nothing_saveable'],
                                '--memory: model.remat policies (empty string: off).')
@@ -474,6 +475,13 @@ def max_batch(small: dict, large: dict, b_small: int, b_large: int, gib: float) 
   return max(0, int((gib * 2**30 - fixed) // slope))
 
 
+def whole_patches(name: str, size: int) -> int:
+  """`size` rounded down to whole patches for a ViT (384 -> 378 at /14, timm's `_clip_378`
+  size), else `size`: the ViT refuses images its patches do not tile."""
+  dims = getattr(models.get_model(name), 'dims', None)
+  return size - size % dims()['patch_size'] if dims else size
+
+
 def memory_mode(mesh) -> list[dict]:
   """The memory table: one row per model, image size, sharding and remat policy."""
   gibs = [float(g) for g in _MEM_GIB.value]
@@ -492,7 +500,7 @@ def memory_mode(mesh) -> list[dict]:
   print(head, flush=True)
   print('|' + '---|' * (head.count('|') - 1), flush=True)
   for name in _MEM_MODELS.value:
-    for size in map(int, _MEM_SIZES.value):
+    for size in (whole_patches(name, int(px)) for px in _MEM_SIZES.value):
       for strategy in _MEM_SHARDING.value:
         for remat in _MEM_REMAT.value:
           label = (remat or 'off') + (' + scan' if _MEM_SCAN.value else '')
