@@ -9,6 +9,7 @@ this process (imgcls.main's flag parser, then main(): what `app.run` calls), whi
 interpreter start and the imports of each."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -88,6 +89,9 @@ def _imgcls(argv, monkeypatch):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from imgcls import main  # pylint: disable=g-import-not-at-top
   argv = ['imgcls', *argv]
+  # Parsing --verbosity (default: WARNING) sets absl's logger level; later tests read its INFO.
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
   monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads its overrides from sys.argv
   monkeypatch.setattr(main, '_MODEL_ARGS', {})
   monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))  # main may add to it
@@ -98,6 +102,7 @@ def _imgcls(argv, monkeypatch):
     for flag in [f for f in flags.FLAGS if f.startswith('config.')]:
       delattr(flags.FLAGS, flag)
     flags.FLAGS.unparse_flags()
+    absl_logger.setLevel(level)  # after unparse_flags, which sets it again
 
 
 def _check(workdir, init, name, width):
