@@ -18,6 +18,19 @@ import samples  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-p
 NUM_TEST = 37  # not divisible by the eval batch: the last batch is padded and masked
 
 
+def write_test_split_pngs(data_dir, root):
+  """The synthetic dataset's test split as PNGs, ROOT/LABEL/NNN.png (NNN: its index); root."""
+  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  import tensorflow_datasets as tfds
+  ds = tfds.builder('synthetic_shapes', data_dir=data_dir).as_dataset(split='test',
+                                                                       shuffle_files=False)
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    (root / str(ex['label'])).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ex['image'][..., 0]).save(root / str(ex['label']) / f'{i:03d}.png')
+  return root
+
+
 def make_tiny_config(data_dir, **overrides):
   """A config that trains a tiny ResNet on the synthetic dataset in seconds."""
   c = samples.tiny_config(data_dir, {'total_steps': 12, 'eval_every_steps': 6,

@@ -12,13 +12,12 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
 import imgcls
 from imgcls import predict, train
 from imgcls.evaluators.checkpoint import evaluate_checkpoint
 
-from helpers import NUM_TEST, make_tiny_config
+from helpers import NUM_TEST, make_tiny_config, write_test_split_pngs
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'scripts'))
 from samples import random_checkpoint as save_checkpoint  # noqa: E402
 
@@ -47,11 +46,7 @@ def ema_run(data_dir, tmp_path_factory):
 def png_folder(data_dir, tmp_path_factory):
   """The synthetic test split as PNGs, test/LABEL/i.png, with a corrupt file among them."""
   root = tmp_path_factory.mktemp('pngs')
-  ds = tfds.builder('synthetic_shapes', data_dir=data_dir).as_dataset(split='test',
-                                                                       shuffle_files=False)
-  for i, ex in enumerate(tfds.as_numpy(ds)):
-    os.makedirs(root / str(ex['label']), exist_ok=True)
-    Image.fromarray(ex['image'][..., 0]).save(root / str(ex['label']) / f'{i:03d}.png')
+  write_test_split_pngs(data_dir, root)
   (root / '2' / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\nnot really')
   return root
 

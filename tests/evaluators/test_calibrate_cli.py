@@ -15,7 +15,6 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
 import imgcls
 from imgcls import checkpoints, export, predict, train
@@ -24,7 +23,7 @@ from imgcls.evaluators import calibrated
 from imgcls.evaluators.checkpoint import (CalibrationError, calibrate_checkpoint,
                                           evaluate_checkpoint)
 
-from helpers import NUM_TEST, make_tiny_config
+from helpers import NUM_TEST, make_tiny_config, write_test_split_pngs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -41,11 +40,7 @@ def run(data_dir, tmp_path_factory):
 def pngs(data_dir, tmp_path_factory):
   """The synthetic test split as PNGs, LABEL/i.png."""
   root = tmp_path_factory.mktemp('calib_pngs')
-  ds = tfds.builder('synthetic_shapes', data_dir=data_dir).as_dataset(split='test',
-                                                                       shuffle_files=False)
-  for i, ex in enumerate(tfds.as_numpy(ds)):
-    os.makedirs(root / str(ex['label']), exist_ok=True)
-    Image.fromarray(ex['image'][..., 0]).save(root / str(ex['label']) / f'{i:03d}.png')
+  write_test_split_pngs(data_dir, root)
   return sorted(str(p) for p in root.glob('*/*.png'))
 
 
